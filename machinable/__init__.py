@@ -1,0 +1,25 @@
+"""machinable: a content-addressed catalog of research runs."""
+
+from __future__ import annotations
+
+from machinable.catalog.index import Index
+from machinable.errors import MachinableError
+from machinable.identity import NotIdentifying
+from machinable.interface import Interface, get
+from machinable.project import Project
+from machinable.scope import Scope
+from machinable.storage import Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Index",
+    "Interface",
+    "MachinableError",
+    "NotIdentifying",
+    "Project",
+    "Scope",
+    "Storage",
+    "__version__",
+    "get",
+]

@@ -1,0 +1,1 @@
+"""The index: SQLAlchemy models, the engine, migrations and queries."""

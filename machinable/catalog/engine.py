@@ -1,0 +1,238 @@
+"""The one engine factory, SQLite pragmas, and migration on first use.
+
+Every index engine is made here. SQLite connections get WAL, ``busy_timeout``,
+``synchronous=NORMAL`` and foreign keys from a ``connect`` listener on that engine.
+Write transactions on SQLite start with ``BEGIN IMMEDIATE`` so that two writers never
+deadlock upgrading a read lock. On first use the schema is created or upgraded to the
+code's head under a lock; an index newer than the code is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import filelock
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+
+from machinable.errors import IndexError_, IndexNewerThanCode
+
+SCHEMA_HEAD = "0001"
+BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
+
+_engines: dict[str, Engine] = {}
+_ready: set[str] = set()
+_lock = threading.Lock()
+
+
+def to_url(spec: str | os.PathLike[str]) -> str:
+    """A SQLAlchemy URL for a path or URL; paths become absolute SQLite URLs."""
+    text_spec = os.fspath(spec)
+    if "://" in text_spec:
+        try:
+            make_url(text_spec)
+        except ArgumentError as exc:
+            raise IndexError_(f"invalid index URL {text_spec!r}: {exc}", url=text_spec) from exc
+        return text_spec
+    return f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def migrations_dir() -> Path:
+    """Shipped migrations (wheel) or the checkout's top-level ``migrations/``."""
+    here = Path(__file__).resolve().parent.parent
+    shipped = here / "_migrations"
+    if (shipped / "env.py").is_file():
+        return shipped
+    return here.parent / "migrations"
+
+
+def alembic_config(url: str | None = None):  # -> alembic.config.Config
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    if connection.get_execution_options().get("machinable_write"):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with machinable's connection profile."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def get_engine(url: str) -> Engine:
+    """The process-wide engine for ``url``, with its schema at head."""
+    engine = _engines.get(url)
+    if engine is not None and url in _ready:
+        return engine
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = make_engine(url)
+            _engines[url] = engine
+        if url not in _ready:
+            ensure_schema(engine, url)
+            _ready.add(url)
+    return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection (tests, forks)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _ready.clear()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, DBAPIError) as exc:
+            conn.rollback()
+            if _is_not_a_database(exc):
+                raise
+            return None
+
+
+def _is_not_a_database(exc: BaseException) -> bool:
+    message = str(getattr(exc, "orig", exc)).lower()
+    return "file is not a database" in message or "file is encrypted" in message
+
+
+def _known_revisions(url: str) -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(url))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def ensure_schema(engine: Engine, url: str) -> None:
+    """Create or upgrade the schema to head, once, under a lock shared by processes."""
+    try:
+        if current_revision(engine) == SCHEMA_HEAD:
+            return
+        with _migration_lock(engine, url):
+            revision = current_revision(engine)
+            if revision == SCHEMA_HEAD:
+                return
+            if revision is not None and revision not in _known_revisions(url):
+                raise IndexNewerThanCode(
+                    f"the index at {_display(url)} has schema revision {revision!r}, newer than "
+                    f"this machinable understands (head {SCHEMA_HEAD!r}); upgrade machinable, "
+                    "or point MACHINABLE_INDEX at another index",
+                    url=url,
+                )
+            _upgrade(engine, url)
+    except (OperationalError, DBAPIError) as exc:
+        if _is_not_a_database(exc):
+            raise IndexError_(
+                f"{_display(url)} is not a SQLite database; move it aside or set "
+                "MACHINABLE_INDEX to another file",
+                url=url,
+            ) from exc
+        raise IndexError_(f"cannot open the index at {_display(url)}: {exc.orig}", url=url) from exc
+
+
+def _upgrade(engine: Engine, url: str) -> None:
+    from alembic import command
+
+    cfg = alembic_config(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class _migration_lock:
+    """A file lock beside a SQLite index; an advisory lock on a server."""
+
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.path = sqlite_path(url)
+        self._file: filelock.FileLock | None = None
+        self._conn = None
+
+    def __enter__(self) -> None:
+        if self.path is not None:
+            self._file = filelock.FileLock(str(self.path) + ".lock", timeout=600)
+            self._file.acquire()
+        elif self.engine.dialect.name == "postgresql":
+            self._conn = self.engine.connect()
+            self._conn.execute(text("SELECT pg_advisory_lock(4242001)"))
+            self._conn.commit()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.release()
+        if self._conn is not None:
+            self._conn.execute(text("SELECT pg_advisory_unlock(4242001)"))
+            self._conn.commit()
+            self._conn.close()
+
+
+def _display(url: str) -> str:
+    path = sqlite_path(url)
+    return str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
+
+
+def is_busy(exc: BaseException) -> bool:
+    message = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+def retry_busy(action: Callable[[], T], attempts: int = 8) -> T:
+    """Run a write, retrying with jittered backoff while SQLite reports busy."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return action()
+        except OperationalError as exc:
+            if not is_busy(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")

@@ -1,0 +1,432 @@
+"""The ``Index`` facade: look up runs, record them, rebuild from directories.
+
+The index is a cache of the record directories. Every row can be rebuilt with
+``reindex()``, which reads headers only and never imports user code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
+from machinable.catalog.models import Location, Run
+from machinable.context import Context, innermost
+from machinable.errors import IdentityCollision
+from machinable.project import Project
+from machinable.record import (
+    ID_FILE,
+    MODEL_FILE,
+    SENTINEL,
+    is_uuid,
+    parse_timestamp,
+    read_json,
+    read_record,
+    status_of,
+    validate_headers,
+)
+from machinable.settings import index_setting
+
+RUNS = Run.__table__
+LOCATIONS = Location.__table__
+IDENTITY_KEYS = ("project", "module", "config_key", "predicate_key")
+PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One indexed run, as the index knows it."""
+
+    uuid: str
+    project: str
+    module: str
+    config_key: str
+    predicate_key: str
+    config: dict[str, Any]
+    canonical: dict[str, Any]
+    predicate: dict[str, Any]
+    version: Any
+    status: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    failed_at: datetime | None = None
+    updated_at: datetime | None = None
+    directories: tuple[str, ...] = ()
+
+
+@dataclass
+class ReindexReport:
+    """What a reindex pass did: rows written, rows removed, directories skipped and why."""
+
+    storage: str
+    indexed: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"indexed {self.indexed} run(s) from {self.storage}; removed {self.removed} stale "
+            f"row(s); skipped {len(self.skipped)}"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def row_values(header: dict[str, Any], model: dict[str, Any], markers: dict[str, datetime | None]) -> dict[str, Any]:
+    """The ``runs`` row of a record, from its headers and marker timestamps."""
+    created = parse_timestamp(str(model.get("created_at", ""))) or markers.get("started_at")
+    return {
+        "uuid": header["uuid"],
+        "project": header["project"],
+        "module": header["module"],
+        "config_key": header["config_key"],
+        "predicate_key": header["predicate_key"],
+        "config": model["config"],
+        "canonical": model["canonical"],
+        "predicate": model["predicate"],
+        "version": model["version"],
+        "status": status_of(name for name, value in markers.items() if value is not None),
+        "created_at": created or datetime.now(timezone.utc),
+        "started_at": markers.get("started_at"),
+        "finished_at": markers.get("finished_at"),
+        "failed_at": markers.get("failed_at"),
+        "updated_at": markers.get("updated_at"),
+    }
+
+
+def read_markers(directory: Path, names: Iterable[str]) -> dict[str, datetime | None]:
+    markers: dict[str, datetime | None] = {}
+    for name in ("started_at", "finished_at", "failed_at", "updated_at"):
+        if name in names:
+            try:
+                with open(directory / name, encoding="utf-8") as handle:
+                    markers[name] = parse_timestamp(handle.read()) or _mtime(directory / name)
+            except (FileNotFoundError, UnicodeDecodeError):
+                markers[name] = None
+    return markers
+
+
+def _mtime(path: Path) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    except FileNotFoundError:
+        return None
+
+
+class Index(Context):
+    """The catalog of runs: a SQLite file by default, any SQLAlchemy URL otherwise."""
+
+    def __init__(self, spec: str | os.PathLike[str] | None = None):
+        self.url = to_url(spec) if spec is not None else None
+
+    def __repr__(self) -> str:
+        return f"Index({self.resolved_url!r})"
+
+    @classmethod
+    def get(cls) -> Index:
+        """The index of the current context: ``with Index(...)``, MACHINABLE_INDEX, or the project's."""
+        found = innermost(Index)
+        if found is not None:
+            return found
+        setting = index_setting()
+        if setting:
+            return Index(setting)
+        return Index(Project.get().index_path)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or to_url(Project.get().index_path)
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.resolved_url)
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file, or None for a server index."""
+        return sqlite_path(self.resolved_url)
+
+    # Lookups.
+
+    def status(self, uuid: str) -> str | None:
+        """The indexed status of a run, or None if the index does not hold it."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(RUNS.c.status).where(RUNS.c.uuid == uuid)).scalar()
+
+    def find(self, uuid: str) -> RunRecord | None:
+        """The indexed run with this uuid, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(RUNS).where(RUNS.c.uuid == uuid)).mappings().first()
+            if row is None:
+                return None
+            dirs = conn.execute(
+                select(LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == uuid).order_by(LOCATIONS.c.id)
+            ).scalars()
+            return self._record(row, tuple(dirs))
+
+    def local_directory(self, uuid: str) -> Path | None:
+        """The run's directory on this machine if it is present, else None."""
+        with self.engine.connect() as conn:
+            dirs = conn.execute(
+                select(LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == uuid).order_by(LOCATIONS.c.id)
+            ).scalars().all()
+        for directory in dirs:
+            if os.path.isfile(os.path.join(directory, SENTINEL)):
+                return Path(directory)
+        return None
+
+    def runs(
+        self,
+        *,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> Iterator[RunRecord]:
+        """Every matching run, fetched page by page (keyset on uuid): no silent cap."""
+        conditions = []
+        if project is not None:
+            conditions.append(RUNS.c.project == project)
+        if module is not None:
+            conditions.append(RUNS.c.module == module)
+        last = ""
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(RUNS)
+                    .where(and_(RUNS.c.uuid > last, *conditions))
+                    .order_by(RUNS.c.uuid)
+                    .limit(page_size)
+                ).mappings().all()
+                if not rows:
+                    return
+                uuids = [row["uuid"] for row in rows]
+                dirs: dict[str, list[str]] = {}
+                for run_uuid, directory in conn.execute(
+                    select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory)
+                    .where(LOCATIONS.c.run_uuid.in_(uuids))
+                    .order_by(LOCATIONS.c.id)
+                ):
+                    dirs.setdefault(run_uuid, []).append(directory)
+            for row in rows:
+                if predicate and any(row["predicate"].get(k) != v for k, v in predicate.items()):
+                    continue
+                yield self._record(row, tuple(dirs.get(row["uuid"], ())))
+            last = uuids[-1]
+            if len(rows) < page_size:
+                return
+
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(RUNS)).scalar() or 0)
+
+    @staticmethod
+    def _record(row: Any, directories: tuple[str, ...]) -> RunRecord:
+        values = {key: row[key] for key in RUNS.c.keys()}
+        for key in ("created_at", "started_at", "finished_at", "failed_at", "updated_at"):
+            values[key] = _aware(values[key])
+        return RunRecord(**values, directories=directories)
+
+    # Writes.
+
+    def _insert(self, table: Any) -> Any:
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        stmt = self._insert(RUNS)
+        updatable = [c.name for c in RUNS.c if c.name != "uuid"]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[RUNS.c.uuid], set_={name: stmt.excluded[name] for name in updatable}
+        )
+        conn.execute(stmt, rows)
+
+    def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        stmt = self._insert(LOCATIONS).on_conflict_do_nothing(
+            index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory]
+        )
+        conn.execute(stmt, rows)
+
+    def _check_identity(self, conn: Any, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Map uuid -> reason for rows whose identity disagrees with the stored row."""
+        found: dict[str, str] = {}
+        uuids = [row["uuid"] for row in rows]
+        by_uuid = {row["uuid"]: row for row in rows}
+        for start in range(0, len(uuids), 500):
+            chunk = uuids[start : start + 500]
+            existing = conn.execute(
+                select(RUNS.c.uuid, *[RUNS.c[k] for k in IDENTITY_KEYS]).where(RUNS.c.uuid.in_(chunk))
+            ).mappings()
+            for old in existing:
+                new = by_uuid[old["uuid"]]
+                differing = [k for k in IDENTITY_KEYS if old[k] != new[k]]
+                if differing:
+                    found[old["uuid"]] = (
+                        f"uuid {old['uuid']} is already indexed with a different "
+                        f"{', '.join(differing)}"
+                    )
+        return found
+
+    def record(self, row: dict[str, Any], directory: Path, storage: Path) -> None:
+        """Write one run's row and its location (the launch path)."""
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                self._upsert_runs(conn, [row])
+                self._add_locations(
+                    conn,
+                    [{"run_uuid": row["uuid"], "storage": str(storage), "directory": str(directory)}],
+                )
+
+        retry_busy(write)
+
+    def ingest_directory(self, path: str | os.PathLike[str]) -> RunRecord:
+        """Index one run directory where it lies; idempotent; refuses identity collisions."""
+        directory = Path(os.path.abspath(path))
+        header, model, names = read_record(directory)
+        row = row_values(header, model, read_markers(directory, names))
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                collision = self._check_identity(conn, [row])
+                if collision:
+                    raise IdentityCollision(
+                        f"{directory}: {collision[row['uuid']]}; nothing was changed",
+                        uuid=row["uuid"],
+                        path=directory,
+                    )
+                self._upsert_runs(conn, [row])
+                self._add_locations(
+                    conn,
+                    [{"run_uuid": row["uuid"], "storage": str(directory.parent), "directory": str(directory)}],
+                )
+
+        retry_busy(write)
+        found = self.find(row["uuid"])
+        assert found is not None
+        return found
+
+    def reindex(self, storage: str | os.PathLike[str] | None = None) -> ReindexReport:
+        """Rebuild every row of a storage directory from its record directories."""
+        from machinable.storage import Storage
+
+        root = Path(storage) if storage is not None else Storage.get().directory()
+        root = Path(os.path.abspath(root))
+        report = ReindexReport(storage=str(root))
+        rows, locations = self._scan(root, report)
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                collisions = self._check_identity(conn, rows) if rows else {}
+                good = [row for row in rows if row["uuid"] not in collisions]
+                for uuid, reason in collisions.items():
+                    report.skipped.append((str(root / uuid), reason))
+                keep = {row["uuid"] for row in good}
+                for start in range(0, len(good), 5000):
+                    self._upsert_runs(conn, good[start : start + 5000])
+                wanted = [loc for loc in locations if loc["run_uuid"] in keep]
+                for start in range(0, len(wanted), 5000):
+                    self._add_locations(conn, wanted[start : start + 5000])
+                report.indexed = len(good)
+                report.removed = self._drop_stale(conn, root, keep)
+
+        retry_busy(write)
+        return report
+
+    def _scan(self, root: Path, report: ReindexReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows: list[dict[str, Any]] = []
+        locations: list[dict[str, Any]] = []
+        try:
+            entries = os.scandir(root)
+        except FileNotFoundError:
+            return rows, locations
+        storage = str(root)
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if not is_uuid(name) or not entry.is_dir(follow_symlinks=False):
+                    if entry.is_dir(follow_symlinks=False) and not name.startswith("."):
+                        report.skipped.append((entry.path, "not named like a run uuid"))
+                    continue
+                directory = Path(entry.path)
+                try:
+                    names = os.listdir(directory)
+                    if SENTINEL not in names:
+                        report.skipped.append((entry.path, f"no {SENTINEL} sentinel"))
+                        continue
+                    header = read_json(directory / ID_FILE)
+                    model = read_json(directory / MODEL_FILE)
+                except FileNotFoundError as exc:
+                    report.skipped.append((entry.path, f"{Path(exc.filename).name} is missing"))
+                    continue
+                except (ValueError, UnicodeDecodeError, OSError) as exc:
+                    report.skipped.append((entry.path, f"unreadable header: {exc}"))
+                    continue
+                problem = validate_headers(header, model, name)
+                if problem:
+                    report.skipped.append((entry.path, problem))
+                    continue
+                try:
+                    rows.append(row_values(header, model, read_markers(directory, names)))
+                except (KeyError, TypeError) as exc:
+                    report.skipped.append((entry.path, f"invalid header: {exc}"))
+                    continue
+                locations.append({"run_uuid": name, "storage": storage, "directory": entry.path})
+        return rows, locations
+
+    def _drop_stale(self, conn: Any, root: Path, keep: set[str]) -> int:
+        """Remove locations under ``root`` whose directory is gone, and runs left nowhere."""
+        stale = [
+            (loc_id, run_uuid)
+            for loc_id, run_uuid in conn.execute(
+                select(LOCATIONS.c.id, LOCATIONS.c.run_uuid).where(LOCATIONS.c.storage == str(root))
+            )
+            if run_uuid not in keep
+        ]
+        if not stale:
+            return 0
+        ids = [loc_id for loc_id, _ in stale]
+        for start in range(0, len(ids), 500):
+            conn.execute(delete(LOCATIONS).where(LOCATIONS.c.id.in_(ids[start : start + 500])))
+        from machinable.catalog.models import Availability
+
+        availability = Availability.__table__
+        removed = 0
+        orphans = sorted({run_uuid for _, run_uuid in stale})
+        for start in range(0, len(orphans), 500):
+            chunk = orphans[start : start + 500]
+            still_known = set(
+                conn.execute(
+                    select(LOCATIONS.c.run_uuid).where(LOCATIONS.c.run_uuid.in_(chunk))
+                ).scalars()
+            ) | set(
+                conn.execute(
+                    select(availability.c.run_uuid).where(availability.c.run_uuid.in_(chunk))
+                ).scalars()
+            )
+            gone = [u for u in chunk if u not in still_known]
+            if gone:
+                conn.execute(delete(RUNS).where(RUNS.c.uuid.in_(gone)))
+                removed += len(gone)
+        return removed
+
+
+__all__ = ["Index", "ReindexReport", "RunRecord"]

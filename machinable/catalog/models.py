@@ -1,0 +1,129 @@
+"""Declarative models of the index. The index is a cache of the record directories."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+JSON_TYPE = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {
+        dict[str, Any]: JSON_TYPE,
+        Any: JSON_TYPE,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class Run(Base):
+    """One run: its identity, config and status as its record directory states them."""
+
+    __tablename__ = "runs"
+
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project: Mapped[str] = mapped_column(String(255))
+    module: Mapped[str] = mapped_column(String(255))
+    config_key: Mapped[str] = mapped_column(String(32))
+    predicate_key: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict[str, Any]]
+    canonical: Mapped[dict[str, Any]]
+    predicate: Mapped[dict[str, Any]]
+    version: Mapped[Any]
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
+
+    locations: Mapped[list[Location]] = relationship(
+        back_populates="run", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
+    )
+    availability: Mapped[list[Availability]] = relationship(
+        back_populates="run", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        Index("ix_runs_project_module", "project", "module"),
+        Index("ix_runs_status", "status"),
+        Index("ix_runs_created_at", "created_at"),
+    )
+
+
+class Location(Base):
+    """Where a run's directory lies on this machine (a storage root and the full path)."""
+
+    __tablename__ = "locations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_uuid: Mapped[str] = mapped_column(ForeignKey("runs.uuid", ondelete="CASCADE"))
+    storage: Mapped[str] = mapped_column(String(4096))
+    directory: Mapped[str] = mapped_column(String(4096))
+
+    run: Mapped[Run] = relationship(back_populates="locations", lazy="raise")
+
+    __table_args__ = (
+        UniqueConstraint("run_uuid", "directory", name="uq_locations_run_uuid_directory"),
+        Index("ix_locations_storage", "storage"),
+    )
+
+
+class Remote(Base):
+    """A remote store: an fsspec URL. Credentials are never stored here."""
+
+    __tablename__ = "remotes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    url: Mapped[str] = mapped_column(String(4096), unique=True)
+    created_at: Mapped[datetime]
+
+    availability: Mapped[list[Availability]] = relationship(
+        back_populates="remote", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Availability(Base):
+    """The state of one run's data in one remote store, and when it was last verified."""
+
+    __tablename__ = "availability"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_uuid: Mapped[str] = mapped_column(ForeignKey("runs.uuid", ondelete="CASCADE"))
+    remote_id: Mapped[int] = mapped_column(ForeignKey("remotes.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    checksum: Mapped[str | None] = mapped_column(String(64))
+    verified_at: Mapped[datetime | None]
+
+    run: Mapped[Run] = relationship(back_populates="availability", lazy="raise")
+    remote: Mapped[Remote] = relationship(back_populates="availability", lazy="raise")
+
+    __table_args__ = (
+        UniqueConstraint("run_uuid", "remote_id", name="uq_availability_run_uuid_remote_id"),
+        Index("ix_availability_remote_id", "remote_id"),
+    )

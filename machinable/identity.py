@@ -1,0 +1,124 @@
+"""Content-addressed identity: canonical configs, predicates and uuids.
+
+A run is named by ``(project, module, canonical config, predicate)``. The canonical
+config is the validated config in JSON mode with every field that equals its default
+dropped (recursively) and non-identifying fields dropped, serialized as sorted,
+compact, ASCII-escaped JSON. The uuid is a hash of those parts alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
+
+from machinable.errors import ConfigError
+
+FORMAT_VERSION = 1
+UUID_LENGTH = 32
+
+
+class _NotIdentifying:
+    """Marker for ``Annotated[T, NotIdentifying]``: the field does not name the run."""
+
+    def __repr__(self) -> str:
+        return "NotIdentifying"
+
+
+NotIdentifying = _NotIdentifying()
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted, compact, ASCII-only JSON; NaN and infinities are refused."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    except ValueError as exc:
+        raise ConfigError(f"cannot hash a value that is NaN or infinite: {exc}") from exc
+    except TypeError as exc:
+        raise ConfigError(f"config value is not JSON-serializable: {exc}") from exc
+
+
+def digest(text: str, length: int = UUID_LENGTH) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:length]
+
+
+def is_identifying(field: FieldInfo) -> bool:
+    if any(m is NotIdentifying for m in field.metadata):
+        return False
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("identifying") is False)
+
+
+def _jsonable(value: Any) -> Any:
+    return to_jsonable_python(value)
+
+
+def canonical_config(config: BaseModel) -> dict[str, Any]:
+    """The identifying, non-default part of a validated config, as JSON values."""
+    out: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        if not is_identifying(field):
+            continue
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            nested = canonical_config(value)
+            if nested:
+                out[name] = nested
+            elif not field.is_required():
+                default = field.get_default(call_default_factory=True, validated_data={})
+                if isinstance(default, BaseModel) and canonical_config(default):
+                    out[name] = nested
+            continue
+        encoded = _jsonable(value)
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True, validated_data={})
+            try:
+                if canonical_json(_jsonable(default)) == canonical_json(encoded):
+                    continue
+            except ConfigError:
+                pass
+        out[name] = encoded
+    check_finite(out)
+    return out
+
+
+def check_finite(value: Any, path: str = "config") -> None:
+    """Refuse NaN and infinities anywhere in a JSON-like value, naming where."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} is {value!r}; NaN and infinities cannot be part of a run")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{path}[{i}]")
+
+
+def compute_uuid(project: str, module: str, canonical: dict[str, Any], predicate: dict[str, Any]) -> str:
+    return digest(
+        canonical_json(
+            {
+                "format": FORMAT_VERSION,
+                "project": project,
+                "module": module,
+                "config": canonical,
+                "predicate": predicate,
+            }
+        )
+    )
+
+
+def config_key(canonical: dict[str, Any]) -> str:
+    return digest(canonical_json(canonical))
+
+
+def predicate_key(predicate: dict[str, Any]) -> str:
+    return digest(canonical_json(predicate))

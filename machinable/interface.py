@@ -1,0 +1,429 @@
+"""Interfaces (experiment modules), ``get()``, and the launch lifecycle.
+
+A user writes a subclass of ``Interface`` with a nested pydantic ``Config`` and a
+``__call__``. ``get(module, config)`` names a run by its content; ``launch()`` computes
+it once into ``<storage>/<uuid>/`` and records it in the index.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import filelock
+from pydantic import BaseModel, ValidationError
+
+from machinable.catalog.index import Index, RunRecord, row_values
+from machinable.context import active
+from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
+from machinable.identity import (
+    canonical_config,
+    check_finite,
+    compute_uuid,
+    config_key,
+    predicate_key,
+)
+from machinable.project import Project
+from machinable.record import (
+    ERROR_FILE,
+    SENTINEL,
+    atomic_write,
+    clear,
+    decode_file,
+    encode_file,
+    id_header,
+    mark,
+    now,
+    safe_path,
+    timestamp,
+    write_record,
+)
+from machinable.scope import Scope
+from machinable.storage import Storage
+
+
+class _EmptyConfig(BaseModel):
+    pass
+
+
+class Interface:
+    """Base class of experiment modules: subclass it, give it a ``Config`` and ``__call__``."""
+
+    Config: ClassVar[type[BaseModel]] = _EmptyConfig
+    __machinable_module__: ClassVar[str | None] = None
+
+    config: BaseModel
+    uuid: str
+    module: str
+    version: list[dict[str, Any]]
+    predicate: dict[str, Any]
+
+    def __init__(self) -> None:
+        raise TypeError(
+            f"create {type(self).__name__} runs with machinable.get(module, config), not directly"
+        )
+
+    # Construction.
+
+    @classmethod
+    def _config_class(cls) -> type[BaseModel]:
+        config = getattr(cls, "Config", _EmptyConfig)
+        if not (isinstance(config, type) and issubclass(config, BaseModel)):
+            raise ConfigError(
+                f"{cls.__name__}.Config must be a pydantic BaseModel subclass", module=cls._module_name()
+            )
+        return config
+
+    @classmethod
+    def _module_name(cls) -> str:
+        return cls.__machinable_module__ or cls.__module__.rsplit(".", 1)[-1]
+
+    @classmethod
+    def make(
+        cls,
+        version: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        *,
+        project: Project | None = None,
+        storage: Storage | None = None,
+        index: Index | None = None,
+    ) -> Interface:
+        """Validate a config and name the run it describes (nothing is written)."""
+        project = project or Project.get()
+        module = cls._module_name()
+        versions = normalize_version(version, module)
+        merged: dict[str, Any] = {}
+        for item in versions:
+            merged = deep_merge(merged, expand_dotted(item))
+        config_cls = cls._config_class()
+        unknown = unknown_keys(config_cls, merged)
+        if unknown:
+            known = ", ".join(config_cls.model_fields) or "none"
+            raise ConfigError(
+                f"unknown config key(s) for module {module!r}: {', '.join(unknown)} "
+                f"(known: {known})",
+                module=module,
+            )
+        try:
+            config = config_cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid config for module {module!r}: {_describe(exc)}", module=module) from exc
+        full = config.model_dump(mode="json")
+        try:
+            check_finite(full)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid config for module {module!r}: {exc}", module=module) from exc
+        run = cls.__new__(cls)
+        run.config = config
+        run.module = module
+        run.version = versions
+        run._project = project
+        run._storage = (storage or Storage.get()).directory(project)
+        run._index = index or Index.get()
+        run._full = full
+        run._canonical = canonical_config(config)
+        run._record_cache = None
+        predicate = {}
+        for scope in active(Scope):
+            predicate.update(scope.predicate)
+        own = run.on_compute_predicate()
+        if own:
+            predicate.update(own)
+        try:
+            check_finite(predicate, "predicate")
+            run.predicate = predicate
+            run._project_name = project.name
+            run.uuid = compute_uuid(run._project_name, module, run._canonical, predicate)
+        except ConfigError as exc:
+            raise ConfigError(f"module {module!r}: {exc}", module=module) from exc
+        return run
+
+    @classmethod
+    def _from_record(cls, record: RunRecord, *, project: Project, storage: Path, index: Index) -> Interface:
+        run = cls.__new__(cls)
+        run.config = cls._config_class().model_validate(record.config)
+        run.module = record.module
+        run.version = record.version
+        run.predicate = record.predicate
+        run.uuid = record.uuid
+        run._project = project
+        run._project_name = record.project
+        run._storage = storage
+        run._index = index
+        run._full = record.config
+        run._canonical = record.canonical
+        run._record_cache = record
+        return run
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Interface) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
+    # Hooks.
+
+    def on_compute_predicate(self) -> dict[str, Any] | None:
+        """Extra values that separate runs sharing one config (a seed, a dataset)."""
+        return None
+
+    def __call__(self) -> None:
+        """The computation; override it."""
+
+    # Where the run lives.
+
+    @property
+    def project(self) -> Project:
+        return self._project
+
+    @property
+    def index(self) -> Index:
+        return self._index
+
+    def _default_directory(self) -> Path:
+        return self._storage / self.uuid
+
+    def local_directory(self) -> Path:
+        """The run's directory here: where it is stored, or where it will be."""
+        default = self._default_directory()
+        if os.path.isfile(os.path.join(default, SENTINEL)):
+            return default
+        found = self._index.local_directory(self.uuid)
+        return found if found is not None else default
+
+    def is_mounted(self) -> bool:
+        """True when the run's directory is present on this machine."""
+        return os.path.isfile(os.path.join(self.local_directory(), SENTINEL))
+
+    def status(self) -> str:
+        """``finished``, ``failed``, ``started``, or ``new`` if never launched."""
+        return self._index.status(self.uuid) or "new"
+
+    def cached(self) -> bool:
+        """True when the run finished (here or in any location the index knows)."""
+        status = self._index.status(self.uuid)
+        if status == "finished":
+            return True
+        directory = self._default_directory()
+        if os.path.isfile(os.path.join(directory, "finished_at")) and status is None:
+            # The directory finished but the index does not know it (deleted index, a
+            # copied folder): take the record in rather than computing it again.
+            self._index.ingest_directory(directory)
+            return True
+        return False
+
+    def record(self) -> RunRecord | None:
+        """The index's view of this run."""
+        return self._index.find(self.uuid)
+
+    # Launching.
+
+    def _headers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        header = id_header(
+            self.uuid,
+            self._project_name,
+            self.module,
+            config_key(self._canonical),
+            predicate_key(self.predicate),
+        )
+        model = {
+            "module": self.module,
+            "project": self._project_name,
+            "config": self._full,
+            "canonical": self._canonical,
+            "version": self.version,
+            "predicate": self.predicate,
+            "created_at": timestamp(),
+        }
+        return header, model
+
+    def launch(self) -> Interface:
+        """Compute the run once; later launches (any process) do nothing."""
+        if self.cached():
+            return self
+        directory = self._default_directory()
+        header, model = self._headers()
+        write_record(directory, header, model)
+        with filelock.FileLock(str(directory / ".lock")):
+            if os.path.isfile(directory / "finished_at"):
+                self._index.ingest_directory(directory)
+                return self
+            clear(directory, "failed_at", ERROR_FILE)
+            model = _read_model(directory, model)
+            markers = {"started_at": now()}
+            mark(directory, "started_at", markers["started_at"])
+            try:
+                self.__call__()
+            except BaseException as exc:
+                failed = now()
+                atomic_write(directory / ERROR_FILE, "".join(traceback.format_exception(exc)))
+                mark(directory, "failed_at", failed)
+                markers.update(failed_at=failed, updated_at=failed)
+                self._index.record(row_values(header, model, markers), directory, self._storage)
+                raise
+            finished = now()
+            mark(directory, "finished_at", finished)
+            markers.update(finished_at=finished, updated_at=finished)
+            self._index.record(row_values(header, model, markers), directory, self._storage)
+        return self
+
+    # Files.
+
+    def _mounted_directory(self) -> Path:
+        directory = self.local_directory()
+        if os.path.isfile(os.path.join(directory, SENTINEL)):
+            return directory
+        if self._index.status(self.uuid) is not None:
+            raise NotMountedError(
+                f"run {self.uuid} ({self.module}) is not present on this machine; "
+                f"fetch it with `machinable pull {self.uuid}` or run.fetch()",
+                uuid=self.uuid,
+            )
+        raise RecordError(
+            f"run {self.uuid} ({self.module}) has not been launched; call launch() first",
+            path=directory,
+        )
+
+    def save_file(self, name: str, data: Any) -> Path:
+        """Write a file into the run directory (format chosen by extension), atomically."""
+        directory = self._mounted_directory()
+        path = safe_path(directory, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, encode_file(path, data))
+        return path
+
+    def load_file(self, name: str, default: Any = None) -> Any:
+        """Read a file of the run back, or ``default`` if it does not exist."""
+        directory = self._mounted_directory()
+        path = safe_path(directory, name)
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except (FileNotFoundError, IsADirectoryError):
+            return default
+        return decode_file(path, raw)
+
+    # Collections.
+
+    def all(self) -> list[Interface]:
+        """Every stored run of this module in this project (within the active scopes)."""
+        scope: dict[str, Any] = {}
+        for item in active(Scope):
+            scope.update(item.predicate)
+        return [
+            type(self)._from_record(record, project=self._project, storage=self._storage, index=self._index)
+            for record in self._index.runs(project=self._project_name, module=self.module, predicate=scope)
+        ]
+
+
+def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
+    from machinable.record import MODEL_FILE, read_json
+
+    try:
+        return read_json(directory / MODEL_FILE)
+    except (FileNotFoundError, ValueError):
+        return fallback
+
+
+def get(
+    module: str | type[Interface],
+    version: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> Interface:
+    """The run of ``module`` with this config in the connected project (not launched)."""
+    project = Project.get()
+    if isinstance(module, type) and issubclass(module, Interface):
+        cls = module
+    elif isinstance(module, str):
+        cls = project.resolve(module)
+    else:
+        raise MachinableError(f"get() takes a module name or an Interface class, not {module!r}")
+    return cls.make(version, project=project)
+
+
+def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
+    if version is None:
+        return []
+    items = [version] if isinstance(version, Mapping) else version
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise ConfigError(
+            f"config for module {module!r} must be a dict (or a list of dicts), not {type(version).__name__}",
+            module=module,
+        )
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise ConfigError(
+                f"config for module {module!r} must be a dict, not {type(item).__name__}: {item!r}",
+                module=module,
+            )
+        for key in item:
+            if not isinstance(key, str):
+                raise ConfigError(f"config keys must be strings, not {key!r}", module=module)
+        out.append(dict(item))
+    return out
+
+
+def expand_dotted(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` becomes ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            value = expand_dotted(value)
+        parts = key.split(".")
+        target = out
+        for part in parts[:-1]:
+            existing = target.get(part)
+            if not isinstance(existing, dict):
+                existing = {}
+                target[part] = existing
+            target = existing
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(target.get(last), dict):
+            target[last] = deep_merge(target[last], value)
+        else:
+            target[last] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
+    if model.model_config.get("extra") == "allow":
+        return []
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        fields[name] = info
+        if info.alias:
+            fields[info.alias] = info
+    bad: list[str] = []
+    for key, value in data.items():
+        info = fields.get(key)
+        if info is None:
+            bad.append(prefix + key)
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
+            bad.extend(unknown_keys(annotation, value, f"{prefix}{key}."))
+    return bad
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "config"
+        parts.append(f"{where}: {error.get('msg')} (got {error.get('input')!r})")
+    return "; ".join(parts)

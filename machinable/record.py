@@ -1,0 +1,266 @@
+"""The record directory: atomic writes, headers, status markers, safe file names.
+
+A record directory is named by its run's uuid and holds ``.machinable`` (sentinel),
+``id.json`` (identity header), ``model.json`` (module, config, version, predicate,
+created time), status markers and the run's own files. Every write goes to a temporary
+name first and is renamed into place, so a crash leaves the old or the new file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from machinable.errors import PathEscapeError, RecordError
+from machinable.identity import FORMAT_VERSION, UUID_LENGTH, compute_uuid
+
+SENTINEL = ".machinable"
+ID_FILE = "id.json"
+MODEL_FILE = "model.json"
+MARKERS = ("started_at", "finished_at", "failed_at", "updated_at")
+ERROR_FILE = "error.txt"
+LOCK_FILE = ".lock"
+RESERVED = frozenset({SENTINEL, ID_FILE, MODEL_FILE, ERROR_FILE, LOCK_FILE, *MARKERS})
+_HEX = frozenset("0123456789abcdef")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def timestamp(moment: datetime | None = None) -> str:
+    return (moment or now()).isoformat()
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def is_uuid(name: str) -> bool:
+    return len(name) == UUID_LENGTH and set(name) <= _HEX
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def id_header(uuid: str, project: str, module: str, config_key: str, predicate_key: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "uuid": uuid,
+        "project": project,
+        "module": module,
+        "config_key": config_key,
+        "predicate_key": predicate_key,
+    }
+
+
+def write_record(directory: Path, header: dict[str, Any], model: dict[str, Any]) -> None:
+    """Create the directory and its immutable headers (idempotent for the same run)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    id_path = directory / ID_FILE
+    if id_path.exists():
+        existing = read_json(id_path)
+        if existing != header:
+            raise RecordError(
+                f"{directory} already holds a different run (its id.json disagrees)", path=directory
+            )
+    else:
+        atomic_write(directory / MODEL_FILE, dump_json(model))
+        atomic_write(id_path, dump_json(header))
+    sentinel = directory / SENTINEL
+    if not sentinel.exists():
+        atomic_write(sentinel, "")
+
+
+def mark(directory: Path, marker: str, moment: datetime | None = None) -> str:
+    text = timestamp(moment)
+    atomic_write(directory / marker, text)
+    if marker != "updated_at":
+        atomic_write(directory / "updated_at", text)
+    return text
+
+
+def clear(directory: Path, *names: str) -> None:
+    for name in names:
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def read_marker(directory: Path, marker: str) -> datetime | None:
+    try:
+        return parse_timestamp((directory / marker).read_text())
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return None
+
+
+def status_of(markers: Iterable[str]) -> str:
+    """The run status implied by the marker files present."""
+    present = set(markers)
+    if "finished_at" in present:
+        return "finished"
+    if "failed_at" in present:
+        return "failed"
+    if "started_at" in present:
+        return "started"
+    return "created"
+
+
+HEADER_KEYS = ("format", "uuid", "project", "module", "config_key", "predicate_key")
+MODEL_KEYS = ("module", "config", "canonical", "version", "predicate", "created_at")
+
+
+def validate_headers(header: Any, model: Any, directory_name: str | None = None) -> str | None:
+    """Why ``header``/``model`` are not a valid record, or None when they are."""
+    if not isinstance(header, dict):
+        return "id.json is not a JSON object"
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        return f"id.json lacks {', '.join(missing)}"
+    if header["format"] != FORMAT_VERSION:
+        return f"id.json has format {header['format']!r}; this machinable reads {FORMAT_VERSION}"
+    uuid = header["uuid"]
+    if not isinstance(uuid, str) or not is_uuid(uuid):
+        return f"id.json uuid {uuid!r} is not a machinable uuid"
+    if directory_name is not None and directory_name != uuid:
+        return f"directory is named {directory_name!r} but id.json says uuid {uuid!r}"
+    if not isinstance(model, dict):
+        return "model.json is not a JSON object"
+    missing = [k for k in MODEL_KEYS if k not in model]
+    if missing:
+        return f"model.json lacks {', '.join(missing)}"
+    if model["module"] != header["module"]:
+        return "model.json and id.json name different modules"
+    if not isinstance(model["canonical"], dict) or not isinstance(model["predicate"], dict):
+        return "model.json canonical config or predicate is not an object"
+    try:
+        expected = compute_uuid(
+            str(header["project"]), str(header["module"]), model["canonical"], model["predicate"]
+        )
+    except Exception as exc:  # a header that cannot be hashed is invalid, never fatal
+        return f"model.json cannot be hashed: {exc}"
+    if expected != uuid:
+        return f"model.json hashes to {expected}, not to id.json's uuid {uuid}"
+    return None
+
+
+def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Read and check a record's headers; returns (id, model, entry names)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError as exc:
+        raise RecordError(f"{directory} is not a directory", path=directory) from exc
+    if SENTINEL not in names:
+        raise RecordError(f"{directory} is not a machinable record (no {SENTINEL})", path=directory)
+    try:
+        header = read_json(directory / ID_FILE)
+        model = read_json(directory / MODEL_FILE)
+    except FileNotFoundError as exc:
+        raise RecordError(f"{directory}: {Path(exc.filename).name} is missing", path=directory) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{directory}: unreadable header: {exc}", path=directory) from exc
+    problem = validate_headers(header, model, directory.name)
+    if problem:
+        raise RecordError(f"{directory}: {problem}", path=directory)
+    return header, model, names
+
+
+def safe_path(directory: Path, name: str) -> Path:
+    """The path of a run file, refusing names that leave the run directory."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise PathEscapeError(f"invalid file name {name!r}", name=str(name))
+    relative = Path(name)
+    if relative.is_absolute() or name.startswith(("/", "\\")) or ".." in relative.parts:
+        raise PathEscapeError(f"file name {name!r} points outside the run directory", name=name)
+    if relative.parts and relative.parts[0] in RESERVED:
+        raise PathEscapeError(f"{name!r} is reserved for machinable's own records", name=name)
+    target = directory / relative
+    root = directory.resolve()
+    resolved = target.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise PathEscapeError(f"file name {name!r} resolves outside the run directory", name=name)
+    return target
+
+
+def encode_file(path: Path, data: Any) -> bytes:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return json.dumps(data, ensure_ascii=False, default=_json_default).encode("utf-8")
+    if suffix == ".jsonl":
+        rows = data if isinstance(data, (list, tuple)) else [data]
+        return "".join(
+            json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows
+        ).encode("utf-8")
+    if suffix == ".p":
+        return pickle.dumps(data)
+    if suffix == ".npy":
+        import io
+
+        import numpy
+
+        buffer = io.BytesIO()
+        numpy.save(buffer, numpy.asarray(data), allow_pickle=False)
+        return buffer.getvalue()
+    if isinstance(data, bytes):
+        return data
+    return str(data).encode("utf-8")
+
+
+def decode_file(path: Path, raw: bytes) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return json.loads(raw)
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if suffix == ".p":
+        return pickle.loads(raw)
+    if suffix == ".npy":
+        import io
+
+        import numpy
+
+        return numpy.load(io.BytesIO(raw), allow_pickle=False)
+    return raw.decode("utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")

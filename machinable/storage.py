@@ -1,0 +1,46 @@
+"""Storage: the directory that run directories are written into.
+
+``Storage.get()`` is the innermost ``with Storage(...)``, else ``MACHINABLE_STORAGE``,
+else ``storage/`` in the connected project. Relative paths resolve against the project
+that is connected when the storage is used; absolute paths are used as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from machinable.context import Context, innermost
+from machinable.errors import MachinableError
+from machinable.project import Project
+from machinable.settings import storage_setting
+
+
+class Storage(Context):
+    """A location for run directories, usable as a context."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        spec = os.fspath(path)
+        if "://" in spec:
+            protocol, _, rest = spec.partition("://")
+            if protocol != "file":
+                raise MachinableError(
+                    f"Storage({spec!r}): only local directories hold runs directly; "
+                    "use RemoteStore to mirror runs to a remote filesystem"
+                )
+            spec = rest
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"Storage({self.spec!r})"
+
+    @classmethod
+    def get(cls) -> Storage:
+        return innermost(Storage) or Storage(storage_setting() or "storage")
+
+    def directory(self, project: Project | None = None) -> Path:
+        """The absolute storage directory (relative specs join the project path)."""
+        path = Path(self.spec).expanduser()
+        if not path.is_absolute():
+            path = (project or Project.get()).path / path
+        return Path(os.path.abspath(path))
