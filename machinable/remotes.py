@@ -211,7 +211,14 @@ def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: 
     if data.get(name) == entry:
         return
     data[name] = entry
-    _write_lock(project_dir, data)
+    try:
+        _write_lock(project_dir, data)
+    except OSError as e:
+        raise RemoteError(
+            f"remote {name!r}: cannot write lock file {lock_path(project_dir)}: {e}",
+            name=name,
+            source=source,
+        ) from e
 
 
 # --------------------------------------------------------------------------- writing
