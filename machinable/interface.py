@@ -334,12 +334,24 @@ def get(
     module: str | type[Interface],
     version: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Interface:
-    """The run of ``module`` with this config in the connected project (not launched)."""
+    """The run of ``module`` with this config in the connected project (not launched).
+
+    A module whose class is a context (a ``Scope`` or ``RemoteStore`` subclass) gives
+    an instance of that context, built with the config as keyword arguments.
+    """
     project = Project.get()
     if isinstance(module, type) and issubclass(module, Interface):
         cls = module
     elif isinstance(module, str):
         cls = project.resolve(module)
+        if not issubclass(cls, Interface):
+            # A context class (a Scope or RemoteStore subclass) from a project or remote
+            # module: build it from the config so it can be entered with ``with``.
+            items = normalize_version(version, module)
+            merged: dict[str, Any] = {}
+            for item in items:
+                merged = deep_merge(merged, expand_dotted(item))
+            return cls(**merged)  # type: ignore[return-value]
     else:
         raise MachinableError(f"get() takes a module name or an Interface class, not {module!r}")
     return cls.make(version, project=project)

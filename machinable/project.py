@@ -81,8 +81,8 @@ class Project(Context):
     def index_path(self) -> Path:
         return self.path / ".machinable.sqlite"
 
-    def resolve(self, module: str) -> type[Interface]:
-        """The Interface class that ``module`` names in this project."""
+    def resolve(self, module: str) -> type[Interface] | type[Context]:
+        """The Interface (or context class, like a Scope) that ``module`` names."""
         return resolve_interface(self, module)
 
 
@@ -132,7 +132,7 @@ def module_file(project: Project, module: str) -> Path | None:
     return None
 
 
-def resolve_interface(project: Project, module: str) -> type[Interface]:
+def resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
     from machinable.interface import Interface
 
     validate_module_name(module)
@@ -150,7 +150,8 @@ def resolve_interface(project: Project, module: str) -> type[Interface]:
         obj
         for obj in vars(mod).values()
         if inspect.isclass(obj)
-        and issubclass(obj, Interface)
+        and issubclass(obj, (Interface, Context))
+        and not issubclass(obj, Project)
         and obj.__module__ == mod.__name__
     ]
     if not classes:
@@ -170,7 +171,8 @@ def resolve_interface(project: Project, module: str) -> type[Interface]:
             )
         classes = matching
     cls = classes[0]
-    cls.__machinable_module__ = module
+    if issubclass(cls, Interface):
+        cls.__machinable_module__ = module
     return cls
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import filelock
 import requests
 
 from machinable.errors import RemoteError
@@ -203,17 +204,22 @@ def _write_lock(project_dir: Path, data: Mapping[str, Mapping[str, str]]) -> Non
 
 
 def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: bool) -> None:
-    """Add (or, with ``replace``, overwrite) the lock entry for ``name``."""
-    data = read_lock(project_dir)
-    entry = {"source": source, "sha256": sha256}
-    if not replace and name in data:
-        return
-    if data.get(name) == entry:
-        return
-    data[name] = entry
+    """Add (or, with ``replace``, overwrite) the lock entry for ``name``.
+
+    The read-modify-write runs under a file lock so that processes fetching
+    different remotes at once never drop each other's entries.
+    """
     try:
-        _write_lock(project_dir, data)
-    except OSError as e:
+        with filelock.FileLock(str(lock_path(project_dir)) + ".flock", timeout=60):
+            data = read_lock(project_dir)
+            entry = {"source": source, "sha256": sha256}
+            if not replace and name in data:
+                return
+            if data.get(name) == entry:
+                return
+            data[name] = entry
+            _write_lock(project_dir, data)
+    except (OSError, filelock.Timeout) as e:
         raise RemoteError(
             f"remote {name!r}: cannot write lock file {lock_path(project_dir)}: {e}",
             name=name,
@@ -402,6 +408,22 @@ def fetch_remote(
     else:
         data = _read_local(src, name=name, source=source)
     digest = _check_payload(data, name=name, source=source, pin=src.sha256)
+    locked = read_lock(project_dir).get(name)
+    if (
+        src.scheme == "url"
+        and locked is not None
+        and locked.get("source") == source
+        and locked.get("sha256") != digest
+    ):
+        # Same URL, different bytes than when it was locked: the host now serves other
+        # code than was reviewed. Refuse rather than silently re-locking.
+        raise RemoteError(
+            f"remote {name!r}: {src.target} now serves sha256 {digest}, but "
+            f"{lock_path(project_dir)} locked {locked.get('sha256')}; inspect the change, "
+            "then remove the lock entry to accept it",
+            name=name,
+            source=source,
+        )
 
     try:
         if src.scheme == "link":

@@ -195,7 +195,7 @@ class Index(Context):
         project: str | None = None,
         module: str | None = None,
         predicate: dict[str, Any] | None = None,
-        page_size: int = PAGE_SIZE,
+        page_size: int | None = None,
     ) -> Iterator[RunRecord]:
         """Every matching run, fetched page by page (keyset on uuid): no silent cap."""
         conditions = []
@@ -203,6 +203,7 @@ class Index(Context):
             conditions.append(RUNS.c.project == project)
         if module is not None:
             conditions.append(RUNS.c.module == module)
+        page_size = page_size or PAGE_SIZE
         last = ""
         while True:
             with self.engine.connect() as conn:

@@ -1,0 +1,3 @@
+from machinable.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""The ``machinable`` command: a thin click layer over the Python API.
+
+Library errors become one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import click
+
+from machinable.errors import MachinableError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except MachinableError as exc:
+            raise click.ClickException(_one_line(exc)) from exc
+        except (OSError, ValueError, KeyError) as exc:
+            raise click.ClickException(_one_line(exc)) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+@contextmanager
+def _contexts(obj: dict[str, Any]) -> Iterator[None]:
+    from machinable import Index, Project, Storage
+
+    with ExitStack() as stack:
+        if obj.get("project"):
+            stack.enter_context(Project(obj["project"]))
+        if obj.get("storage"):
+            stack.enter_context(Storage(obj["storage"]))
+        if obj.get("index"):
+            stack.enter_context(Index(obj["index"]))
+        yield
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project", type=click.Path(file_okay=False), help="Project directory (default: cwd).")
+@click.option(
+    "--storage",
+    envvar="MACHINABLE_STORAGE",
+    help="Directory that holds run directories (default: <project>/storage).",
+)
+@click.option("--index", "index_spec", help="Index file or URL (default: MACHINABLE_INDEX or <project>/.machinable.sqlite).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, project: str | None, storage: str | None, index_spec: str | None, quiet: bool) -> None:
+    """machinable: a content-addressed catalog of research runs."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(project=project, storage=storage, index=index_spec, quiet=quiet)
+
+
+def parse_assignments(args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``key=value`` (JSON where it parses) from ``--method`` flags."""
+    config: dict[str, Any] = {}
+    methods: list[str] = []
+    for arg in args:
+        if arg.startswith("--"):
+            name = arg[2:].replace("-", "_")
+            if not name.isidentifier():
+                raise click.UsageError(f"{arg!r} is not a method name")
+            methods.append(name)
+        elif "=" in arg:
+            key, _, raw = arg.partition("=")
+            if not key:
+                raise click.UsageError(f"{arg!r} has no key before '='")
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+            config[key] = value
+        else:
+            raise click.UsageError(f"{arg!r} is neither key=value nor --method")
+    return config, methods
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+@cli.command(
+    "get",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("module")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None:
+    """Name a run: MODULE key=value ... [--launch] [--METHOD ...].
+
+    Dotted keys nest (optimizer.name=adam); values are parsed as JSON where they can be.
+    Each --METHOD calls that method of the run and prints what it returns.
+    """
+    from machinable import get
+
+    config, methods = parse_assignments(list(args))
+    with _contexts(obj):
+        run = get(module, config)
+        if not methods:
+            click.echo(f"{run.uuid}  {run.module}  {run.status()}  {run.local_directory()}")
+        for name in methods:
+            attribute = getattr(run, name, None)
+            if name.startswith("_") or not callable(attribute):
+                raise click.UsageError(f"{type(run).__name__} has no method {name!r}")
+            result = attribute()
+            if name == "launch":
+                click.echo(f"{run.uuid}  {run.status()}  {run.local_directory()}")
+            elif result is not None:
+                click.echo(_show(result))
+
+
+@cli.command("ls")
+@click.argument("module", required=False)
+@click.option("--all-projects", is_flag=True, help="List runs of every project in the index.")
+@click.pass_obj
+def ls_command(obj: dict[str, Any], module: str | None, all_projects: bool) -> None:
+    """List indexed runs (of MODULE, if given) as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from machinable import Index, Project
+
+    with _contexts(obj):
+        index = Index.get()
+        project = None if all_projects else Project.get().name
+        table = Table(box=None, pad_edge=False)
+        table.add_column("uuid", no_wrap=True, min_width=32)
+        for column in ("module", "status", "created", "config"):
+            table.add_column(column)
+        count = 0
+        for record in index.runs(project=project, module=module):
+            table.add_row(
+                record.uuid,
+                record.module,
+                record.status,
+                record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                json.dumps(record.canonical, sort_keys=True),
+            )
+            count += 1
+        console = Console(soft_wrap=True)
+        if count:
+            console.print(table)
+        click.echo(f"{count} run(s)", err=not count)
+
+
+@cli.command("reindex")
+@click.argument("storage", required=False)
+@click.pass_obj
+def reindex_command(obj: dict[str, Any], storage: str | None) -> None:
+    """Rebuild the index from the run directories of STORAGE (default: the connected storage)."""
+    from machinable import Index
+
+    with _contexts(obj):
+        report = Index.get().reindex(storage)
+    click.echo(str(report))
+
+
+@cli.command("find")
+@click.argument("uuid")
+@click.pass_obj
+def find_command(obj: dict[str, Any], uuid: str) -> None:
+    """Show what the index knows of one run."""
+    from machinable import Index
+
+    with _contexts(obj):
+        record = Index.get().find(uuid)
+    if record is None:
+        raise click.ClickException(f"no run {uuid} in the index")
+    click.echo(json.dumps(record.__dict__, default=str, indent=2, sort_keys=True))
+
+
+@cli.command("fetch")
+@click.argument("names", nargs=-1)
+@click.option("--check", is_flag=True, help="Verify cached remotes against interface/remotes.lock; fetch nothing.")
+@click.option("--timeout", type=float, default=None, help="Seconds before a download gives up (default 30).")
+@click.pass_obj
+def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, timeout: float | None) -> None:
+    """Download the project's declared remotes (or NAMES) without importing them."""
+    from machinable import Project
+    from machinable import remotes as remote_fetch
+    from machinable.settings import remote_timeout
+
+    with _contexts(obj):
+        project = Project.get()
+        declared = project.remotes()
+    if check:
+        problems = remote_fetch.check_lock(project.path, declared)
+        for problem in problems:
+            click.echo(problem, err=True)
+        if problems:
+            raise click.ClickException(f"{len(problems)} problem(s) with the cached remotes")
+        click.echo(f"{len(declared)} remote(s) match {remote_fetch.lock_path(project.path)}")
+        return
+    unknown = [name for name in names if name not in declared]
+    if unknown:
+        raise click.ClickException(
+            f"not declared by the project's on_resolve_remotes(): {', '.join(unknown)}"
+        )
+    wanted = {name: declared[name] for name in (names or declared)}
+    if not wanted:
+        click.echo("the project declares no remotes (interface/project.py, on_resolve_remotes)")
+        return
+    fetched = remote_fetch.fetch_all(project.path, wanted, timeout=timeout or remote_timeout())
+    for item in fetched:
+        verb = "fetched" if item.fetched else "cached "
+        click.echo(f"{verb} {item.name} from {item.source}\n  -> {item.path}\n  sha256 {item.sha256}")
+
+
+@cli.command("version")
+def version_command() -> None:
+    """Print machinable's version."""
+    from machinable import __version__
+
+    click.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
+    return cli.main(args=argv, prog_name="machinable", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

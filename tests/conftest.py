@@ -1,0 +1,83 @@
+"""Shared fixtures: a fresh project directory with real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from machinable.catalog.engine import dispose_all
+
+REPO = Path(__file__).resolve().parent.parent
+
+OPTIMIZE = '''
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Optimize(Interface):
+    class Config(BaseModel):
+        lr: float = 0.1
+        steps: int = 100
+
+    def __call__(self):
+        calls = self.project.path / "calls.txt"
+        with open(calls, "a") as handle:
+            handle.write(self.uuid + "\\n")
+        self.save_file("result.json", {"loss": 1 / (1 + self.config.lr * self.config.steps)})
+
+    def loss(self):
+        return self.load_file("result.json")["loss"]
+'''
+
+
+def write_module(project: Path, name: str, source: str) -> Path:
+    path = project.joinpath(*name.split(".")).with_suffix(".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def calls(project: Path) -> list[str]:
+    path = project / "calls.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch):
+    """Each test starts with no machinable environment variables and fresh engines."""
+    for name in ("MACHINABLE_INDEX", "MACHINABLE_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    dispose_all()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder named ``study`` holding optimize.py, used as the cwd."""
+    root = tmp_path / "study"
+    root.mkdir()
+    write_module(root, "optimize", OPTIMIZE)
+    monkeypatch.chdir(root)
+    return root
+
+
+def run_python(code: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
+    """Run ``code`` in a fresh interpreter (a real separate process)."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr}")
+    return result
