@@ -210,7 +210,7 @@ def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: 
     different remotes at once never drop each other's entries.
     """
     try:
-        with filelock.FileLock(str(lock_path(project_dir)) + ".flock", timeout=60):
+        with filelock.FileLock(str(lock_path(project_dir).with_name(".remotes.lock.flock")), timeout=60):
             data = read_lock(project_dir)
             entry = {"source": source, "sha256": sha256}
             if not replace and name in data:

@@ -55,8 +55,10 @@ def cache_listing(project: Path) -> set[str]:
 
 
 def interface_listing(project: Path) -> set[str]:
+    """Entries of interface/, less the hidden file lock that serialises lock-file updates."""
     directory = project / "interface"
-    return set(os.listdir(directory)) if directory.is_dir() else set()
+    entries = set(os.listdir(directory)) if directory.is_dir() else set()
+    return entries - {".remotes.lock.flock"}
 
 
 def read_lock_json(project: Path) -> dict:
