@@ -117,7 +117,11 @@ def clear(directory: Path, *names: str) -> None:
 
 def read_json(path: Path) -> Any:
     with open(path, "rb") as handle:
-        return json.loads(handle.read())
+        raw = handle.read()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # name the file: "unreadable header" alone says too little
+        raise ValueError(f"{path.name} is not valid JSON: {exc}") from exc
 
 
 def read_marker(directory: Path, marker: str) -> datetime | None:

@@ -1,0 +1,488 @@
+"""The index: where it lives, lookups, rebuilding it from directories, ingesting folders.
+
+Every test uses real SQLite files under tmp_path; behaviour that crosses processes
+(reindex never imports user code, a moved index is found again) runs real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from conftest import calls, run_python, write_module
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from machinable import Index, Scope, Storage, get
+from machinable.catalog.engine import dispose_all
+from machinable.catalog.models import Location, Run
+from machinable.errors import IdentityCollision, RecordError
+from machinable.record import mark, write_record
+
+FAILING = """
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Failing(Interface):
+    class Config(BaseModel):
+        when: int = 0
+
+    def __call__(self):
+        raise RuntimeError("boom")
+"""
+
+NOISY = """
+from pathlib import Path
+from pydantic import BaseModel
+from machinable import Interface
+
+with open(Path(__file__).with_name("imported.marker"), "a") as handle:
+    handle.write("imported\\n")
+
+
+class Noisy(Interface):
+    class Config(BaseModel):
+        n: int = 0
+
+    def __call__(self):
+        self.save_file("out.json", {"n": self.config.n})
+"""
+
+
+def delete_index(path: Path) -> None:
+    """Remove an index file and its WAL companions, as a user would with rm."""
+    dispose_all()
+    for suffix in ("", "-wal", "-shm"):
+        target = Path(str(path) + suffix)
+        if target.exists():
+            target.unlink()
+    assert not path.exists()
+
+
+def table_rows(path: Path, table: str) -> list[tuple]:
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
+
+
+def launch_lrs(*lrs: float) -> list[str]:
+    return [get("optimize", {"lr": lr}).launch().uuid for lr in lrs]
+
+
+# --------------------------------------------------------------------------- location
+
+
+def test_default_index_file_is_created_in_the_project_on_first_use(project: Path) -> None:
+    index_file = project / ".machinable.sqlite"
+    assert not index_file.exists()
+
+    run = get("optimize", {"lr": 0.5})
+    run.launch()
+
+    assert index_file.is_file()
+    assert Index.get().path == index_file
+    assert Index.get().find(run.uuid) is not None
+    with sqlite3.connect(index_file) as conn:
+        assert conn.execute("SELECT uuid FROM runs").fetchall() == [(run.uuid,)]
+
+
+def test_machinable_index_moves_the_index_and_a_fresh_process_finds_it(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved = tmp_path / "shared" / "catalog.sqlite"
+    monkeypatch.setenv("MACHINABLE_INDEX", str(moved))
+
+    run = get("optimize", {"lr": 0.5}).launch()
+
+    assert moved.is_file()
+    assert not (project / ".machinable.sqlite").exists()
+    assert Index.get().path == moved
+    assert Index(moved).find(run.uuid).status == "finished"
+
+    # Another process with the same setting sees the run and does not recompute it.
+    result = run_python(
+        f"""
+        from machinable import Index, get
+        run = get("optimize", {{"lr": 0.5}})
+        assert run.uuid == {run.uuid!r}
+        assert run.cached()
+        run.launch()
+        print(Index.get().path, Index.get().local_directory(run.uuid))
+        """,
+        cwd=project,
+        env={"MACHINABLE_INDEX": str(moved)},
+    )
+    assert result.stdout.split() == [str(moved), str(project / "storage" / run.uuid)]
+    assert calls(project) == [run.uuid]
+    assert not (project / ".machinable.sqlite").exists()
+
+
+def test_find_and_local_directory(project: Path) -> None:
+    run = get("optimize", {"lr": 0.5, "steps": 7}).launch()
+    index = Index.get()
+
+    record = index.find(run.uuid)
+    assert record is not None
+    assert record.uuid == run.uuid
+    assert record.project == "study"
+    assert record.module == "optimize"
+    assert record.config == {"lr": 0.5, "steps": 7}
+    assert record.canonical == {"lr": 0.5, "steps": 7}
+    assert record.status == "finished"
+    assert record.finished_at is not None and record.finished_at.tzinfo is not None
+    assert record.directories == (str(project / "storage" / run.uuid),)
+    assert index.local_directory(run.uuid) == project / "storage" / run.uuid
+
+    unknown = "0" * 32
+    assert index.find(unknown) is None
+    assert index.local_directory(unknown) is None
+
+
+def test_local_directory_is_none_when_the_directory_is_gone(project: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    shutil.rmtree(project / "storage" / run.uuid)
+
+    assert Index.get().find(run.uuid) is not None
+    assert Index.get().local_directory(run.uuid) is None
+    assert not run.is_mounted()
+
+
+# --------------------------------------------------------------------------- reindex
+
+
+def test_delete_index_and_reindex_gives_back_every_run(project: Path, tmp_path: Path) -> None:
+    write_module(project, "failing", FAILING)
+    uuids = launch_lrs(0.5, 1.0, 2.0)
+    with Scope({"seed": 3}):
+        uuids.append(get("optimize", {"lr": 0.5}).launch().uuid)
+    failing = get("failing", {"when": 1})
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.launch()
+    uuids.append(failing.uuid)
+    # A run launched but never finished: headers and started_at only.
+    started = get("optimize", {"lr": 9.0})
+    directory = project / "storage" / started.uuid
+    header, model = started._headers()
+
+    write_record(directory, header, model)
+    mark(directory, "started_at")
+    Index.get().ingest_directory(directory)
+    uuids.append(started.uuid)
+
+    index = Index.get()
+    before = {uuid: index.find(uuid) for uuid in uuids}
+    assert {r.status for r in before.values()} == {"finished", "failed", "started"}
+    assert before[failing.uuid].failed_at is not None
+    assert index.count() == len(uuids)
+
+    delete_index(project / ".machinable.sqlite")
+    assert Index.get().find(uuids[0]) is None
+
+    report = Index.get().reindex()
+
+    assert report.indexed == len(uuids)
+    assert report.skipped == []
+    assert report.storage == str(project / "storage")
+    after = {uuid: Index.get().find(uuid) for uuid in uuids}
+    # Row-equivalent: identity, config, predicate, status, timestamps and location.
+    assert after == before
+    assert Index.get().count() == len(uuids)
+
+    # The user sees the same runs: cached, same results, nothing recomputed.
+    assert calls(project) == uuids[:4]
+    assert get("optimize", {"lr": 0.5}).cached()
+    assert get("optimize", {"lr": 0.5}).loss() == pytest.approx(1 / 51)
+    assert sorted(r.uuid for r in get("optimize").all()) == sorted(uuids[:4] + [started.uuid])
+    with Scope({"seed": 3}):
+        assert [r.uuid for r in get("optimize").all()] == [uuids[3]]
+    assert not get("failing", {"when": 1}).cached()
+
+
+def test_reindex_of_another_storage_keeps_its_location(project: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "data" / "experiments"
+    with Storage(elsewhere):
+        run = get("optimize", {"lr": 0.25}).launch()
+    local = get("optimize", {"lr": 0.5}).launch()
+    before = Index.get().find(run.uuid)
+    assert before.directories == (str(elsewhere / run.uuid),)
+
+    delete_index(project / ".machinable.sqlite")
+    with Storage(elsewhere):
+        report = Index.get().reindex()
+    assert report.indexed == 1
+    assert Index.get().find(run.uuid) == before
+    # Only the storage that was reindexed came back.
+    assert Index.get().find(local.uuid) is None
+
+    Index.get().reindex(project / "storage")
+    assert Index.get().find(local.uuid) is not None
+    assert Index.get().local_directory(run.uuid) == elsewhere / run.uuid
+
+
+def test_reindex_never_imports_user_code(project: Path) -> None:
+    write_module(project, "noisy", NOISY)
+    marker = project / "imported.marker"
+    launched = run_python(
+        """
+        from machinable import get
+        for n in range(3):
+            print(get("noisy", {"n": n}).launch().uuid)
+        """,
+        cwd=project,
+    )
+    uuids = launched.stdout.split()
+    assert marker.read_text() == "imported\n"  # the module really does write on import
+    marker.unlink()
+    delete_index(project / ".machinable.sqlite")
+
+    result = run_python(
+        """
+        import sys
+        from machinable import Index
+        report = Index.get().reindex()
+        print(report.indexed, len(report.skipped))
+        print(sorted(r.uuid for r in Index.get().runs()))
+        print(any(name.endswith(".noisy") or name == "noisy" for name in sys.modules))
+        """,
+        cwd=project,
+    )
+    indexed, listing, imported = result.stdout.splitlines()
+    assert indexed == "3 0"
+    assert listing == repr(sorted(uuids))
+    assert imported == "False"
+    assert not marker.exists()
+
+
+def _corrupt(storage: Path, uuids: list[str]) -> dict[str, str]:
+    """Break five directories five ways; returns {path that reindex sees: what was done}."""
+    truncated, bad_id, missing_id, renamed, disagree = uuids
+    model = storage / truncated / "model.json"
+    model.write_bytes(model.read_bytes()[:25])
+    (storage / bad_id / "id.json").write_text("{not json")
+    (storage / missing_id / "id.json").unlink()
+    other = "f" * 32
+    (storage / renamed).rename(storage / other)
+    header = json.loads((storage / disagree / "id.json").read_text())
+    header["project"] = "someone-else"
+    (storage / disagree / "id.json").write_text(json.dumps(header))
+    return {
+        str(storage / truncated): "model.json",
+        str(storage / bad_id): "id.json",
+        str(storage / missing_id): "id.json",
+        str(storage / other): renamed,
+        str(storage / disagree): "someone-else",
+    }
+
+
+def test_reindex_reports_bad_directories_and_indexes_the_rest(project: Path) -> None:
+    uuids = launch_lrs(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    good = uuids[5:]
+    storage = project / "storage"
+    broken = _corrupt(storage, uuids[:5])
+    (storage / "notes").mkdir()  # a stray folder that is no run at all
+
+    delete_index(project / ".machinable.sqlite")
+    report = Index.get().reindex()
+
+    assert report.indexed == 2
+    assert sorted(r.uuid for r in Index.get().runs()) == sorted(good)
+    skipped = dict(report.skipped)
+    assert set(skipped) == set(broken) | {str(storage / "notes")}
+    reasons = {path: skipped[path] for path in broken}
+    assert "missing" in reasons[str(storage / uuids[2])]
+    assert "id.json" in reasons[str(storage / uuids[2])]
+    # The renamed directory: the reason names both the directory name and the uuid inside.
+    renamed = reasons[str(storage / ("f" * 32))]
+    assert "f" * 32 in renamed and uuids[3] in renamed
+    # id.json and model.json disagree: detected by rehashing model.json.
+    assert uuids[4] in reasons[str(storage / uuids[4])]
+    # Unreadable JSON: the reason says which header file is broken.
+    assert "model.json" in reasons[str(storage / uuids[0])]
+    assert "id.json" in reasons[str(storage / uuids[1])]
+    for path, reason in report.skipped:
+        assert reason.strip(), path
+    # The printed report lists every skipped directory with its reason.
+    text = str(report)
+    for path in broken:
+        assert f"skipped {path}: {skipped[path]}" in text
+    # The broken runs are simply not indexed; the good ones still work.
+    for uuid in uuids[:5]:
+        assert Index.get().find(uuid) is None
+    assert get("optimize", {"lr": 0.6}).cached()
+
+
+def test_reindex_with_an_index_still_present_drops_only_what_is_gone(project: Path) -> None:
+    keep, gone = launch_lrs(0.5, 1.0)
+    shutil.rmtree(project / "storage" / gone)
+
+    report = Index.get().reindex()
+
+    assert report.removed == 1
+    assert Index.get().find(gone) is None
+    assert Index.get().find(keep) is not None
+    assert [r.uuid for r in get("optimize").all()] == [keep]
+    assert not get("optimize", {"lr": 1.0}).cached()
+
+
+def test_reindex_keeps_locations_in_other_storages(project: Path, tmp_path: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    copy = tmp_path / "backup" / run.uuid
+    shutil.copytree(project / "storage" / run.uuid, copy)
+    Index.get().ingest_directory(copy)
+    shutil.rmtree(project / "storage" / run.uuid)
+
+    report = Index.get().reindex()
+
+    assert report.removed == 0  # the run is still somewhere
+    record = Index.get().find(run.uuid)
+    assert record.directories == (str(copy),)
+    assert Index.get().local_directory(run.uuid) == copy
+
+
+def test_reindex_twice_is_idempotent(project: Path) -> None:
+    launch_lrs(0.5, 1.0)
+    index_file = project / ".machinable.sqlite"
+    Index.get().reindex()
+    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+    report = Index.get().reindex()
+    assert report.indexed == 2 and report.removed == 0
+    assert table_rows(index_file, "runs") == runs
+    assert table_rows(index_file, "locations") == locations
+
+
+def test_reindex_of_a_missing_storage_indexes_nothing(project: Path, tmp_path: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    report = Index.get().reindex(tmp_path / "does-not-exist")
+    assert report.indexed == 0 and report.skipped == []
+    assert Index.get().find(run.uuid) is not None
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def test_ingest_a_collaborators_copy_where_it_lies(project: Path, tmp_path: Path) -> None:
+    # A collaborator computes the run in their own checkout of the same project...
+    theirs = tmp_path / "collaborator" / "study"
+    shutil.copytree(project, theirs)
+    result = run_python(
+        'from machinable import get\nprint(get("optimize", {"lr": 0.5}).launch().uuid)',
+        cwd=theirs,
+    )
+    uuid = result.stdout.strip()
+    # ...and sends the results folder, which lands somewhere outside our storage.
+    inbox = tmp_path / "inbox" / uuid
+    shutil.copytree(theirs / "storage" / uuid, inbox)
+
+    record = Index.get().ingest_directory(inbox)
+
+    assert record.uuid == uuid
+    assert record.directories == (str(inbox),)
+    assert record.status == "finished"
+    run = get("optimize", {"lr": 0.5})
+    assert run.uuid == uuid
+    assert run.cached()
+    assert run.local_directory() == inbox
+    assert run.loss() == pytest.approx(1 / 51)
+    run.launch()
+    assert calls(project) == []  # nothing recomputed here
+    assert not (project / "storage" / uuid).exists()
+
+    # Ingesting again (also through a relative path) changes nothing.
+    index_file = project / ".machinable.sqlite"
+    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+    again = Index.get().ingest_directory(os.path.relpath(inbox, project))
+    assert again == record
+    assert table_rows(index_file, "runs") == runs
+    assert len(table_rows(index_file, "locations")) == 1
+    assert table_rows(index_file, "locations") == locations
+
+
+def test_ingest_into_a_separate_index_file(project: Path, tmp_path: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    other = Index(tmp_path / "other.sqlite")
+    record = other.ingest_directory(project / "storage" / run.uuid)
+    assert record == Index.get().find(run.uuid)
+    assert other.count() == 1
+
+
+def test_ingest_refuses_a_directory_that_is_not_a_record(project: Path, tmp_path: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    index_file = project / ".machinable.sqlite"
+    runs = table_rows(index_file, "runs")
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(RecordError, match="not a machinable record"):
+        Index.get().ingest_directory(plain)
+
+    broken = tmp_path / "broken" / run.uuid
+    shutil.copytree(project / "storage" / run.uuid, broken)
+    (broken / "model.json").write_text('{"module": ')
+    with pytest.raises(RecordError, match="model.json"):
+        Index.get().ingest_directory(broken)
+
+    assert table_rows(index_file, "runs") == runs
+    assert len(table_rows(index_file, "locations")) == 1
+
+
+def _claim_uuid_for_another_module(index_file: Path, uuid: str, directory: Path) -> None:
+    """Write a row with ``uuid`` but a different identity straight through the ORM."""
+    engine = create_engine(f"sqlite:///{index_file}")
+    now = datetime.now(timezone.utc)
+    with Session(engine) as session, session.begin():
+        session.add(
+            Run(
+                uuid=uuid,
+                project="study",
+                module="someone_elses_module",
+                config_key="0" * 32,
+                predicate_key="0" * 32,
+                config={"x": 1},
+                canonical={"x": 1},
+                predicate={},
+                version=[{"x": 1}],
+                status="finished",
+                created_at=now,
+                finished_at=now,
+            )
+        )
+        session.add(Location(run_uuid=uuid, storage=str(directory.parent), directory=str(directory)))
+    engine.dispose()
+
+
+def test_ingest_of_a_colliding_uuid_raises_and_changes_nothing(project: Path, tmp_path: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    source = project / "storage" / run.uuid
+    copy = tmp_path / "copy" / run.uuid
+    shutil.copytree(source, copy)
+
+    # A fresh index in which the uuid already names another module's run.
+    index_file = tmp_path / "collide.sqlite"
+    index = Index(index_file)
+    assert index.count() == 0  # creates the schema
+    squatter = tmp_path / "squatter" / run.uuid
+    _claim_uuid_for_another_module(index_file, run.uuid, squatter)
+    before = index.find(run.uuid)
+    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+
+    with pytest.raises(IdentityCollision) as caught:
+        index.ingest_directory(copy)
+
+    assert caught.value.uuid == run.uuid
+    assert "module" in str(caught.value) and run.uuid in str(caught.value)
+    assert index.find(run.uuid) == before
+    assert index.find(run.uuid).module == "someone_elses_module"
+    assert table_rows(index_file, "runs") == runs
+    assert table_rows(index_file, "locations") == locations
+
+    # Reindexing a storage holding the disagreeing directory skips it with that reason.
+    report = index.reindex(copy.parent)
+    assert report.indexed == 0
+    assert [path for path, _ in report.skipped] == [str(copy)]
+    assert "module" in report.skipped[0][1]
+    assert index.find(run.uuid) == before
