@@ -115,13 +115,27 @@ def clear(directory: Path, *names: str) -> None:
             pass
 
 
-def read_json(path: Path) -> Any:
-    with open(path, "rb") as handle:
-        raw = handle.read()
+def read_bytes(path: str | Path) -> bytes:
+    """Read a small file with plain syscalls (reindex reads millions of them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | Path) -> Any:
+    raw = read_bytes(path)
     try:
         return json.loads(raw)
     except ValueError as exc:  # name the file: "unreadable header" alone says too little
-        raise ValueError(f"{path.name} is not valid JSON: {exc}") from exc
+        raise ValueError(f"{os.path.basename(path)} is not valid JSON: {exc}") from exc
 
 
 def read_marker(directory: Path, marker: str) -> datetime | None:

@@ -27,6 +27,7 @@ from machinable.record import (
     SENTINEL,
     is_uuid,
     parse_timestamp,
+    read_bytes,
     read_json,
     read_record,
     status_of,
@@ -108,21 +109,23 @@ def row_values(header: dict[str, Any], model: dict[str, Any], markers: dict[str,
     }
 
 
-def read_markers(directory: Path, names: Iterable[str]) -> dict[str, datetime | None]:
+def read_markers(directory: str | Path, names: Iterable[str]) -> dict[str, datetime | None]:
+    """Timestamps of the status markers present among ``names``."""
     markers: dict[str, datetime | None] = {}
+    base = os.fspath(directory)
     for name in ("started_at", "finished_at", "failed_at", "updated_at"):
         if name in names:
+            path = os.path.join(base, name)
             try:
-                with open(directory / name, encoding="utf-8") as handle:
-                    markers[name] = parse_timestamp(handle.read()) or _mtime(directory / name)
+                markers[name] = parse_timestamp(read_bytes(path).decode("utf-8")) or _mtime(path)
             except (FileNotFoundError, UnicodeDecodeError):
                 markers[name] = None
     return markers
 
 
-def _mtime(path: Path) -> datetime | None:
+def _mtime(path: str) -> datetime | None:
     try:
-        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        return datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc)
     except FileNotFoundError:
         return None
 
@@ -367,14 +370,14 @@ class Index(Context):
                     if entry.is_dir(follow_symlinks=False) and not name.startswith("."):
                         report.skipped.append((entry.path, "not named like a run uuid"))
                     continue
-                directory = Path(entry.path)
+                directory = entry.path
                 try:
                     names = os.listdir(directory)
                     if SENTINEL not in names:
                         report.skipped.append((entry.path, f"no {SENTINEL} sentinel"))
                         continue
-                    header = read_json(directory / ID_FILE)
-                    model = read_json(directory / MODEL_FILE)
+                    header = read_json(os.path.join(directory, ID_FILE))
+                    model = read_json(os.path.join(directory, MODEL_FILE))
                 except FileNotFoundError as exc:
                     report.skipped.append((entry.path, f"{Path(exc.filename).name} is missing"))
                     continue

@@ -1,0 +1,226 @@
+"""Core catalog benchmarks: launch, get()+cached() at scale, and reindex.
+
+    python benchmarks/bench_core.py                  # 100,000 runs (several minutes)
+    python benchmarks/bench_core.py --runs 10000     # quicker
+
+Every figure is printed beside a plain-Python baseline measured in the same run, and
+the ratio is what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+MODULE = '''
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Trivial(Interface):
+    class Config(BaseModel):
+        i: int = 0
+        lr: float = 0.1
+
+    def __call__(self):
+        pass
+'''
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def baseline_launch(root: Path, n: int) -> list[float]:
+    """Write the same files atomically and commit one SQLite row per run: no library."""
+    db = sqlite3.connect(root / "baseline.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, status TEXT)")
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        uuid = f"{i:032x}"
+        directory = root / "baseline" / uuid
+        directory.mkdir(parents=True)
+        header = json.dumps({"uuid": uuid, "module": "trivial"})
+        model = json.dumps({"module": "trivial", "config": {"i": i, "lr": 0.1}})
+        for name, text in (
+            ("model.json", model),
+            ("id.json", header),
+            (".machinable", ""),
+            ("started_at", "t"),
+            ("updated_at", "t"),
+            ("finished_at", "t"),
+            ("updated_at", "t"),
+        ):
+            tmp = directory / f".{name}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, directory / name)
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (uuid, "trivial", model, "finished"))
+        db.execute("COMMIT")
+        samples.append(time.perf_counter() - start)
+    db.close()
+    return samples
+
+
+def machinable_launch(n: int, offset: int) -> list[float]:
+    from machinable import get
+
+    samples = []
+    for i in range(offset, offset + n):
+        start = time.perf_counter()
+        get("trivial", {"i": i}).launch()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def make_records(storage: Path, n: int, project: str) -> None:
+    """Write n finished record directories quickly (the same bytes launch() writes)."""
+    from machinable.identity import compute_uuid, config_key, predicate_key
+    from machinable.record import dump_json, id_header
+
+    stamp = "2026-01-01T00:00:00+00:00"
+    for i in range(n):
+        canonical = {"i": i}
+        uuid = compute_uuid(project, "trivial", canonical, {})
+        directory = storage / uuid
+        directory.mkdir(parents=True, exist_ok=True)
+        header = id_header(uuid, project, "trivial", config_key(canonical), predicate_key({}))
+        model = {
+            "module": "trivial",
+            "project": project,
+            "config": {"i": i, "lr": 0.1},
+            "canonical": canonical,
+            "version": [{"i": i}],
+            "predicate": {},
+            "created_at": stamp,
+        }
+        (directory / "model.json").write_text(dump_json(model))
+        (directory / "id.json").write_text(dump_json(header))
+        (directory / ".machinable").write_text("")
+        for marker in ("started_at", "finished_at", "updated_at"):
+            (directory / marker).write_text(stamp)
+
+
+def baseline_reindex(storage: Path, db_path: Path) -> float:
+    """scandir, json-load both headers, insert rows with one executemany."""
+    start = time.perf_counter()
+    rows = []
+    with os.scandir(storage) as entries:
+        for entry in entries:
+            if not entry.is_dir():
+                continue
+            with open(os.path.join(entry.path, "id.json"), "rb") as handle:
+                header = json.loads(handle.read())
+            with open(os.path.join(entry.path, "model.json"), "rb") as handle:
+                model = json.loads(handle.read())
+            rows.append(
+                (header["uuid"], header["module"], json.dumps(model["config"]), entry.path)
+            )
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, directory TEXT)")
+    db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    return time.perf_counter() - start
+
+
+def drop_caches_hint() -> str:
+    return "warm page cache (directories were just written)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100_000, help="runs to index (default 100000)")
+    parser.add_argument("--launches", type=int, default=1000, help="launches to time (default 1000)")
+    parser.add_argument("--lookups", type=int, default=2000, help="get()+cached() to time")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="machinable-bench-"))
+    project = work / "bench"
+    project.mkdir()
+    (project / "trivial.py").write_text(textwrap.dedent(MODULE))
+    os.chdir(project)
+    sys.path.insert(0, str(project))
+
+    from machinable import Index, get
+    from machinable.catalog.engine import dispose_all
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"work dir: {work} ({drop_caches_hint()})")
+    print()
+
+    # 1. launch
+    get("trivial", {"i": -1}).launch()  # warm up: module import, index creation
+    base = baseline_launch(work, args.launches)
+    ours = machinable_launch(args.launches, 0)
+    print(f"launch trivial run     machinable {median_ms(ours):7.3f} ms median   "
+          f"baseline {median_ms(base):7.3f} ms   ratio {median_ms(ours) / median_ms(base):5.2f}x")
+
+    # 2. reindex of args.runs directories
+    storage = project / "storage"
+    start = time.perf_counter()
+    make_records(storage, args.runs - args.launches - 1, "bench")
+    print(f"(wrote {args.runs - args.launches - 1} more record directories in "
+          f"{time.perf_counter() - start:.1f} s)")
+    total = sum(1 for _ in os.scandir(storage))
+    index = Index.get()
+    dispose_all()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(str(project / ".machinable.sqlite") + suffix)
+        except FileNotFoundError:
+            pass
+    base_db = work / "baseline-reindex.sqlite"
+    baseline_s = baseline_reindex(storage, base_db)
+    start = time.perf_counter()
+    report = Index.get().reindex()
+    ours_s = time.perf_counter() - start
+    assert report.indexed == total, (report.indexed, total, report.skipped[:3])
+    print(f"reindex {total} runs  machinable {ours_s:7.2f} s             "
+          f"baseline {baseline_s:7.2f} s   ratio {ours_s / baseline_s:5.2f}x")
+
+    # 3. get + cached at scale
+    assert index.count() == total
+    samples = []
+    for i in range(args.lookups):
+        k = (i * 7919) % (args.runs - args.launches - 1)
+        start = time.perf_counter()
+        run = get("trivial", {"i": k})
+        hit = run.cached()
+        samples.append(time.perf_counter() - start)
+        assert hit
+    db = sqlite3.connect(base_db)
+    uuids = [row[0] for row in db.execute("SELECT uuid FROM runs LIMIT 2000")]
+    base_samples = []
+    for uuid in uuids:
+        start = time.perf_counter()
+        db.execute("SELECT directory FROM runs WHERE uuid = ?", (uuid,)).fetchone()
+        base_samples.append(time.perf_counter() - start)
+    db.close()
+    print(f"get()+cached() @ {total} machinable {median_ms(samples):7.3f} ms median   "
+          f"raw sqlite3 PK lookup {median_ms(base_samples):7.3f} ms")
+
+    if not args.keep:
+        dispose_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
