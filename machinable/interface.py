@@ -110,6 +110,11 @@ class Interface:
             config = config_cls.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(f"invalid config for module {module!r}: {_describe(exc)}", module=module) from exc
+        dropped = dropped_keys(config, merged)
+        if dropped:
+            raise ConfigError(
+                f"unknown config key(s) for module {module!r}: {', '.join(dropped)}", module=module
+            )
         full = config.model_dump(mode="json")
         try:
             check_finite(full)
@@ -431,6 +436,37 @@ def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = 
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
             bad.extend(unknown_keys(annotation, value, f"{prefix}{key}."))
     return bad
+
+
+def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
+    """Keys of ``data`` that validation into ``value`` ignored, wherever models nest.
+
+    Catches what ``unknown_keys`` cannot see from annotations: models inside
+    ``Optional``, unions, lists and dicts.
+    """
+    if isinstance(value, BaseModel):
+        if not isinstance(data, Mapping) or type(value).model_config.get("extra") == "allow":
+            return []
+        names: dict[str, str] = {}
+        for name, info in type(value).model_fields.items():
+            names[name] = name
+            if info.alias:
+                names[info.alias] = name
+        bad: list[str] = []
+        for key, item in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in names:
+                bad.append(where)
+            else:
+                bad.extend(dropped_keys(getattr(value, names[key]), item, where))
+        return bad
+    if isinstance(value, (list, tuple)) and isinstance(data, (list, tuple)) and len(value) == len(data):
+        pairs = enumerate(zip(value, data, strict=True))
+        return [k for i, (v, d) in pairs for k in dropped_keys(v, d, f"{path}[{i}]")]
+    if isinstance(value, Mapping) and isinstance(data, Mapping):
+        items = [(key, d) for key, d in data.items() if key in value]
+        return [k for key, d in items for k in dropped_keys(value[key], d, f"{path}.{key}")]
+    return []
 
 
 def _describe(exc: ValidationError) -> str:

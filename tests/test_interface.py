@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,35 @@ class Nested(Interface):
 
     def __call__(self):
         pass
+"""
+
+CONTAINERS = """
+from typing import Optional
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Layer(BaseModel):
+    width: int = 8
+
+
+class Containers(Interface):
+    class Config(BaseModel):
+        head: Optional[Layer] = None
+        layers: list[Layer] = []
+        named: dict[str, Layer] = {}
+"""
+
+SLOW = """
+import time
+from machinable import Interface
+
+
+class Slow(Interface):
+    def __call__(self):
+        with open(self.project.path / "calls.txt", "a") as handle:
+            handle.write(self.uuid + "\\n")
+        time.sleep(0.5)
 """
 
 
@@ -145,6 +175,27 @@ def test_run_launched_in_another_process_is_found_here(project: Path) -> None:
     run.launch()
     assert calls(project) == [run.uuid]
     assert [r.uuid for r in get("optimize").all()] == [run.uuid]
+
+
+def test_concurrent_launches_in_separate_processes_compute_once(project: Path) -> None:
+    write_module(project, "slow", SLOW)
+    code = """
+        from machinable import get
+        run = get("slow").launch()
+        print(run.uuid, run.status())
+        """
+    outputs: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: outputs.append(run_python(code, cwd=project).stdout))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    uuid = get("slow").uuid
+    assert [out.split() for out in outputs] == [[uuid, "finished"]] * 3
+    assert calls(project) == [uuid]
 
 
 def test_defaults_and_equivalent_configs_name_the_same_run(project: Path) -> None:
@@ -447,6 +498,21 @@ def test_unknown_config_keys_are_refused(stored) -> None:
     _bad(lambda: get("nested", {"opt": {"betta": 0.5}}).launch(), ConfigError, "nested", "opt.betta")
     _bad(lambda: get("nested", {"opt.betta": 0.5}).launch(), ConfigError, "opt.betta")
     assert stored()
+
+
+def test_unknown_keys_inside_optional_list_and_dict_models(stored, project: Path) -> None:
+    write_module(project, "containers", CONTAINERS)
+    _bad(lambda: get("containers", {"head": {"widht": 4}}).launch(), ConfigError, "head.widht")
+    _bad(
+        lambda: get("containers", {"layers": [{"width": 4}, {"widht": 4}]}).launch(),
+        ConfigError,
+        "layers[1].widht",
+    )
+    _bad(lambda: get("containers", {"named": {"x": {"widht": 4}}}).launch(), ConfigError, "widht")
+    assert stored()
+    run = get("containers", {"head": {"width": 4}, "layers": [{}], "named": {"x": {"width": 2}}})
+    assert run.config.head.width == 4
+    assert run.uuid != get("containers", {"head": {}}).uuid
 
 
 def test_get_rejects_a_non_module(stored) -> None:
