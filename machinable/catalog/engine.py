@@ -25,7 +25,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 

@@ -7,6 +7,8 @@ The index is a cache of the record directories. Every row can be rebuilt with
 from __future__ import annotations
 
 import os
+import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +22,7 @@ from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_ur
 from machinable.catalog.models import Location, Run
 from machinable.context import Context, innermost
 from machinable.errors import IdentityCollision
+from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
     ID_FILE,
@@ -65,17 +68,24 @@ class RunRecord:
 
 @dataclass
 class ReindexReport:
-    """What a reindex pass did: rows written, rows removed, directories skipped and why."""
+    """What a reindex pass did: rows added, updated, removed, and directories skipped and why."""
 
     storage: str
-    indexed: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
     removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def indexed(self) -> int:
+        """Runs of this storage now in the index (read this pass or unchanged)."""
+        return self.added + self.updated + self.unchanged
+
     def __str__(self) -> str:
         lines = [
-            f"indexed {self.indexed} run(s) from {self.storage}; removed {self.removed} stale "
-            f"row(s); skipped {len(self.skipped)}"
+            f"{self.storage}: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {self.removed} removed, {len(self.skipped)} skipped"
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
@@ -328,14 +338,35 @@ class Index(Context):
         assert found is not None
         return found
 
-    def reindex(self, storage: str | os.PathLike[str] | None = None) -> ReindexReport:
-        """Rebuild every row of a storage directory from its record directories."""
+    def reindex(
+        self,
+        storage: str | os.PathLike[str] | None = None,
+        *,
+        full: bool = False,
+        progress: bool | None = None,
+    ) -> ReindexReport:
+        """Bring the index in line with a storage directory's record directories.
+
+        Directories whose mtime is unchanged since the last pass are not read again
+        (every record write renames a file into its directory, which bumps the mtime);
+        ``full=True`` reads every directory. Rows of directories that are gone are
+        removed. Headers only are read; user code is never imported.
+        """
         from machinable.storage import Storage
 
         root = Path(storage) if storage is not None else Storage.get().directory()
         root = Path(os.path.abspath(root))
         report = ReindexReport(storage=str(root))
-        rows, locations = self._scan(root, report)
+        with self.engine.connect() as conn:
+            known = {
+                directory: (run_uuid, mtime)
+                for directory, run_uuid, mtime in conn.execute(
+                    select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid, LOCATIONS.c.mtime_ns).where(
+                        LOCATIONS.c.storage == str(root)
+                    )
+                )
+            }
+        rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
 
         def write() -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
@@ -343,58 +374,102 @@ class Index(Context):
                 good = [row for row in rows if row["uuid"] not in collisions]
                 for uuid, reason in collisions.items():
                     report.skipped.append((str(root / uuid), reason))
-                keep = {row["uuid"] for row in good}
+                keep = {row["uuid"] for row in good} | unchanged
+                existing = self._existing(conn, [row["uuid"] for row in good])
                 for start in range(0, len(good), 5000):
                     self._upsert_runs(conn, good[start : start + 5000])
                 wanted = [loc for loc in locations if loc["run_uuid"] in keep]
                 for start in range(0, len(wanted), 5000):
-                    self._add_locations(conn, wanted[start : start + 5000])
-                report.indexed = len(good)
+                    self._put_locations(conn, wanted[start : start + 5000])
+                report.added = sum(1 for row in good if row["uuid"] not in existing)
+                report.updated = len(good) - report.added
+                report.unchanged = len(unchanged)
                 report.removed = self._drop_stale(conn, root, keep)
 
         retry_busy(write)
         return report
 
-    def _scan(self, root: Path, report: ReindexReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _existing(self, conn: Any, uuids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(uuids), 500):
+            found.update(
+                conn.execute(
+                    select(RUNS.c.uuid).where(RUNS.c.uuid.in_(uuids[start : start + 500]))
+                ).scalars()
+            )
+        return found
+
+    def _put_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        stmt = self._insert(LOCATIONS)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory],
+            set_={"mtime_ns": stmt.excluded.mtime_ns, "storage": stmt.excluded.storage},
+        )
+        conn.execute(stmt, rows)
+
+    def _scan(
+        self,
+        root: Path,
+        report: ReindexReport,
+        known: dict[str, tuple[str, int | None]],
+        progress: bool | None,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+        """Read the record directories under ``root`` that changed since ``known``."""
         rows: list[dict[str, Any]] = []
         locations: list[dict[str, Any]] = []
+        unchanged: set[str] = set()
         try:
-            entries = os.scandir(root)
+            names = os.listdir(root)
         except FileNotFoundError:
-            return rows, locations
+            return rows, locations, unchanged
         storage = str(root)
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if not is_uuid(name) or not entry.is_dir(follow_symlinks=False):
-                    if entry.is_dir(follow_symlinks=False) and not name.startswith("."):
-                        report.skipped.append((entry.path, "not named like a run uuid"))
+        # A directory modified within this window could change again within the
+        # filesystem's timestamp granularity unseen: do not trust its mtime next time.
+        recent = time.time_ns() - 2_000_000_000
+        for name in track(names, total=len(names), description=f"reindex {root}", show=progress):
+            if name.startswith("."):
+                continue
+            directory = os.path.join(storage, name)
+            try:
+                info = os.lstat(directory)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                continue
+            if not is_uuid(name):
+                report.skipped.append((directory, "not named like a run uuid"))
+                continue
+            seen = known.get(directory)
+            if seen is not None and seen[1] is not None and seen[1] == info.st_mtime_ns:
+                unchanged.add(seen[0])
+                continue
+            try:
+                entries = os.listdir(directory)
+                if SENTINEL not in entries:
+                    report.skipped.append((directory, f"no {SENTINEL} sentinel"))
                     continue
-                directory = entry.path
-                try:
-                    names = os.listdir(directory)
-                    if SENTINEL not in names:
-                        report.skipped.append((entry.path, f"no {SENTINEL} sentinel"))
-                        continue
-                    header = read_json(os.path.join(directory, ID_FILE))
-                    model = read_json(os.path.join(directory, MODEL_FILE))
-                except FileNotFoundError as exc:
-                    report.skipped.append((entry.path, f"{Path(exc.filename).name} is missing"))
-                    continue
-                except (ValueError, UnicodeDecodeError, OSError) as exc:
-                    report.skipped.append((entry.path, f"unreadable header: {exc}"))
-                    continue
-                problem = validate_headers(header, model, name)
-                if problem:
-                    report.skipped.append((entry.path, problem))
-                    continue
-                try:
-                    rows.append(row_values(header, model, read_markers(directory, names)))
-                except (KeyError, TypeError) as exc:
-                    report.skipped.append((entry.path, f"invalid header: {exc}"))
-                    continue
-                locations.append({"run_uuid": name, "storage": storage, "directory": entry.path})
-        return rows, locations
+                header = read_json(os.path.join(directory, ID_FILE))
+                model = read_json(os.path.join(directory, MODEL_FILE))
+            except FileNotFoundError as exc:
+                report.skipped.append((directory, f"{os.path.basename(exc.filename or '?')} is missing"))
+                continue
+            except (ValueError, UnicodeDecodeError, OSError) as exc:
+                report.skipped.append((directory, f"unreadable header: {exc}"))
+                continue
+            problem = validate_headers(header, model, name)
+            if problem:
+                report.skipped.append((directory, problem))
+                continue
+            try:
+                rows.append(row_values(header, model, read_markers(directory, entries)))
+            except (KeyError, TypeError, ValueError) as exc:
+                report.skipped.append((directory, f"invalid header: {exc}"))
+                continue
+            mtime = info.st_mtime_ns if info.st_mtime_ns < recent else None
+            locations.append(
+                {"run_uuid": name, "storage": storage, "directory": directory, "mtime_ns": mtime}
+            )
+        return rows, locations, unchanged
 
     def _drop_stale(self, conn: Any, root: Path, keep: set[str]) -> int:
         """Remove locations under ``root`` whose directory is gone, and runs left nowhere."""

@@ -83,6 +83,9 @@ class Location(Base):
     run_uuid: Mapped[str] = mapped_column(ForeignKey("runs.uuid", ondelete="CASCADE"))
     storage: Mapped[str] = mapped_column(String(4096))
     directory: Mapped[str] = mapped_column(String(4096))
+    # The directory's mtime when a reindex last read it: an unchanged mtime lets an
+    # incremental reindex skip the directory (every record write renames into it).
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
 
     run: Mapped[Run] = relationship(back_populates="locations", lazy="raise")
 
