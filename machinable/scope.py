@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +19,9 @@ class Scope(Context):
         for key in merged:
             if not isinstance(key, str):
                 raise ConfigError(f"scope keys must be strings, not {key!r}")
-        canonical_json(merged)
-        self.predicate: dict[str, Any] = merged
+        # Kept in its JSON form, as runs store it, so that all() inside the scope compares
+        # like with like (a tuple would never equal the stored list).
+        self.predicate: dict[str, Any] = json.loads(canonical_json(merged))
 
     def __repr__(self) -> str:
         return f"Scope({self.predicate!r})"

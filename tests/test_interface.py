@@ -382,6 +382,17 @@ def test_scope_makes_distinct_runs_and_filters_all(project: Path) -> None:
     assert out.stdout.split() == [three.uuid, "True"]
 
 
+def test_scope_with_structured_values_finds_its_runs(project: Path) -> None:
+    with Scope({"pair": (1, 2), "data": {"name": "mnist", "split": [0.8, 0.2]}}):
+        run = get("optimize", {"lr": 0.5}).launch()
+        assert [r.uuid for r in get("optimize").all()] == [run.uuid]
+    with Scope({"pair": [1, 2], "data": {"split": [0.8, 0.2], "name": "mnist"}}):
+        assert get("optimize", {"lr": 0.5}).uuid == run.uuid
+        assert [r.uuid for r in get("optimize").all()] == [run.uuid]
+    with Scope({"pair": [2, 1]}):
+        assert get("optimize").all() == []
+
+
 # module import
 
 
