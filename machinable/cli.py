@@ -71,19 +71,19 @@ def parse_assignments(args: list[str]) -> tuple[dict[str, Any], list[str]]:
         if arg.startswith("--"):
             name = arg[2:].replace("-", "_")
             if not name.isidentifier():
-                raise click.UsageError(f"{arg!r} is not a method name")
+                raise click.ClickException(f"{arg!r} is not a method name")
             methods.append(name)
         elif "=" in arg:
             key, _, raw = arg.partition("=")
             if not key:
-                raise click.UsageError(f"{arg!r} has no key before '='")
+                raise click.ClickException(f"{arg!r} has no key before '='")
             try:
                 value = json.loads(raw)
             except ValueError:
                 value = raw
             config[key] = value
         else:
-            raise click.UsageError(f"{arg!r} is neither key=value nor --method")
+            raise click.ClickException(f"{arg!r} is neither key=value nor --method")
     return config, methods
 
 
@@ -116,11 +116,11 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
         run = get(module, config)
         if not methods:
             click.echo(f"{run.uuid}  {run.module}  {run.status()}  {run.local_directory()}")
+        for name in methods:  # check every method before calling any (nothing half-done)
+            if name.startswith("_") or not callable(getattr(run, name, None)):
+                raise click.ClickException(f"{type(run).__name__} has no method {name!r}")
         for name in methods:
-            attribute = getattr(run, name, None)
-            if name.startswith("_") or not callable(attribute):
-                raise click.UsageError(f"{type(run).__name__} has no method {name!r}")
-            result = attribute()
+            result = getattr(run, name)()
             if name == "launch":
                 click.echo(f"{run.uuid}  {run.status()}  {run.local_directory()}")
             elif result is not None:
@@ -155,7 +155,8 @@ def ls_command(obj: dict[str, Any], module: str | None, all_projects: bool) -> N
                 json.dumps(record.canonical, sort_keys=True),
             )
             count += 1
-        console = Console(soft_wrap=True)
+        # Piped output: one line per run (no wrapping at 80 columns), for grep and scripts.
+        console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
         if count:
             console.print(table)
         click.echo(f"{count} run(s)", err=not count)
