@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 
@@ -433,6 +434,39 @@ def test_module_top_level_code_runs_once_per_process(project: Path) -> None:
     assert lines[0] == str(os.getpid()) and lines[1] != lines[0]
 
 
+def test_get_hydrates_only_the_run_it_names(project: Path) -> None:
+    write_module(
+        project,
+        "counting",
+        """
+        from pydantic import BaseModel, model_validator
+        from machinable import Interface
+
+        VALIDATED = []
+
+
+        class Counting(Interface):
+            class Config(BaseModel):
+                x: int = 0
+
+                @model_validator(mode="after")
+                def _count(self):
+                    VALIDATED.append(self.x)
+                    return self
+        """,
+    )
+    for x in range(1, 21):
+        get("counting", {"x": x}).launch()
+    validated = sys.modules[type(get("counting")).__module__].VALIDATED
+    validated.clear()
+    run = get("counting", {"x": 7})
+    assert run.cached() and run.is_mounted() and run.status() == "finished"
+    assert validated == [7]
+    validated.clear()
+    assert len(get("counting", {"x": 7}).all()) == 20
+    assert sorted(validated) == sorted([7, *range(1, 21)])
+
+
 def test_get_accepts_an_interface_class(project: Path) -> None:
     cls = type(get("optimize"))
     assert issubclass(cls, Interface)
@@ -524,6 +558,49 @@ def test_unknown_keys_inside_optional_list_and_dict_models(stored, project: Path
     run = get("containers", {"head": {"width": 4}, "layers": [{}], "named": {"x": {"width": 2}}})
     assert run.config.head.width == 4
     assert run.uuid != get("containers", {"head": {}}).uuid
+
+
+def test_bad_input_in_a_fresh_project_creates_nothing(project: Path) -> None:
+    write_module(project, "plain", "X = 1\n")
+    write_module(
+        project,
+        "notpydantic",
+        """
+        from machinable import Interface
+
+
+        class Notpydantic(Interface):
+            class Config:
+                lr = 0.1
+        """,
+    )
+    write_module(
+        project,
+        "twice",
+        """
+        from machinable import Interface
+
+
+        class First(Interface):
+            pass
+
+
+        class Second(Interface):
+            pass
+        """,
+    )
+    before = tree(project)
+    _bad(lambda: get("missing").launch(), ModuleResolutionError, "missing")
+    _bad(lambda: get("plain").launch(), ModuleResolutionError, "plain")
+    _bad(lambda: get("notpydantic").launch(), ConfigError, "Notpydantic.Config", "pydantic")
+    _bad(lambda: get("twice").launch(), ModuleResolutionError, "twice", "First", "Second")
+    _bad(lambda: get("optimize", {"lr": "x"}).launch(), ConfigError, "lr")
+    _bad(lambda: get("optimize", {"lr": math.nan}).launch(), ConfigError, "lr")
+    _bad(lambda: get("optimize", {"nope": 1}).launch(), ConfigError, "nope")
+    after = [p for p in tree(project) if "__pycache__" not in p]
+    assert after == [p for p in before if "__pycache__" not in p]
+    assert not (project / "storage").exists()
+    assert not (project / ".machinable.sqlite").exists()
 
 
 def test_get_rejects_a_non_module(stored) -> None:
