@@ -344,6 +344,28 @@ def test_reindex_keeps_locations_in_other_storages(project: Path, tmp_path: Path
     assert Index.get().local_directory(run.uuid) == copy
 
 
+def test_reindex_with_the_index_present_picks_up_changed_status(project: Path) -> None:
+    run = get("optimize", {"lr": 0.5})
+    directory = project / "storage" / run.uuid
+    header, model = run._headers()
+    write_record(directory, header, model)
+    mark(directory, "started_at")
+    Index.get().reindex()
+    assert Index.get().find(run.uuid).status == "started"
+
+    # The run finishes elsewhere (another machine wrote into the shared folder).
+    (directory / "result.json").write_text('{"loss": 0.25}')
+    mark(directory, "finished_at")
+    report = Index.get().reindex()
+
+    assert report.indexed == 1
+    record = Index.get().find(run.uuid)
+    assert record.status == "finished" and record.finished_at is not None
+    assert get("optimize", {"lr": 0.5}).cached()
+    assert get("optimize", {"lr": 0.5}).loss() == 0.25
+    assert calls(project) == []
+
+
 def test_reindex_twice_is_idempotent(project: Path) -> None:
     launch_lrs(0.5, 1.0)
     index_file = project / ".machinable.sqlite"

@@ -18,7 +18,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import OPTIMIZE, run_python, write_module
+from conftest import OPTIMIZE, calls, run_python, write_module
 
 from machinable import Index, get
 from machinable.catalog.engine import (
@@ -162,6 +162,24 @@ def test_a_migrated_file_holds_runs(project: Path, monkeypatch: pytest.MonkeyPat
     assert Index.get().find(run.uuid).status == "finished"
     with sqlite3.connect(catalog) as conn:
         assert conn.execute("SELECT uuid FROM runs").fetchall() == [(run.uuid,)]
+
+
+def test_an_older_index_is_upgraded_on_first_use_and_keeps_its_runs(project: Path) -> None:
+    run = get("optimize", {"lr": 0.5}).launch()
+    index_file = project / ".machinable.sqlite"
+    before = Index.get().find(run.uuid)
+    dispose_all()
+    # Take the file back to the oldest schema, as an older machinable left it.
+    oldest = list(script().walk_revisions())[-1].revision
+    command.downgrade(alembic_config(to_url(index_file)), oldest)
+    assert revision(index_file) == oldest
+
+    again = get("optimize", {"lr": 0.5})
+    assert again.cached()
+    assert revision(index_file) == SCHEMA_HEAD
+    assert Index.get().find(run.uuid) == before
+    assert again.loss() == pytest.approx(1 / 51)
+    assert calls(project) == [run.uuid]
 
 
 # --------------------------------------------------------------------------- refusals
