@@ -198,6 +198,26 @@ def test_machinable_storage_environment_variable(project: Path, tmp_path: Path) 
     assert not (from_env / get("optimize", {"lr": 1.0}).uuid).exists()
 
 
+def test_project_and_index_options_work_from_any_directory(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    catalog = tmp_path / "catalog.sqlite"
+    result = invoke(
+        "--project", str(project), "--index", str(catalog), "get", "optimize", "lr=0.5", "--launch", "--loss"
+    )
+    assert float(result.stdout.splitlines()[-1]) == pytest.approx(LOSS)
+    assert catalog.is_file()
+    assert not (project / ".machinable.sqlite").exists()
+    assert not (elsewhere / "storage").exists()
+    [uuid] = calls(project)
+    assert (project / "storage" / uuid / "result.json").is_file()
+    listing = invoke("--project", str(project), "--index", str(catalog), "ls").stdout
+    assert uuid in listing
+
+
 # --------------------------------------------------------------------------- index
 
 
