@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from machinable.catalog.index import Index
+from machinable.catalog.query import Field
 from machinable.errors import MachinableError
 from machinable.identity import NotIdentifying
 from machinable.interface import Interface, get
@@ -13,6 +14,7 @@ from machinable.storage import Storage
 __version__ = "0.1.0"
 
 __all__ = [
+    "Field",
     "Index",
     "Interface",
     "MachinableError",

@@ -129,10 +129,24 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
 
 @cli.command("ls")
 @click.argument("module", required=False)
+@click.option("--where", "-w", help="Filter, e.g. \"config.lr > 0.1 and status = 'finished'\".")
+@click.option("--order-by", help="Order, e.g. 'config.lr desc' or '-created_at'.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many runs.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many runs.")
+@click.option("--count", "count_only", is_flag=True, help="Print only how many runs match.")
 @click.option("--all-projects", is_flag=True, help="List runs of every project in the index.")
 @click.pass_obj
-def ls_command(obj: dict[str, Any], module: str | None, all_projects: bool) -> None:
-    """List indexed runs (of MODULE, if given) as a table."""
+def ls_command(
+    obj: dict[str, Any],
+    module: str | None,
+    where: str | None,
+    order_by: str | None,
+    limit: int | None,
+    offset: int,
+    count_only: bool,
+    all_projects: bool,
+) -> None:
+    """List indexed runs (of MODULE, if given) as a table, filtered and ordered."""
     from rich.console import Console
     from rich.table import Table
 
@@ -146,7 +160,13 @@ def ls_command(obj: dict[str, Any], module: str | None, all_projects: bool) -> N
         for column in ("module", "status", "created", "config"):
             table.add_column(column)
         count = 0
-        for record in index.runs(project=project, module=module):
+        if count_only:
+            click.echo(index.count(where, project=project, module=module))
+            return
+        records = index.search(
+            where, project=project, module=module, order_by=order_by, limit=limit, offset=offset
+        )
+        for record in records:
             table.add_row(
                 record.uuid,
                 record.module,

@@ -94,6 +94,7 @@ class Interface:
         project = project or Project.get()
         module = cls._module_name()
         versions = normalize_version(version, module)
+        check_depth(versions, module)
         merged: dict[str, Any] = {}
         for item in versions:
             merged = deep_merge(merged, expand_dotted(item))
@@ -115,7 +116,12 @@ class Interface:
             raise ConfigError(
                 f"unknown config key(s) for module {module!r}: {', '.join(dropped)}", module=module
             )
-        full = config.model_dump(mode="json")
+        try:
+            full = config.model_dump(mode="json")
+        except ValueError as exc:  # pydantic's serialization errors, bytes that are not UTF-8
+            raise ConfigError(
+                f"config for module {module!r} is not JSON-serializable: {exc}", module=module
+            ) from exc
         try:
             check_finite(full)
         except ConfigError as exc:
@@ -206,8 +212,25 @@ class Interface:
         return os.path.isfile(os.path.join(self.local_directory(), SENTINEL))
 
     def status(self) -> str:
-        """``finished``, ``failed``, ``started``, or ``new`` if never launched."""
-        return self._index.status(self.uuid) or "new"
+        """``finished``, ``failed``, ``started`` (computing now), ``stale`` (started, but
+        no process holds the run's lock: the one computing it died), or ``new``."""
+        status = self._index.status(self.uuid)
+        if status not in (None, "started"):
+            return status
+        directory = self.local_directory()
+        if os.path.isfile(directory / "started_at") and not any(
+            os.path.exists(directory / name) for name in ("finished_at", "failed_at")
+        ):
+            # launch() holds the lock from started_at to finished_at; a process that dies
+            # releases it. (A lock is only seen on this machine's filesystem.)
+            lock = filelock.FileLock(str(directory / ".lock"), timeout=0)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                return "started"
+            lock.release()
+            return "stale"
+        return status or "new"
 
     def cached(self) -> bool:
         """True when the run finished (here or in any location the index knows)."""
@@ -315,15 +338,72 @@ class Interface:
 
     # Collections.
 
-    def all(self) -> list[Interface]:
-        """Every stored run of this module in this project (within the active scopes)."""
+    def all(
+        self,
+        where: Any = None,
+        *,
+        order_by: str | list[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> RunList:
+        """Stored runs of this module in this project (within the active scopes).
+
+        ``where`` filters like ``Index.search``: ``"config.lr > 0.1"``, a ``Field``
+        expression, or a dict of equalities. Without a limit every run is returned.
+        """
         scope: dict[str, Any] = {}
         for item in active(Scope):
             scope.update(item.predicate)
-        return [
+        records = self._index.search(
+            where,
+            project=self._project_name,
+            module=self.module,
+            predicate=scope,
+            order_by=order_by,
+            limit=limit,
+            offset=offset,
+        )
+        return RunList(
             type(self)._from_record(record, project=self._project, storage=self._storage, index=self._index)
-            for record in self._index.runs(project=self._project_name, module=self.module, predicate=scope)
-        ]
+            for record in records
+        )
+
+
+class RunList(list):  # type: ignore[type-arg]
+    """A list of runs, with a table view."""
+
+    def as_dataframe(self) -> Any:
+        """A pandas DataFrame: uuid, module, status, created_at, and one column per config key."""
+        return records_dataframe([run.record() or run for run in self])
+
+
+def records_dataframe(records: Sequence[Any]) -> Any:
+    try:
+        import pandas
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MachinableError("as_dataframe() needs pandas: pip install pandas") from exc
+    rows = []
+    for record in records:
+        row = {
+            "uuid": record.uuid,
+            "module": record.module,
+            "status": getattr(record, "status", None),
+            "created_at": getattr(record, "created_at", None),
+        }
+        config = record.config if isinstance(record.config, dict) else record.config.model_dump(mode="json")
+        row.update(_flatten(config, "config."))
+        rows.append(row)
+    return pandas.DataFrame(rows)
+
+
+def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
 
 
 def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
@@ -383,6 +463,26 @@ def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
                 raise ConfigError(f"config keys must be strings, not {key!r}", module=module)
         out.append(dict(item))
     return out
+
+
+MAX_CONFIG_DEPTH = 100
+
+
+def check_depth(versions: list[dict[str, Any]], module: str) -> None:
+    """Refuse configs nested deeper than ``MAX_CONFIG_DEPTH`` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(item, 1) for item in versions]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"config for module {module!r} is nested more than {MAX_CONFIG_DEPTH} levels deep",
+                module=module,
+            )
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                stack.append((item, depth + 1 + (key.count(".") if isinstance(key, str) else 0)))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in value)
 
 
 def expand_dotted(data: Mapping[str, Any]) -> dict[str, Any]:

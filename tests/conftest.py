@@ -81,3 +81,38 @@ def run_python(code: str, cwd: Path, env: dict[str, str] | None = None, check: b
     if check and result.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+POSTGRES_URL = os.environ.get("MACHINABLE_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run a test against a SQLite index file and against a fresh PostgreSQL schema.
+
+    Sets MACHINABLE_INDEX for the test (and for subprocesses it starts) and yields the
+    backend name. The PostgreSQL schema is dropped afterwards.
+    """
+    if request.param == "sqlite":
+        monkeypatch.setenv("MACHINABLE_INDEX", str(tmp_path / "index.sqlite"))
+        yield "sqlite"
+        return
+    import uuid as uuidlib
+
+    from sqlalchemy import create_engine, text
+
+    schema = f"mt_{uuidlib.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # a missing server must fail loudly, never skip
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is needed for the postgresql backend: {exc}")
+    monkeypatch.setenv("MACHINABLE_INDEX", f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    try:
+        yield "postgresql"
+    finally:
+        dispose_all()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()

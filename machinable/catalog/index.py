@@ -15,13 +15,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, select
+from sqlalchemy import Engine, and_, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.models import Location, Run
+from machinable.catalog.query import Field, as_expr, compile_expr, order_clause
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision
+from machinable.errors import IdentityCollision, QueryError
 from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
@@ -128,7 +129,7 @@ def read_markers(directory: str | Path, names: Iterable[str]) -> dict[str, datet
             path = os.path.join(base, name)
             try:
                 markers[name] = parse_timestamp(read_bytes(path).decode("utf-8")) or _mtime(path)
-            except (FileNotFoundError, UnicodeDecodeError):
+            except (OSError, UnicodeDecodeError):  # gone, a directory, unreadable: not a marker
                 markers[name] = None
     return markers
 
@@ -202,8 +203,44 @@ class Index(Context):
                 return Path(directory)
         return None
 
+    def _conditions(
+        self,
+        where: Any = None,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        conditions = []
+        if project is not None:
+            conditions.append(RUNS.c.project == project)
+        if module is not None:
+            conditions.append(RUNS.c.module == module)
+        for key, value in (predicate or {}).items():
+            conditions.append(compile_expr(Field(f"predicate.{key}") == value, self.dialect))
+        expr = as_expr(where)
+        if expr is not None:
+            conditions.append(compile_expr(expr, self.dialect))
+        return conditions
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _with_directories(self, conn: Any, rows: list[Any]) -> list[RunRecord]:
+        uuids = [row["uuid"] for row in rows]
+        dirs: dict[str, list[str]] = {}
+        for start in range(0, len(uuids), 900):
+            for run_uuid, directory in conn.execute(
+                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory)
+                .where(LOCATIONS.c.run_uuid.in_(uuids[start : start + 900]))
+                .order_by(LOCATIONS.c.id)
+            ):
+                dirs.setdefault(run_uuid, []).append(directory)
+        return [self._record(row, tuple(dirs.get(row["uuid"], ()))) for row in rows]
+
     def runs(
         self,
+        where: Any = None,
         *,
         project: str | None = None,
         module: str | None = None,
@@ -211,11 +248,7 @@ class Index(Context):
         page_size: int | None = None,
     ) -> Iterator[RunRecord]:
         """Every matching run, fetched page by page (keyset on uuid): no silent cap."""
-        conditions = []
-        if project is not None:
-            conditions.append(RUNS.c.project == project)
-        if module is not None:
-            conditions.append(RUNS.c.module == module)
+        conditions = self._conditions(where, project, module, predicate)
         page_size = page_size or PAGE_SIZE
         last = ""
         while True:
@@ -228,27 +261,56 @@ class Index(Context):
                 ).mappings().all()
                 if not rows:
                     return
-                uuids = [row["uuid"] for row in rows]
-                dirs: dict[str, list[str]] = {}
-                for run_uuid, directory in conn.execute(
-                    select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory)
-                    .where(LOCATIONS.c.run_uuid.in_(uuids))
-                    .order_by(LOCATIONS.c.id)
-                ):
-                    dirs.setdefault(run_uuid, []).append(directory)
-            for row in rows:
-                if predicate and any(row["predicate"].get(k) != v for k, v in predicate.items()):
-                    continue
-                yield self._record(row, tuple(dirs.get(row["uuid"], ())))
-            last = uuids[-1]
+                records = self._with_directories(conn, rows)
+            yield from records
+            last = rows[-1]["uuid"]
             if len(rows) < page_size:
                 return
 
-    def count(self) -> int:
-        from sqlalchemy import func
-
+    def search(
+        self,
+        where: Any = None,
+        *,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+        order_by: str | list[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        """Runs matching ``where`` (an expression, a string like ``"config.lr > 0.1"``,
+        or a dict of equalities), ordered, with limit and offset."""
+        if limit is not None and limit < 0 or offset < 0:
+            raise QueryError("limit and offset must not be negative")
+        if limit is None and not offset and order_by is None:
+            return list(self.runs(where, project=project, module=module, predicate=predicate))
+        statement = (
+            select(RUNS)
+            .where(*self._conditions(where, project, module, predicate))
+            .order_by(*order_clause(order_by, self.dialect))
+            .offset(offset)
+        )
+        if limit is not None:
+            statement = statement.limit(limit)
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(RUNS)).scalar() or 0)
+            rows = conn.execute(statement).mappings().all()
+            return self._with_directories(conn, rows)
+
+    def count(
+        self,
+        where: Any = None,
+        *,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+    ) -> int:
+        """How many runs match, without loading any of them."""
+        statement = select(func.count()).select_from(RUNS)
+        conditions = self._conditions(where, project, module, predicate)
+        if conditions:
+            statement = statement.where(*conditions)
+        with self.engine.connect() as conn:
+            return int(conn.execute(statement).scalar() or 0)
 
     @staticmethod
     def _record(row: Any, directories: tuple[str, ...]) -> RunRecord:
@@ -384,7 +446,10 @@ class Index(Context):
                 report.added = sum(1 for row in good if row["uuid"] not in existing)
                 report.updated = len(good) - report.added
                 report.unchanged = len(unchanged)
-                report.removed = self._drop_stale(conn, root, keep)
+                # A directory that is present but skipped (corrupt, colliding) keeps its
+                # row: the index may hold the only readable copy of that run's config.
+                present = {os.path.basename(path) for path, _ in report.skipped}
+                report.removed = self._drop_stale(conn, root, keep | present)
 
         retry_busy(write)
         return report

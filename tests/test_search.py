@@ -1,0 +1,203 @@
+"""Search over the index: the same answers on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import event
+
+from conftest import write_module
+from machinable import Field, Index, Scope, get
+from machinable.cli import cli
+from machinable.errors import QueryError
+
+TRAIN = """
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Optimizer(BaseModel):
+    name: str = "adam"
+    momentum: float = 0.9
+
+
+class Train(Interface):
+    class Config(BaseModel):
+        lr: float = 0.1
+        layers: int = 2
+        tags: list[str] = []
+        shuffle: bool = True
+        note: str | None = None
+        optimizer: Optimizer = Optimizer()
+
+    def __call__(self):
+        if self.config.note == "boom":
+            raise RuntimeError("boom")
+"""
+
+CONFIGS = [
+    {"lr": 0.01, "layers": 1, "tags": ["small"], "optimizer": {"name": "sgd"}},
+    {"lr": 0.1, "layers": 2},
+    {"lr": 0.5, "layers": 4, "tags": ["big", "fast"], "shuffle": False},
+    {"lr": 1, "layers": 8, "optimizer": {"name": "sgd", "momentum": 0.5}, "note": "zebra"},
+    {"lr": 2.5, "layers": 16, "note": "apple"},
+    {"lr": 0.05, "note": "boom"},
+]
+
+
+@pytest.fixture
+def runs(project, index_backend):
+    write_module(project, "train", TRAIN)
+    made = {}
+    for config in CONFIGS:
+        run = get("train", config)
+        try:
+            run.launch()
+        except RuntimeError:
+            pass
+        made[config["lr"]] = run
+    return made
+
+
+def lrs(records) -> list[float]:
+    return sorted(record.config["lr"] for record in records)
+
+
+CASES = [
+    ("config.lr > 0.1", [0.5, 1, 2.5]),
+    ("config.lr >= 0.1", [0.1, 0.5, 1, 2.5]),
+    ("config.lr < 0.1", [0.01, 0.05]),
+    ("config.lr <= 0.1", [0.01, 0.05, 0.1]),
+    ("config.lr == 1", [1]),
+    ("config.lr = 1.0", [1]),
+    ("config.lr != 1", [0.01, 0.05, 0.1, 0.5, 2.5]),
+    ("config.layers in (1, 4, 99)", [0.01, 0.5]),
+    ("config.optimizer.name = 'sgd'", [0.01, 1]),
+    ("config.optimizer.momentum < 0.9", [1]),
+    ("config.tags contains 'big'", [0.5]),
+    ("config.note contains 'pp'", [2.5]),
+    ("config.note > 'b'", [0.05, 1]),
+    ("config.note = null", [0.01, 0.1, 0.5]),
+    ("config.note != null", [0.05, 1, 2.5]),
+    ("config.shuffle = false", [0.5]),
+    ("config.shuffle = true", [0.01, 0.05, 0.1, 1, 2.5]),
+    ("status = 'failed'", [0.05]),
+    ("status = 'finished' and config.lr > 0.01", [0.1, 0.5, 1, 2.5]),
+    ("config.lr < 0.05 or config.lr > 2", [0.01, 2.5]),
+    ("not (config.lr < 0.05 or config.lr > 2)", [0.05, 0.1, 0.5, 1]),
+    ("config.layers > 2 and (config.optimizer.name = 'sgd' or config.shuffle = false)", [0.5, 1]),
+    ("module = 'train' and config.lr > 100", []),
+    ("config.lr > 'a'", []),  # a number never compares with a string
+    ("config.nosuchkey = 1", []),
+]
+
+
+@pytest.mark.parametrize("where, expected", CASES, ids=[c[0] for c in CASES])
+def test_string_filters_agree_on_both_backends(runs, where, expected):
+    index = Index.get()
+    assert lrs(index.search(where)) == sorted(expected)
+    assert index.count(where) == len(expected)
+
+
+def test_field_expressions_match_the_string_form(runs):
+    index = Index.get()
+    lr, name = Field("config.lr"), Field("config.optimizer.name")
+    assert lrs(index.search((lr > 0.1) & (name == "sgd"))) == [1]
+    assert lrs(index.search((lr < 0.02) | ~(Field("config.layers") < 16))) == [0.01, 2.5]
+    assert lrs(index.search(Field("config.layers").isin([2, 4]))) == [0.05, 0.1, 0.5]
+    assert lrs(index.search({"config.layers": 2, "status": "finished"})) == [0.1]
+
+
+def test_order_limit_offset_and_all(runs):
+    index = Index.get()
+    ordered = index.search("status = 'finished'", order_by="config.lr desc")
+    assert [r.config["lr"] for r in ordered] == [2.5, 1, 0.5, 0.1, 0.01]
+    page = index.search(order_by="-config.layers", limit=2, offset=1)
+    assert [r.config["layers"] for r in page] == [8, 4]
+    assert [r.config.lr for r in get("train").all("config.lr >= 0.5", order_by="config.lr")] == [0.5, 1, 2.5]
+    assert len(get("train").all(limit=3)) == 3
+    assert all(isinstance(run.config.lr, float) for run in get("train").all())
+
+
+def test_created_time_filters(runs):
+    index = Index.get()
+    records = index.search(order_by="created_at")
+    middle = records[2].created_at.isoformat()
+    assert index.count(f"created_at >= '{middle}'") == len(records) - 2
+    assert index.count("created_at < '2000-01-01'") == 0
+
+
+def test_predicate_filters_and_scopes(project, index_backend):
+    write_module(project, "train", TRAIN)
+    for seed in (1, 2, 3):
+        with Scope({"seed": seed}):
+            get("train", {"lr": 0.3}).launch()
+    index = Index.get()
+    assert index.count("predicate.seed >= 2") == 2
+    with Scope({"seed": 3}):
+        (only,) = get("train").all()
+        assert only.predicate == {"seed": 3}
+        assert get("train").all("config.lr = 0.3") == [only]
+
+
+def test_count_reads_no_run_payloads(runs):
+    index = Index.get()
+    statements: list[str] = []
+
+    def capture(conn, cursor, statement, *args):
+        statements.append(statement.lower())
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        assert index.count("config.lr > 0.1") == 3
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
+    (query,) = [s for s in statements if "from runs" in s]
+    assert query.startswith("select count(")
+    assert "runs.version" not in query and "runs.canonical" not in query
+
+
+def test_dataframe(runs):
+    frame = get("train").all("status = 'finished'", order_by="config.lr").as_dataframe()
+    assert list(frame["config.lr"]) == [0.01, 0.1, 0.5, 1, 2.5]
+    assert list(frame["config.optimizer.name"])[:1] == ["sgd"]
+    assert set(frame["status"]) == {"finished"}
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("config.lr >", "end of"),
+        ("config.lr >> 1", "expected a value"),
+        ("lr > 1", "unknown field 'lr'"),
+        ("config.lr > 1 and", "end of"),
+        ("config.lr = adam", "quote strings"),
+        ("config..lr = 1", "cannot parse"),
+        ("config.shuffle > true", "booleans only compare"),
+        ("(config.lr > 1", "expected ')'"),
+        ("status = 1", "quoted string"),
+        ("created_at > 'yesterday'", "ISO time"),
+    ],
+)
+def test_bad_expressions_name_the_problem(runs, where, message):
+    with pytest.raises(QueryError) as info:
+        Index.get().search(where)
+    assert message in str(info.value)
+
+
+def test_cli_where(runs):
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["ls", "train", "--where", "config.lr > 0.1 and status = 'finished'", "--order-by", "config.lr"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:-1]] == [
+        runs[0.5].uuid,
+        runs[1].uuid,
+        runs[2.5].uuid,
+    ]
+    counted = runner.invoke(cli, ["ls", "--count", "-w", "config.optimizer.name = 'sgd'"])
+    assert counted.stdout.strip() == "2"
+    bad = runner.invoke(cli, ["ls", "--where", "config.lr >"])
+    assert bad.exit_code != 0
+    assert bad.stderr.startswith("Error:") and len(bad.stderr.strip().splitlines()) == 1
