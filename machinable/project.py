@@ -30,6 +30,7 @@ MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _lock = threading.RLock()
 _modules: dict[Path, ModuleType] = {}
 _providers: dict[Path, Project] = {}
+_resolved: dict[tuple[Path, str], type] = {}
 
 
 class Project(Context):
@@ -133,6 +134,18 @@ def module_file(project: Project, module: str) -> Path | None:
 
 
 def resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
+    # A module file is imported once per process, so its class can be remembered too:
+    # get() then costs a dictionary lookup instead of file checks and a class scan.
+    key = (project.path, module)
+    cls = _resolved.get(key)
+    if cls is None:
+        cls = _resolve_interface(project, module)
+        if module_file(project, module) is not None:  # remotes are re-checked each time
+            _resolved[key] = cls
+    return cls
+
+
+def _resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
     from machinable.interface import Interface
 
     validate_module_name(module)
@@ -183,6 +196,10 @@ def _remote_file(project: Project, module: str) -> Path | None:
     from machinable import remotes as remote_fetch
     from machinable.settings import remote_timeout
 
+    source = remotes[module]
+    cached = remote_fetch.remote_path(project.path, module)
+    if "#" not in source and cached.is_file():
+        return cached  # already fetched and nothing pinned: no lock, no hashing
     fetched = remote_fetch.fetch_remote(
         project.path, module, remotes[module], timeout=remote_timeout()
     )
@@ -222,3 +239,4 @@ def forget_imports() -> None:
     with _lock:
         _modules.clear()
         _providers.clear()
+        _resolved.clear()

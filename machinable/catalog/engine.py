@@ -9,6 +9,7 @@ code's head under a lock; an index newer than the code is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -89,6 +90,11 @@ def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
         connection.exec_driver_sql("BEGIN")
 
 
+def json_serializer(value: object) -> str:
+    """Stored JSON: sorted keys, compact, so equal values are equal text on SQLite."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for ``url`` with machinable's connection profile."""
     parsed = make_url(url)
@@ -96,7 +102,11 @@ def make_engine(url: str) -> Engine:
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
+            json_serializer=json_serializer,
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine

@@ -23,6 +23,7 @@ from sqlalchemy import Text, and_, exists, false, func, literal, not_, or_, sele
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
+from machinable.catalog.engine import json_serializer
 from machinable.catalog.models import Run
 from machinable.errors import QueryError
 
@@ -349,6 +350,8 @@ def _kind(value: Any) -> str:
         return "number"
     if isinstance(value, str):
         return "string"
+    if isinstance(value, (dict, list, tuple)):
+        return "structure"
     raise QueryError(f"cannot compare with {value!r}: use a number, a string, true/false or null")
 
 
@@ -365,6 +368,18 @@ def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, diale
         typ = func.jsonb_typeof(extracted)
         kinds = {"number": typ == "number", "string": typ == "string"}
         text_value = func.jsonb_extract_path_text(column, *[literal(p, Text) for p in path]).collate("C")
+    if kind == "structure":
+        # Whole objects and lists compare by value: stored JSON has sorted keys and
+        # compact separators on SQLite (see engine.json_serializer); jsonb compares
+        # structurally on PostgreSQL.
+        if op not in ("==", "!="):
+            raise QueryError(f"{field} {op} ...: objects and lists only compare with = and !=")
+        if dialect == "sqlite":
+            structured = typ.in_(["object", "array"])
+            equal = and_(structured, extracted == json_serializer(value))
+        else:
+            equal = and_(typ.in_(["object", "array"]), extracted == literal(value, JSONB))
+        return equal if op == "==" else and_(typ.is_not(None), not_(equal))
     if op == "contains":
         if kind != "string" and kind != "number":
             raise QueryError(f"{field} contains needs a string or a number")
