@@ -151,13 +151,15 @@ def test_project_context_from_another_cwd(project: Path, elsewhere: Path) -> Non
     assert os.listdir(elsewhere) == []
 
 
-def test_same_uuid_from_cwd_and_from_project_context(project: Path, elsewhere: Path) -> None:
+def test_same_uuid_from_cwd_and_from_project_context(
+    project: Path, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with Project(project):
         from_context = get("optimize", {"lr": 0.5}).uuid
-    out = run_python(
-        'from machinable import get\nprint(get("optimize", {"lr": 0.5}).uuid)\n', cwd=project
-    )
-    assert out.stdout.strip() == from_context
+    monkeypatch.chdir(project)
+    assert get("optimize", {"lr": 0.5}).uuid == from_context
+    with Project(project.parent / "." / "study"):
+        assert get("optimize", {"lr": 0.5}).uuid == from_context
 
 
 def test_modules_resolve_from_the_connected_project(tmp_path: Path, elsewhere: Path) -> None:
