@@ -15,6 +15,7 @@ import random
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -73,14 +74,67 @@ def alembic_config(url: str | None = None):  # -> alembic.config.Config
     return cfg
 
 
-def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
-    cursor.execute("PRAGMA synchronous = NORMAL")
-    cursor.execute("PRAGMA foreign_keys = ON")
-    cursor.close()
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "sshfs", "afs", "ncpfs", "lustre", "gpfs", "beegfs"}
+)
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/mounts (Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def journal_mode_for(path: Path | None) -> str:
+    """WAL, unless the index sits on a network filesystem where WAL's shared memory is unsafe."""
+    if path is None:
+        return "WAL"
+    kind = filesystem_type(path.parent)
+    if kind in NETWORK_FILESYSTEMS:
+        warnings.warn(
+            f"the index {path} is on a network filesystem ({kind}); SQLite's WAL mode is unsafe "
+            "there, so machinable uses a rollback journal (slower with many writers). For many "
+            "machines, consider a PostgreSQL index (MACHINABLE_INDEX=postgresql+psycopg://...).",
+            stacklevel=3,
+        )
+        return "DELETE"
+    return "WAL"
+
+
+def _sqlite_connect_for(journal_mode: str):  # type: ignore[no-untyped-def]
+    def connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Switching a new file to WAL takes a lock; many processes opening a new index at
+        # once may find it busy even with busy_timeout, so retry briefly.
+        for attempt in range(50):
+            try:
+                cursor.execute(f"PRAGMA journal_mode = {journal_mode}")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.02 + random.random() * 0.05)
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    return connect
 
 
 def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
@@ -107,10 +161,10 @@ def make_engine(url: str) -> Engine:
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
             json_serializer=json_serializer,
         )
-        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path)))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, json_serializer=json_serializer)
 
 
 def get_engine(url: str) -> Engine:
