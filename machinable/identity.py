@@ -57,7 +57,22 @@ def is_identifying(field: FieldInfo) -> bool:
 
 
 def _jsonable(value: Any) -> Any:
-    return to_jsonable_python(value)
+    return to_jsonable_python(_ordered(value))
+
+
+def _ordered(value: Any) -> Any:
+    """Sets as sorted lists: their iteration order changes with PYTHONHASHSEED."""
+    if isinstance(value, (set, frozenset)):
+        items = [_jsonable(item) for item in value]
+        try:
+            return sorted(items)
+        except TypeError:  # mixed types: order by their canonical JSON instead
+            return sorted(items, key=canonical_json)
+    if isinstance(value, (list, tuple)):
+        return [_ordered(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _ordered(item) for key, item in value.items()}
+    return value
 
 
 def canonical_config(config: BaseModel) -> dict[str, Any]:
@@ -90,16 +105,30 @@ def canonical_config(config: BaseModel) -> dict[str, Any]:
 
 
 def check_finite(value: Any, path: str = "config") -> None:
-    """Refuse NaN and infinities anywhere in a JSON-like value, naming where."""
+    """Refuse NaN, infinities and unstorable text anywhere in a JSON-like value, naming where."""
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConfigError(f"{path} is {value!r}; NaN and infinities cannot be part of a run")
+    elif isinstance(value, str):
+        _check_text(value, path)
     elif isinstance(value, dict):
         for k, v in value.items():
+            if isinstance(k, str):
+                _check_text(k, f"{path} key {k!r}")
             check_finite(v, f"{path}.{k}")
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             check_finite(v, f"{path}[{i}]")
+
+
+def _check_text(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{path} holds a lone surrogate ({value[exc.start]!r}); it is not Unicode text "
+            "and cannot be stored in a run's model.json"
+        ) from None
 
 
 def compute_uuid(project: str, module: str, canonical: dict[str, Any], predicate: dict[str, Any]) -> str:

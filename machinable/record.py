@@ -25,6 +25,7 @@ MODEL_FILE = "model.json"
 MARKERS = ("started_at", "finished_at", "failed_at", "updated_at")
 ERROR_FILE = "error.txt"
 LOCK_FILE = ".lock"
+LOCKS_DIR = ".locks"
 RESERVED = frozenset({SENTINEL, ID_FILE, MODEL_FILE, ERROR_FILE, LOCK_FILE, *MARKERS})
 _HEX = frozenset("0123456789abcdef")
 
@@ -99,6 +100,18 @@ def write_record(directory: Path, header: dict[str, Any], model: dict[str, Any])
         atomic_write(sentinel, "")
 
 
+def launch_lock(directory: Path) -> str:
+    """The lock a launch holds from start to finish: ``<storage>/.locks/<uuid>.lock``.
+
+    It lives beside the records, not in them, so a record holds only what DESIGN.md
+    lists; a process that dies releases its lock, which is how a dead run is told
+    from a running one.
+    """
+    locks = directory.parent / LOCKS_DIR
+    locks.mkdir(exist_ok=True)
+    return str(locks / f"{directory.name}.lock")
+
+
 def mark(directory: Path, marker: str, moment: datetime | None = None) -> str:
     text = timestamp(moment)
     atomic_write(directory / marker, text)
@@ -136,6 +149,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(raw)
     except ValueError as exc:  # name the file: "unreadable header" alone says too little
         raise ValueError(f"{os.path.basename(path)} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # "[[[[..." thousands deep: corrupt, never fatal
+        raise ValueError(f"{os.path.basename(path)} is not valid JSON: nested too deeply") from exc
 
 
 def read_marker(directory: Path, marker: str) -> datetime | None:
@@ -161,6 +176,17 @@ HEADER_KEYS = ("format", "uuid", "project", "module", "config_key", "predicate_k
 MODEL_KEYS = ("module", "config", "canonical", "version", "predicate", "created_at")
 
 
+def _is_text(value: Any) -> bool:
+    """A string that can be stored: not a lone surrogate from a ``"\\udc80"`` escape."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_headers(header: Any, model: Any, directory_name: str | None = None) -> str | None:
     """Why ``header``/``model`` are not a valid record, or None when they are."""
     if not isinstance(header, dict):
@@ -180,8 +206,13 @@ def validate_headers(header: Any, model: Any, directory_name: str | None = None)
     missing = [k for k in MODEL_KEYS if k not in model]
     if missing:
         return f"model.json lacks {', '.join(missing)}"
+    for key in ("project", "module", "config_key", "predicate_key"):
+        if not _is_text(header[key]):
+            return f"id.json {key} {header[key]!r} is not a valid string"
     if model["module"] != header["module"]:
         return "model.json and id.json name different modules"
+    if not isinstance(model["config"], dict):
+        return "model.json config is not an object"
     if not isinstance(model["canonical"], dict) or not isinstance(model["predicate"], dict):
         return "model.json canonical config or predicate is not an object"
     try:
@@ -210,7 +241,7 @@ def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[s
         model = read_json(directory / MODEL_FILE)
     except FileNotFoundError as exc:
         raise RecordError(f"{directory}: {Path(exc.filename).name} is missing", path=directory) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise RecordError(f"{directory}: unreadable header: {exc}", path=directory) from exc
     problem = validate_headers(header, model, directory.name)
     if problem:
