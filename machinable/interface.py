@@ -35,9 +35,11 @@ from machinable.record import (
     decode_file,
     encode_file,
     id_header,
+    launch_lock,
     mark,
     now,
     safe_path,
+    status_of,
     timestamp,
     write_record,
 )
@@ -213,24 +215,30 @@ class Interface:
 
     def status(self) -> str:
         """``finished``, ``failed``, ``started`` (computing now), ``stale`` (started, but
-        no process holds the run's lock: the one computing it died), or ``new``."""
+        no process holds the run's lock: the one computing it died), or ``new``.
+
+        The index answers for finished runs; otherwise the directory's markers do (a
+        process may have died before its row was written).
+        """
         status = self._index.status(self.uuid)
-        if status not in (None, "started"):
+        if status == "finished":
             return status
         directory = self.local_directory()
-        if os.path.isfile(directory / "started_at") and not any(
-            os.path.exists(directory / name) for name in ("finished_at", "failed_at")
-        ):
-            # launch() holds the lock from started_at to finished_at; a process that dies
-            # releases it. (A lock is only seen on this machine's filesystem.)
-            lock = filelock.FileLock(str(directory / ".lock"), timeout=0)
-            try:
-                lock.acquire()
-            except filelock.Timeout:
-                return "started"
-            lock.release()
-            return "stale"
-        return status or "new"
+        markers = [m for m in ("started_at", "finished_at", "failed_at") if os.path.isfile(directory / m)]
+        if not markers:
+            return status or "new"
+        on_disk = status_of(markers)
+        if on_disk != "started":
+            return on_disk
+        # launch() holds the lock from started_at to finished_at; a process that dies
+        # releases it. (Only a lock taken on this machine's filesystem is seen.)
+        lock = filelock.FileLock(launch_lock(directory), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return "started"
+        lock.release()
+        return "stale"
 
     def cached(self) -> bool:
         """True when the run finished (here or in any location the index knows)."""
@@ -277,7 +285,7 @@ class Interface:
         directory = self._default_directory()
         header, model = self._headers()
         write_record(directory, header, model)
-        with filelock.FileLock(str(directory / ".lock")):
+        with filelock.FileLock(launch_lock(directory)):
             if os.path.isfile(directory / "finished_at"):
                 self._index.ingest_directory(directory)
                 return self

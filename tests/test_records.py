@@ -55,7 +55,7 @@ def run(project: Path):
 def test_record_directory_layout(project: Path, run) -> None:
     directory = run.local_directory()
     assert directory == project / "storage" / run.uuid
-    entries = set(os.listdir(directory)) - {".lock"}
+    entries = set(os.listdir(directory))
     assert entries == {
         ".machinable",
         "id.json",
