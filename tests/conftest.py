@@ -55,14 +55,28 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch):
     dispose_all()
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project folder named ``study`` holding optimize.py, used as the cwd."""
+def _make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "study"
     root.mkdir()
     write_module(root, "optimize", OPTIMIZE)
     monkeypatch.chdir(root)
     return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_backend: str) -> Path:
+    """A project folder named ``study`` holding optimize.py, used as the cwd.
+
+    Every test that uses it runs twice: with the project's default SQLite index and
+    with a fresh PostgreSQL schema (MACHINABLE_INDEX set; subprocesses inherit it).
+    """
+    return _make_project(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def sqlite_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The same project, for tests about the SQLite index file itself."""
+    return _make_project(tmp_path, monkeypatch)
 
 
 def run_python(code: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
@@ -88,14 +102,13 @@ POSTGRES_URL = os.environ.get("MACHINABLE_TEST_POSTGRES", "postgresql+psycopg://
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run a test against a SQLite index file and against a fresh PostgreSQL schema.
+    """Run a test against the default SQLite index and against a fresh PostgreSQL schema.
 
-    Sets MACHINABLE_INDEX for the test (and for subprocesses it starts) and yields the
-    backend name. The PostgreSQL schema is dropped afterwards.
+    For PostgreSQL it sets MACHINABLE_INDEX (subprocesses inherit it) and drops the
+    schema afterwards. Yields the backend name.
     """
     if request.param == "sqlite":
-        monkeypatch.setenv("MACHINABLE_INDEX", str(tmp_path / "index.sqlite"))
-        yield "sqlite"
+        yield "sqlite"  # the project's default index file, <project>/.machinable.sqlite
         return
     import uuid as uuidlib
 

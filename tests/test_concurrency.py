@@ -50,7 +50,7 @@ PROCESSES, LAUNCHES = 8, 500
 def test_parallel_writers_on_a_fresh_index(project: Path, index_backend: str, tmp_path: Path):
     write_module(project, "trivial", TRIVIAL)
     if index_backend == "sqlite":
-        assert not Path(os.environ["MACHINABLE_INDEX"]).exists()  # nobody created it yet
+        assert not (project / ".machinable.sqlite").exists()  # nobody created it yet
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
     go = tmp_path / "go"
@@ -103,7 +103,8 @@ def test_wal_on_local_disks_and_a_rollback_journal_on_network_filesystems(tmp_pa
     assert journal_mode_for(tmp_path / "index.sqlite") == "WAL"
 
 
-def test_sqlite_profile_is_set_on_every_connection(project: Path):
+def test_sqlite_profile_is_set_on_every_connection(sqlite_project: Path):
+    project = sqlite_project
     from sqlalchemy import text
 
     from machinable import get
