@@ -132,11 +132,12 @@ def read_bytes(path: str | Path) -> bytes:
     """Read a small file with plain syscalls (reindex reads millions of them)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
-        while True:
+        chunk = os.read(fd, 65536)
+        if len(chunk) < 65536:  # a regular file read short of the buffer is complete
+            return chunk
+        chunks = [chunk]
+        while chunk:
             chunk = os.read(fd, 65536)
-            if not chunk:
-                break
             chunks.append(chunk)
         return b"".join(chunks)
     finally:
@@ -144,7 +145,12 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def read_json(path: str | Path) -> Any:
-    raw = read_bytes(path)
+    try:
+        raw = read_bytes(path)
+    except OSError as exc:  # read() of a directory says EISDIR without naming it
+        if exc.filename is None:
+            exc.filename = os.fspath(path)
+        raise
     try:
         return json.loads(raw)
     except ValueError as exc:  # name the file: "unreadable header" alone says too little
@@ -256,7 +262,9 @@ def safe_path(directory: Path, name: str) -> Path:
     relative = Path(name)
     if relative.is_absolute() or name.startswith(("/", "\\")) or ".." in relative.parts:
         raise PathEscapeError(f"file name {name!r} points outside the run directory", name=name)
-    if relative.parts and relative.parts[0] in RESERVED:
+    if not relative.parts:  # "." or "./": the run directory itself is no file
+        raise PathEscapeError(f"file name {name!r} names the run directory, not a file in it", name=name)
+    if relative.parts[0] in RESERVED:
         raise PathEscapeError(f"{name!r} is reserved for machinable's own records", name=name)
     target = directory / relative
     root = directory.resolve()
