@@ -1,0 +1,873 @@
+"""Verified, bulk transfer of run directories to and from remote stores.
+
+A remote store is any fsspec filesystem plus a root path. A run lives in the store at
+``<root>/<uuid>/`` holding the run's files, and ``<root>/<uuid>/.manifest.json``, which
+is written last and only after every file was verified against the manifest. A copy
+without a manifest, or whose files disagree with it, is *partial*; no directory at all
+is *missing*. Only a copy whose files match its manifest is *present*.
+
+This module is the pure transfer layer: it knows nothing about the index. It moves many
+runs with one bulk ``put``/``get`` call (which async filesystems such as s3fs run
+concurrently), verifies by checksum (the S3 ETag of a single-part upload is the md5 of
+the object; other filesystems are read back and hashed) and lands fetched runs under a
+temporary sibling name that is renamed into place only after every byte was checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.callbacks import Callback, NoOpCallback
+
+from machinable.errors import StoreError
+
+MANIFEST_NAME = ".manifest.json"
+MANIFEST_FORMAT = 1
+PARTIAL_MARKER = ".partial-"
+LOCK_NAME = ".machinable-transfer.lock"
+
+_CHUNK = 1 << 20
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
+_GLOB = re.compile(r"[*?\[]")
+_LIST_CONCURRENCY = 64
+ROOT_LISTING_MIN_RUNS = 32
+
+
+@dataclass
+class TransferResult:
+    """Outcome of moving one run: the copy it left behind and when it was verified."""
+
+    uuid: str
+    state: str
+    size: int
+    checksum: str
+    verified_at: datetime | None
+
+
+@dataclass
+class RemoteState:
+    """What a store holds for one run: present, partial or missing, and why."""
+
+    state: str
+    size: int | None = None
+    checksum: str | None = None
+    verified_at: datetime | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+class TransferError(StoreError):
+    """Some runs of a bulk transfer failed; ``results`` holds those that succeeded."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: dict[str, TransferResult],
+        problems: dict[str, list[str]],
+        store: str | None = None,
+    ) -> None:
+        failed = sorted(problems)
+        super().__init__(message, uuid=failed[0] if len(failed) == 1 else None, store=store)
+        self.results = results
+        self.problems = problems
+
+
+# -- stores -----------------------------------------------------------------------------
+
+
+def open_store(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem and root path of a store URL plus fsspec storage options."""
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, _normalize_root(fs, root)
+
+
+def store_uri(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """Return the canonical URI of a store (protocol plus root, no options)."""
+    return fs.unstrip_protocol(_normalize_root(fs, root))
+
+
+def _normalize_root(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    root = fs._strip_protocol(root)
+    stripped = root.rstrip("/")
+    if stripped:
+        return stripped
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "memory" in protocols or root.startswith("/"):
+        return "/"
+    return stripped
+
+
+def _join(root: str, *parts: str) -> str:
+    return posixpath.join(root, *parts) if root else posixpath.join(*parts)
+
+
+def _check_uuid(uuid: str) -> str:
+    if not isinstance(uuid, str) or not _NAME.fullmatch(uuid) or uuid in (".", ".."):
+        raise StoreError(f"{uuid!r} is not a valid run directory name", uuid=str(uuid))
+    return uuid
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- manifests --------------------------------------------------------------------------
+
+
+def _hash_file(path: Path) -> tuple[int, str, str]:
+    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest(), md5.hexdigest()
+
+
+def _scan(directory: Path) -> tuple[dict, dict[str, Path]]:
+    """Build the manifest of a run directory and map each relpath to the file to read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"run directory {directory} does not exist")
+    real_root = os.path.realpath(directory)
+    files: dict[str, dict] = {}
+    sources: dict[str, Path] = {}
+    skipped: list[str] = []
+    for current, dirnames, filenames in os.walk(directory, followlinks=False):
+        rel_dir = os.path.relpath(current, directory)
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(current, name)):
+                # never descend into a linked directory (cycles, escapes, duplicates)
+                skipped.append(_relpath(rel_dir, name))
+                dirnames.remove(name)
+        for name in filenames:
+            rel = _relpath(rel_dir, name)
+            if rel == MANIFEST_NAME:
+                skipped.append(rel)
+                continue
+            full = os.path.join(current, name)
+            source = full
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                target = os.path.realpath(full)
+                inside = os.path.commonpath([real_root, target]) == real_root
+                if not inside or not os.path.isfile(target) or os.path.islink(target):
+                    skipped.append(rel)
+                    continue
+                source = target
+            elif not stat.S_ISREG(mode):
+                skipped.append(rel)
+                continue
+            size, sha, md5 = _hash_file(Path(source))
+            files[rel] = {"size": size, "sha256": sha, "md5": md5}
+            sources[rel] = Path(source)
+    files = dict(sorted(files.items()))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "files": files,
+        "skipped": sorted(skipped),
+        "size": sum(entry["size"] for entry in files.values()),
+        "checksum": manifest_checksum({"files": files}),
+    }
+    return manifest, {rel: sources[rel] for rel in files}
+
+
+def _relpath(rel_dir: str, name: str) -> str:
+    return name if rel_dir == "." else Path(rel_dir, name).as_posix()
+
+
+def build_manifest(directory: Path) -> dict:
+    """Checksum every regular file of a run directory; linked files outside it are skipped."""
+    return _scan(directory)[0]
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """Return the run's content checksum: sha256 of the canonical JSON of the files map."""
+    files = manifest["files"] if "files" in manifest else manifest
+    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _manifest_problems(manifest: Any) -> list[str]:
+    """Say what is wrong with a manifest read from a store (it is untrusted input)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return ["manifest has no files map"]
+    problems = []
+    for rel, entry in manifest["files"].items():
+        if not _safe_relpath(rel):
+            problems.append(f"manifest names an unsafe path {rel!r}")
+        elif (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            problems.append(f"manifest entry for {rel!r} is malformed")
+    if not problems and manifest.get("checksum") != manifest_checksum(manifest):
+        problems.append("manifest checksum does not match its files")
+    return problems
+
+
+def _safe_relpath(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    parts = rel.split("/")
+    return all(p not in ("", ".", "..") for p in parts) and rel != MANIFEST_NAME
+
+
+def _manifest_bytes(uuid: str, manifest: dict) -> bytes:
+    document = {
+        "format": MANIFEST_FORMAT,
+        "uuid": uuid,
+        "checksum": manifest_checksum(manifest),
+        "size": sum(entry["size"] for entry in manifest["files"].values()),
+        "files": manifest["files"],
+        "skipped": manifest.get("skipped", []),
+        "written_at": _now().isoformat(),
+    }
+    return json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
+
+
+# -- progress ---------------------------------------------------------------------------
+
+
+class _RichCallback(Callback):
+    """An fsspec callback that drives one task of a rich progress bar."""
+
+    def __init__(self, progress: Any, task: Any) -> None:
+        super().__init__()
+        self._progress = progress
+        self._task = task
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self._progress.update(self._task, total=self.size, completed=self.value)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Callback]:
+    """Yield a callback showing a progress bar when enabled and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield NoOpCallback()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        yield _RichCallback(bar, bar.add_task(description, total=None))
+
+
+# -- remote listing and checks -----------------------------------------------------------
+
+
+def _is_async(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(getattr(fs, "async_impl", False)) and hasattr(fs, "_find")
+
+
+def _use_root_listing(fs: fsspec.AbstractFileSystem, root: str, runs: int, files: int) -> bool:
+    """Decide whether one listing of the whole root is cheaper than one listing per run.
+
+    A root listing pages through every object in the store (1,000 a request on S3) while
+    per-run listings cost one concurrent request each. Only worth it on object stores, for
+    many runs, when the store is not much bigger than what is being transferred; the size
+    of the store is estimated from one delimited listing of its run directories.
+    """
+    if not _is_async(fs) or runs < ROOT_LISTING_MIN_RUNS:
+        return False
+    fs.invalidate_cache(root)
+    try:
+        stored_runs = len(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return True
+    finally:
+        fs.invalidate_cache(root)
+    files_per_run = max(1, files // runs)
+    return stored_runs * files_per_run / 1000 <= runs / 16
+
+
+def _list_runs(
+    fs: fsspec.AbstractFileSystem, root: str, uuids: Iterable[str], *, whole_root: bool = False
+) -> dict[str, dict[str, dict]]:
+    """List each run directory once: {uuid: {relpath: info}} (files only, fresh)."""
+    uuids = list(dict.fromkeys(uuids))
+    paths = {uuid: _join(root, uuid) for uuid in uuids}
+    for path in paths.values():
+        fs.invalidate_cache(path)
+    if whole_root:
+        fs.invalidate_cache(root)
+        try:
+            everything = fs.find(root, detail=True)
+        except FileNotFoundError:
+            everything = {}
+        prefix = root.rstrip("/") + "/" if root else ""
+        listed: dict[str, Any] = {uuid: {} for uuid in uuids}
+        for name, info in everything.items():
+            name = fs._strip_protocol(name)
+            uuid = name[len(prefix) :].split("/", 1)[0] if name.startswith(prefix) else None
+            if uuid in listed:
+                listed[uuid][name] = info
+    elif _is_async(fs):
+
+        async def gather() -> list[Any]:
+            limit = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+            async def one(path: str) -> Any:
+                async with limit:
+                    return await fs._find(path, detail=True)
+
+            return await asyncio.gather(
+                *(one(paths[uuid]) for uuid in uuids), return_exceptions=True
+            )
+
+        listed = dict(zip(uuids, fsspec.asyn.sync(fs.loop, gather), strict=True))
+    else:
+        listed = {}
+        for uuid in uuids:
+            try:
+                listed[uuid] = fs.find(paths[uuid], detail=True)
+            except Exception as exc:  # reported per run below
+                listed[uuid] = exc
+    out: dict[str, dict[str, dict]] = {}
+    for uuid, found in listed.items():
+        if isinstance(found, FileNotFoundError):
+            found = {}
+        elif isinstance(found, BaseException):
+            raise StoreError(
+                f"cannot list run {uuid} in {store_uri(fs, root)}: {found}",
+                uuid=uuid,
+                store=store_uri(fs, root),
+            ) from found
+        prefix = paths[uuid].rstrip("/") + "/"
+        entries = {}
+        for name, info in found.items():
+            name = fs._strip_protocol(name)
+            if info.get("type", "file") != "file" or not name.startswith(prefix):
+                continue
+            entries[name[len(prefix) :]] = info
+        out[uuid] = entries
+    return out
+
+
+def _read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
+    """Read many small files in one batched call; a missing file reads as None."""
+    if not paths:
+        return {}
+    for path in paths:
+        fs.invalidate_cache(path)
+    got = fs.cat(list(paths), on_error="return")
+    if not isinstance(got, dict):  # a single path may come back bare
+        got = {paths[0]: got}
+    out: dict[str, bytes | None] = {}
+    for path in paths:
+        value = got.get(path, got.get(fs._strip_protocol(path), FileNotFoundError(path)))
+        if isinstance(value, FileNotFoundError):
+            out[path] = None
+        elif isinstance(value, BaseException):
+            raise StoreError(f"cannot read {fs.unstrip_protocol(path)}: {value}") from value
+        else:
+            out[path] = value
+    return out
+
+
+def _parse_manifest(data: bytes | None) -> tuple[dict | None, list[str]]:
+    if data is None:
+        return None, ["no manifest: the copy is incomplete"]
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return None, ["manifest is not valid JSON"]
+    problems = _manifest_problems(manifest)
+    return (manifest if not problems else None), problems
+
+
+def _info_md5(info: dict) -> str | None:
+    """Return the md5 a filesystem reports for an object, if it reports one cheaply."""
+    etag = info.get("ETag") or info.get("etag")
+    if isinstance(etag, str):
+        etag = etag.strip('"').lower()
+        if _MD5_HEX.fullmatch(etag):
+            return etag
+    md5_b64 = info.get("md5Hash")  # gcsfs
+    if isinstance(md5_b64, str):
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(md5_b64).hex()
+    return None
+
+
+def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    sha = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _file_problems(
+    fs: fsspec.AbstractFileSystem, run_path: str, files: dict, listing: dict[str, dict]
+) -> tuple[list[str], list[str]]:
+    """Compare a run's remote files with a files map: (problems, extra relpaths)."""
+    problems: list[str] = []
+    for rel, entry in files.items():
+        info = listing.get(rel)
+        if info is None:
+            problems.append(f"{rel}: missing")
+            continue
+        if info.get("size") != entry["size"]:
+            problems.append(f"{rel}: size {info.get('size')} != {entry['size']}")
+            continue
+        if _info_md5(info) == entry.get("md5"):
+            continue
+        # no cheap checksum (or an ETag that is not a plain md5): read it back
+        try:
+            digest = _remote_sha256(fs, _join(run_path, rel))
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        if digest != entry["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch")
+    extras = sorted(rel for rel in listing if rel != MANIFEST_NAME and rel not in files)
+    return problems, extras
+
+
+def verify_remote(
+    fs: fsspec.AbstractFileSystem, root: str, uuid: str, expected_manifest: dict | None = None
+) -> RemoteState:
+    """Check a run's copy in a store by checksum against its manifest (or an expected one)."""
+    _check_uuid(uuid)
+    root = _normalize_root(fs, root)
+    run_path = _join(root, uuid)
+    listing = _list_runs(fs, root, [uuid])[uuid]
+    if not listing:
+        return RemoteState(state="missing", problems=["no copy in the store"])
+    manifest_path = _join(run_path, MANIFEST_NAME)
+    remote, problems = _parse_manifest(_read_many(fs, [manifest_path])[manifest_path])
+    reference = expected_manifest if expected_manifest is not None else remote
+    checksum = manifest_checksum(reference) if reference is not None else None
+    size = sum(e["size"] for e in reference["files"].values()) if reference is not None else None
+    if expected_manifest is not None and remote is not None:
+        if manifest_checksum(remote) != checksum:
+            problems.append("the store's manifest describes different content")
+    if reference is not None:
+        file_problems, extras = _file_problems(fs, run_path, reference["files"], listing)
+        problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
+    if problems:
+        return RemoteState("partial", size=size, checksum=checksum, problems=problems)
+    return RemoteState("present", size=size, checksum=checksum, verified_at=_now())
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+def push_runs(
+    items: list[tuple[str, Path]],
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    *,
+    progress: bool = False,
+    verify: bool = True,
+) -> dict[str, TransferResult]:
+    """Copy run directories to a store in bulk, verify them, then write their manifests."""
+    root = _normalize_root(fs, root)
+    uri = store_uri(fs, root)
+    uuids = [_check_uuid(uuid) for uuid, _ in items]
+    if len(set(uuids)) != len(uuids):
+        raise ValueError("push_runs got the same uuid twice")
+    scanned = {uuid: _scan(Path(path)) for uuid, path in items}
+    manifests = {uuid: scanned[uuid][0] for uuid in uuids}
+    checksums = {uuid: manifest_checksum(manifests[uuid]) for uuid in uuids}
+    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in uuids}
+
+    files = sum(len(manifest["files"]) for manifest in manifests.values())
+    whole_root = _use_root_listing(fs, root, len(uuids), files)
+
+    # runs whose store copy already claims this exact content need no upload
+    landed: dict[str, set[str]] = {}
+    if whole_root:
+        before = _list_runs(fs, root, uuids, whole_root=True)
+        claimants = [manifest_paths[uuid] for uuid in uuids if MANIFEST_NAME in before[uuid]]
+        existing = dict.fromkeys(manifest_paths.values()) | _read_many(fs, claimants)
+        # files an interrupted push already landed intact (by ETag) need not go again
+        for uuid in uuids:
+            landed[uuid] = {
+                rel
+                for rel, entry in manifests[uuid]["files"].items()
+                if (info := before[uuid].get(rel)) is not None
+                and info.get("size") == entry["size"]
+                and _info_md5(info) == entry["md5"]
+            }
+    else:
+        existing = _read_many(fs, list(manifest_paths.values()))
+    claimed: set[str] = set()
+    stale: list[str] = []
+    for uuid in uuids:
+        data = existing[manifest_paths[uuid]]
+        if data is None:
+            continue
+        remote, problems = _parse_manifest(data)
+        if not problems and remote is not None and manifest_checksum(remote) == checksums[uuid]:
+            claimed.add(uuid)
+        else:
+            stale.append(uuid)
+    # a manifest describing other content must go before any file changes under it
+    _remove(fs, [manifest_paths[uuid] for uuid in stale])
+
+    results: dict[str, TransferResult] = {}
+    problems: dict[str, list[str]] = {}
+    to_upload = [uuid for uuid in uuids if uuid not in claimed]
+    verified: dict[str, datetime | None] = {}
+    for attempt in range(2):
+        _upload(fs, root, to_upload, scanned, progress, skip=landed if attempt == 0 else {})
+        if not verify:
+            verified.update({uuid: None for uuid in uuids})
+            break
+        check = to_upload + [uuid for uuid in claimed if uuid not in verified]
+        listings = _list_runs(fs, root, check, whole_root=whole_root)
+        retry: list[str] = []
+        extras: list[str] = []
+        for uuid in check:
+            run_path = _join(root, uuid)
+            found, extra = _file_problems(fs, run_path, manifests[uuid]["files"], listings[uuid])
+            if not found:
+                extras += [_join(run_path, rel) for rel in extra]
+                verified[uuid] = _now()
+                problems.pop(uuid, None)
+            elif uuid in claimed and attempt == 0:
+                # the store claimed this content but does not hold it: upload it again
+                claimed.discard(uuid)
+                retry.append(uuid)
+            else:
+                problems[uuid] = found
+        # files the run no longer has (deleted locally since an earlier push) go too
+        _remove(fs, extras + [manifest_paths[uuid] for uuid in retry])
+        to_upload = retry
+        if not retry:
+            break
+
+    fresh = {
+        manifest_paths[uuid]: _manifest_bytes(uuid, manifests[uuid])
+        for uuid in uuids
+        if uuid in verified and uuid not in claimed
+    }
+    if fresh:
+        fs.pipe(fresh)
+    for uuid in uuids:
+        if uuid in verified:
+            results[uuid] = TransferResult(
+                uuid=uuid,
+                state="present",
+                size=manifests[uuid]["size"],
+                checksum=checksums[uuid],
+                verified_at=verified[uuid],
+            )
+    if problems:
+        detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+        raise TransferError(
+            f"{len(problems)} run(s) did not verify in {uri} after upload "
+            f"(were they modified during the push?): {detail}",
+            results=results,
+            problems=problems,
+            store=uri,
+        )
+    return results
+
+
+def _remove(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Delete files in bulk (one request per 1,000 keys on S3)."""
+    if not paths:
+        return
+    plain = [p for p in paths if not _GLOB.search(p)]
+    if plain:
+        fs.rm(plain)
+    for path in paths:
+        if _GLOB.search(path):  # a glob character in a file name: no expansion
+            fs.rm_file(path)
+    for path in paths:
+        fs.invalidate_cache(path)
+
+
+def _upload(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    uuids: list[str],
+    scanned: dict[str, tuple[dict, dict[str, Path]]],
+    progress: bool,
+    skip: dict[str, set[str]],
+) -> None:
+    """Put the files of many runs with one bulk call."""
+    local: list[str] = []
+    remote: list[str] = []
+    for uuid in uuids:
+        for rel, source in scanned[uuid][1].items():
+            if rel in skip.get(uuid, ()):
+                continue
+            local.append(os.fspath(source))
+            remote.append(_join(root, uuid, rel))
+    if not local:
+        return
+    if not _is_async(fs):
+        # object stores need no directories; file-like ones do
+        for parent in sorted({posixpath.dirname(path) for path in remote}):
+            fs.makedirs(parent, exist_ok=True)
+    with _progress(progress, f"push {len(uuids)} run(s)") as callback:
+        try:
+            fs.put(local, remote, callback=callback)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StoreError(
+                f"upload to {store_uri(fs, root)} failed: {exc}", store=store_uri(fs, root)
+            ) from exc
+    for path in {posixpath.dirname(path) for path in remote}:
+        fs.invalidate_cache(path)
+
+
+# -- fetch ------------------------------------------------------------------------------
+
+
+def fetch_run(
+    fs: fsspec.AbstractFileSystem, root: str, uuid: str, dest: Path, *, progress: bool = False
+) -> TransferResult:
+    """Download one run into dest (which must not exist), verified, landing atomically."""
+    try:
+        return fetch_runs([(uuid, Path(dest))], fs, root, progress=progress)[uuid]
+    except TransferError as error:
+        raise StoreError(
+            f"cannot fetch run {uuid} from {error.store}: {'; '.join(error.problems[uuid])}",
+            uuid=uuid,
+            store=error.store,
+        ) from error
+
+
+def fetch_runs(
+    items: list[tuple[str, Path]],
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    *,
+    progress: bool = False,
+) -> dict[str, TransferResult]:
+    """Download many runs with one bulk get; each lands at its dest only once verified."""
+    root = _normalize_root(fs, root)
+    uri = store_uri(fs, root)
+    dests = {_check_uuid(uuid): Path(dest) for uuid, dest in items}
+    if len(dests) != len(items):
+        raise ValueError("fetch_runs got the same uuid twice")
+    for uuid, dest in dests.items():
+        if os.path.lexists(dest):
+            raise FileExistsError(f"cannot fetch run {uuid}: {dest} already exists")
+
+    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in dests}
+    raw = _read_many(fs, list(manifest_paths.values()))
+    manifests: dict[str, dict] = {}
+    for uuid in dests:
+        manifest, problems = _parse_manifest(raw[manifest_paths[uuid]])
+        if manifest is None:
+            raise StoreError(
+                f"{uri} has no complete copy of run {uuid} ({'; '.join(problems)})",
+                uuid=uuid,
+                store=uri,
+            )
+        manifests[uuid] = manifest
+
+    with contextlib.ExitStack() as stack:
+        for parent in sorted({dest.parent for dest in dests.values()}):
+            parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_parent_lock(parent))
+        for uuid, dest in dests.items():
+            _reclaim_partials(dest.parent, uuid)
+            if os.path.lexists(dest):
+                raise FileExistsError(f"cannot fetch run {uuid}: {dest} already exists")
+        staging: dict[str, Path] = {}
+        try:
+            for uuid, dest in dests.items():
+                staging[uuid] = _make_partial(dest.parent, uuid)
+            _download(fs, root, manifests, staging, progress)
+            return _land(uri, manifests, staging, dests)
+        finally:
+            for tmp in staging.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: Path) -> Iterator[None]:
+    """Serialize fetches into one directory so a retry may reclaim leftovers safely."""
+    from filelock import FileLock
+
+    with FileLock(os.fspath(parent / LOCK_NAME)):
+        yield
+
+
+def _reclaim_partials(parent: Path, uuid: str) -> None:
+    """Remove temporary directories that an interrupted fetch of this run left behind."""
+    for leftover in parent.glob(f".{uuid}{PARTIAL_MARKER}*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _make_partial(parent: Path, uuid: str) -> Path:
+    while True:
+        tmp = parent / f".{uuid}{PARTIAL_MARKER}{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()  # honours the umask, unlike mkdtemp
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _download(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    manifests: dict[str, dict],
+    staging: dict[str, Path],
+    progress: bool,
+) -> None:
+    """Get the files of many runs with one bulk call."""
+    remote: list[str] = []
+    local: list[str] = []
+    for uuid, manifest in manifests.items():
+        for rel in manifest["files"]:
+            remote.append(_join(root, uuid, rel))
+            target = staging[uuid].joinpath(*rel.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            local.append(os.fspath(target))
+    if not remote:
+        return
+    with _progress(progress, f"fetch {len(manifests)} run(s)") as callback:
+        try:
+            fs.get(remote, local, callback=callback)
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"{store_uri(fs, root)} lost a file during the fetch: {exc}",
+                store=store_uri(fs, root),
+            ) from exc
+        except Exception as exc:
+            raise StoreError(
+                f"download from {store_uri(fs, root)} failed: {exc}", store=store_uri(fs, root)
+            ) from exc
+
+
+def _land(
+    uri: str, manifests: dict[str, dict], staging: dict[str, Path], dests: dict[str, Path]
+) -> dict[str, TransferResult]:
+    """Check every downloaded byte, then rename each verified run into place."""
+    results: dict[str, TransferResult] = {}
+    problems: dict[str, list[str]] = {}
+    for uuid, manifest in manifests.items():
+        found = []
+        for rel, entry in manifest["files"].items():
+            path = staging[uuid].joinpath(*rel.split("/"))
+            try:
+                size, sha, _ = _hash_file(path)
+            except FileNotFoundError:
+                found.append(f"{rel}: not downloaded")
+                continue
+            if size != entry["size"] or sha != entry["sha256"]:
+                found.append(f"{rel}: checksum mismatch, the store's copy is corrupt")
+        if found:
+            problems[uuid] = found
+            continue
+        if os.path.lexists(dests[uuid]):
+            problems[uuid] = [f"{dests[uuid]} appeared during the fetch"]
+            continue
+        os.rename(staging[uuid], dests[uuid])
+        results[uuid] = TransferResult(
+            uuid=uuid,
+            state="present",
+            size=sum(e["size"] for e in manifest["files"].values()),
+            checksum=manifest_checksum(manifest),
+            verified_at=_now(),
+        )
+    if problems:
+        detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+        raise TransferError(
+            f"{len(problems)} run(s) could not be fetched from {uri}: {detail}",
+            results=results,
+            problems=problems,
+            store=uri,
+        )
+    return results
+
+
+# -- listing and deletion ---------------------------------------------------------------
+
+
+def list_remote_headers(
+    fs: fsspec.AbstractFileSystem, root: str
+) -> Iterator[tuple[str, dict, bool]]:
+    """Yield (uuid, id.json header, has_manifest) for each run in a store, in uuid order."""
+    root = _normalize_root(fs, root)
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return
+    prefix = root.rstrip("/") + "/" if root else ""
+    headers: dict[str, str] = {}
+    manifests: set[str] = set()
+    for name in found:
+        name = fs._strip_protocol(name)
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix) :].split("/")
+        if len(parts) != 2 or not _NAME.fullmatch(parts[0]):
+            continue
+        if parts[1] == "id.json":
+            headers[parts[0]] = name
+        elif parts[1] == MANIFEST_NAME:
+            manifests.add(parts[0])
+    contents = _read_many(fs, [headers[uuid] for uuid in sorted(headers)])
+    for uuid in sorted(headers):
+        data = contents.get(headers[uuid])
+        if data is None:
+            continue
+        try:
+            header = json.loads(data)
+        except ValueError:
+            continue
+        if not isinstance(header, dict):
+            continue
+        if "uuid" in header and header["uuid"] != uuid:
+            continue  # a header copied under another run's name
+        yield uuid, header, uuid in manifests
+
+
+def delete_remote(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> None:
+    """Delete a run's copy from a store, manifest first so no half-deleted copy looks present."""
+    _check_uuid(uuid)
+    root = _normalize_root(fs, root)
+    run_path = _join(root, uuid)
+    listing = _list_runs(fs, root, [uuid])[uuid]
+    if not listing:
+        raise FileNotFoundError(f"{store_uri(fs, root)} holds no copy of run {uuid}")
+    if MANIFEST_NAME in listing:
+        fs.rm_file(_join(run_path, MANIFEST_NAME))
+    fs.rm(run_path, recursive=True)
+    fs.invalidate_cache(run_path)
