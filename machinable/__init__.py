@@ -10,6 +10,7 @@ from machinable.interface import Interface, get
 from machinable.project import Project
 from machinable.scope import Scope
 from machinable.storage import Storage
+from machinable.stores import RemoteStore
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "MachinableError",
     "NotIdentifying",
     "Project",
+    "RemoteStore",
     "Scope",
     "Storage",
     "__version__",

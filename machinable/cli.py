@@ -184,14 +184,163 @@ def ls_command(
 
 @cli.command("reindex")
 @click.argument("storage", required=False)
+@click.option("--full", is_flag=True, help="Read every directory, not only those changed since the last pass.")
+@click.option("--remotes", is_flag=True, help="Also rebuild store availability by listing every known store.")
 @click.pass_obj
-def reindex_command(obj: dict[str, Any], storage: str | None) -> None:
-    """Rebuild the index from the run directories of STORAGE (default: the connected storage)."""
+def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool) -> None:
+    """Bring the index in line with the run directories of STORAGE (default: the connected storage)."""
     from machinable import Index
 
     with _contexts(obj):
-        report = Index.get().reindex(storage)
+        report = Index.get().reindex(storage, full=full, remotes=remotes, progress=_progress(obj))
     click.echo(str(report))
+
+
+def _progress(obj: dict[str, Any]) -> bool | None:
+    return False if obj.get("quiet") else None
+
+
+def _store(spec: str, options: tuple[str, ...]) -> Any:
+    from machinable import Index
+    from machinable.stores import RemoteStore, resolve_store
+
+    if options:
+        parsed, _ = parse_assignments(list(options))
+        return RemoteStore(spec, **parsed)
+    return resolve_store(Index.get(), spec)
+
+
+def _refs(uuids: tuple[str, ...], select_all: bool, where: str | None) -> list[Any]:
+    from machinable import Index, Project, Storage
+    from machinable.record import is_uuid
+    from machinable.stores import RunRef
+
+    index = Index.get()
+    storage = Storage.get().directory()
+    if uuids and (select_all or where):
+        raise click.UsageError("give run uuids, or --all/--where, not both")
+    if not uuids and not (select_all or where):
+        raise click.UsageError("name the runs: UUID ..., --all or --where EXPR")
+    if uuids:
+        refs = []
+        for uuid in uuids:
+            if not is_uuid(uuid) or index.status(uuid) is None:
+                raise click.ClickException(f"no run {uuid} in the index")
+            refs.append(RunRef(uuid, index, storage))
+        return refs
+    records = index.search(where, project=Project.get().name)
+    return [RunRef(record.uuid, index, storage) for record in records]
+
+
+@cli.command("push")
+@click.argument("uuids", nargs=-1)
+@click.option("--to", "store", required=True, help="Store URL (s3://bucket/prefix, file:///path) or a known store's name.")
+@click.option("--all", "select_all", is_flag=True, help="Every finished run of the project that is here.")
+@click.option("--where", "-w", help="Runs matching a search expression.")
+@click.option("-o", "--option", "options", multiple=True, help="Storage option key=value (never stored).")
+@click.pass_obj
+def push_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str, select_all: bool, where: str | None, options: tuple[str, ...]) -> None:
+    """Copy runs to a remote store, verified by checksum."""
+    from machinable import Index
+    from machinable.stores import push
+
+    with _contexts(obj):
+        target = _store(store, options)
+        refs = [
+            ref
+            for ref in _refs(uuids, select_all, where)
+            if ref.is_mounted() and ref.index.status(ref.uuid) == "finished"
+        ]
+        if uuids and len(refs) != len(uuids):
+            raise click.ClickException("only finished runs that are present here can be pushed")
+        results = push(Index.get(), target, [(ref.uuid, ref.local_directory()) for ref in refs], progress=_progress(obj))
+    size = sum(result.size for result in results.values())
+    click.echo(f"pushed {len(results)} run(s), {size} bytes, to {target.uri} (verified)")
+
+
+@cli.command("pull")
+@click.argument("uuids", nargs=-1)
+@click.option("--from", "store", help="Store URL or name (default: any store known to hold the run).")
+@click.option("--all", "select_all", is_flag=True, help="Every run of the project that is not here.")
+@click.option("--where", "-w", help="Runs matching a search expression.")
+@click.option("-o", "--option", "options", multiple=True, help="Storage option key=value (never stored).")
+@click.pass_obj
+def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None, select_all: bool, where: str | None, options: tuple[str, ...]) -> None:
+    """Bring evicted runs back from a store that has a verified copy."""
+    from machinable.stores import fetch
+
+    with _contexts(obj):
+        source = _store(store, options) if store else None
+        fetched = 0
+        for ref in _refs(uuids, select_all, where):
+            if ref.is_mounted():
+                continue
+            directory = fetch(ref, source, progress=_progress(obj))
+            click.echo(f"{ref.uuid} -> {directory}")
+            fetched += 1
+    click.echo(f"fetched {fetched} run(s)")
+
+
+@cli.command("evict")
+@click.argument("uuids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Every run of the project that is here.")
+@click.option("--where", "-w", help="Runs matching a search expression.")
+@click.option("--max-age", type=float, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
+@click.pass_obj
+def evict_command(obj: dict[str, Any], uuids: tuple[str, ...], select_all: bool, where: str | None, max_age: float) -> None:
+    """Delete local copies of runs that have a verified copy in a store."""
+    from datetime import timedelta
+
+    from machinable.stores import evict
+
+    with _contexts(obj):
+        evicted = 0
+        for ref in _refs(uuids, select_all, where):
+            if not ref.is_mounted():
+                continue
+            evict(ref, max_age=timedelta(hours=max_age))
+            evicted += 1
+    click.echo(f"evicted {evicted} run(s)")
+
+
+@cli.command("whereis")
+@click.argument("uuid")
+@click.pass_obj
+def whereis_command(obj: dict[str, Any], uuid: str) -> None:
+    """List every known copy of a run: store, state, size, checksum, last verified."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from machinable.stores import whereis
+
+    with _contexts(obj):
+        (ref,) = _refs((uuid,), False, None)
+        found = whereis(ref)
+    table = Table(box=None, pad_edge=False)
+    for column in ("store", "where", "state", "size", "checksum", "verified"):
+        table.add_column(column, no_wrap=column in ("where", "checksum"))
+    for copy in found:
+        table.add_row(
+            copy.store,
+            copy.url,
+            copy.state,
+            "" if copy.size is None else str(copy.size),
+            (copy.checksum or "")[:16],
+            copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else "",
+        )
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)
+
+
+@cli.command("stores")
+@click.pass_obj
+def stores_command(obj: dict[str, Any]) -> None:
+    """List the remote stores this index knows."""
+    from machinable import Index
+    from machinable.stores import known_stores
+
+    with _contexts(obj):
+        for name, url in known_stores(Index.get()):
+            click.echo(url if name == url else f"{name}  {url}")
 
 
 @cli.command("find")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
 import filelock
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from machinable.catalog.index import Index, RunRecord, row_values
 from machinable.context import active
@@ -45,6 +47,7 @@ from machinable.record import (
 )
 from machinable.scope import Scope
 from machinable.storage import Storage
+from machinable.stores import RemoteStore
 
 
 class _EmptyConfig(BaseModel):
@@ -120,18 +123,22 @@ class Interface:
             )
         try:
             full = config.model_dump(mode="json")
-        except ValueError as exc:  # pydantic's serialization errors, bytes that are not UTF-8
+            # What the user passed is recorded in model.json too: as JSON (numpy values
+            # as their Python values), checked here rather than failing in launch().
+            recorded = to_jsonable_python(versions, fallback=_version_value)
+        except (ValueError, TypeError) as exc:  # pydantic's serialization errors, bad UTF-8
             raise ConfigError(
                 f"config for module {module!r} is not JSON-serializable: {exc}", module=module
             ) from exc
         try:
             check_finite(full)
+            check_finite(recorded, "version")
         except ConfigError as exc:
             raise ConfigError(f"invalid config for module {module!r}: {exc}", module=module) from exc
         run = cls.__new__(cls)
         run.config = config
         run.module = module
-        run.version = versions
+        run.version = recorded
         run._project = project
         run._storage = (storage or Storage.get()).directory(project)
         run._index = index or Index.get()
@@ -306,7 +313,41 @@ class Interface:
             mark(directory, "finished_at", finished)
             markers.update(finished_at=finished, updated_at=finished)
             self._index.record(row_values(header, model, markers), directory, self._storage)
+        if active(RemoteStore):
+            from machinable.stores import mirror
+
+            mirror(self, directory)
         return self
+
+    # Copies elsewhere.
+
+    def push(self, store: RemoteStore | str, *, progress: bool | None = None) -> Interface:
+        """Copy this finished run to a remote store (an instance, URL or known name)."""
+        from machinable.stores import push, resolve_store
+
+        if self._index.status(self.uuid) != "finished":
+            raise RecordError(f"run {self.uuid} is not finished; only finished runs are pushed")
+        resolved = resolve_store(self._index, store)
+        push(self._index, resolved, [(self.uuid, self._mounted_directory())], progress=progress)
+        return self
+
+    def fetch(self, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
+        """Bring an evicted run back from a store with a verified copy; no-op when mounted."""
+        from machinable.stores import fetch
+
+        return fetch(self, store, progress=progress)
+
+    def evict(self, *, max_age: timedelta | None = None) -> Path:
+        """Delete the local copy, refusing unless another copy is verified."""
+        from machinable.stores import VERIFY_WINDOW, evict
+
+        return evict(self, max_age=max_age if max_age is not None else VERIFY_WINDOW)
+
+    def availability(self) -> list[Any]:
+        """Every known copy: local (present or evicted) and each store's state."""
+        from machinable.stores import whereis
+
+        return whereis(self)
 
     # Files.
 
@@ -471,6 +512,12 @@ def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
                 raise ConfigError(f"config keys must be strings, not {key!r}", module=module)
         out.append(dict(item))
     return out
+
+
+def _version_value(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 MAX_CONFIG_DEPTH = 100

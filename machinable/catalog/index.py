@@ -22,7 +22,7 @@ from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_ur
 from machinable.catalog.models import Location, Run
 from machinable.catalog.query import Field, as_expr, compile_expr, order_clause
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, QueryError
+from machinable.errors import IdentityCollision, MachinableError, QueryError
 from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
@@ -77,6 +77,7 @@ class ReindexReport:
     unchanged: int = 0
     removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    stores: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def indexed(self) -> int:
@@ -87,6 +88,11 @@ class ReindexReport:
         lines = [
             f"{self.storage}: {self.added} added, {self.updated} updated, "
             f"{self.unchanged} unchanged, {self.removed} removed, {len(self.skipped)} skipped"
+        ]
+        lines += [
+            f"store {name}: {counts['listed']} listed, {counts['present']} complete, "
+            f"{counts['added']} new to the index"
+            for name, counts in self.stores.items()
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
@@ -374,6 +380,41 @@ class Index(Context):
 
         retry_busy(write)
 
+    def add_location(self, uuid: str, directory: Path) -> None:
+        """Record that a run's directory is (again) present at ``directory``."""
+        directory = Path(os.path.abspath(directory))
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                self._add_locations(
+                    conn, [{"run_uuid": uuid, "storage": str(directory.parent), "directory": str(directory)}]
+                )
+
+        retry_busy(write)
+
+    def drop_location(self, uuid: str, directory: Path) -> None:
+        """Forget one local directory of a run (the run's row stays)."""
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(
+                    delete(LOCATIONS).where(
+                        LOCATIONS.c.run_uuid == uuid, LOCATIONS.c.directory == str(directory)
+                    )
+                )
+
+        retry_busy(write)
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Upsert run rows that have no local directory (known from a store)."""
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                for start in range(0, len(rows), 5000):
+                    self._upsert_runs(conn, rows[start : start + 5000])
+
+        retry_busy(write)
+
     def ingest_directory(self, path: str | os.PathLike[str]) -> RunRecord:
         """Index one run directory where it lies; idempotent; refuses identity collisions."""
         directory = Path(os.path.abspath(path))
@@ -406,6 +447,7 @@ class Index(Context):
         *,
         full: bool = False,
         progress: bool | None = None,
+        remotes: bool = False,
     ) -> ReindexReport:
         """Bring the index in line with a storage directory's record directories.
 
@@ -452,6 +494,14 @@ class Index(Context):
                 report.removed = self._drop_stale(conn, root, keep | present)
 
         retry_busy(write)
+        if remotes:
+            from machinable.stores import known_stores, reindex_store, resolve_store
+
+            for name, url in known_stores(self):
+                try:
+                    report.stores[name] = reindex_store(self, resolve_store(self, url))
+                except (MachinableError, OSError) as exc:
+                    report.skipped.append((url, f"store not listed: {exc}"))
         return report
 
     def _existing(self, conn: Any, uuids: list[str]) -> set[str]:
