@@ -331,6 +331,44 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)
 
 
+@cli.command("verify")
+@click.argument("storage", required=False)
+@click.option("--checksums", is_flag=True, help="Also hash files and compare them with the verified store manifest.")
+@click.option("--repair", is_flag=True, help="Fix what needs no guessing and say what changed.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted pass from its checkpoint.")
+@click.pass_obj
+def verify_command(obj: dict[str, Any], storage: str | None, checksums: bool, repair: bool, resume: bool) -> None:
+    """Compare the index with the run directories; exits 1 if problems remain."""
+    from machinable import Index
+
+    with _contexts(obj):
+        report = Index.get().verify(storage, checksums=checksums, repair=repair, resume=resume, progress=_progress(obj))
+    click.echo(str(report))
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("gc")
+@click.argument("storage", required=False)
+@click.option("--yes", is_flag=True, help="Delete; without it gc only lists what it would delete.")
+@click.option("--stores", "check_stores", is_flag=True, help="Also look for incomplete copies in known stores.")
+@click.option("--failed", is_flag=True, help="Also collect failed runs (their directories and rows).")
+@click.pass_obj
+def gc_command(obj: dict[str, Any], storage: str | None, yes: bool, check_stores: bool, failed: bool) -> None:
+    """List what nothing needs (a dry run); delete it with --yes. Finished runs are never touched."""
+    from machinable import Index
+    from machinable import gc as collector
+
+    with _contexts(obj):
+        found = collector.collect(Index.get(), storage, stores=check_stores, failed=failed)
+        if yes:
+            collector.run(found)
+    for item in found:
+        click.echo(str(item))
+    verb = "deleted" if yes else "would delete (run with --yes to delete)"
+    click.echo(f"{sum(1 for i in found if i.deleted or not yes)} item(s) {verb}")
+
+
 @cli.command("stores")
 @click.pass_obj
 def stores_command(obj: dict[str, Any]) -> None:

@@ -504,6 +504,20 @@ class Index(Context):
                     report.skipped.append((url, f"store not listed: {exc}"))
         return report
 
+    def verify(
+        self,
+        storage: str | os.PathLike[str] | None = None,
+        *,
+        checksums: bool = False,
+        repair: bool = False,
+        resume: bool = False,
+        progress: bool | None = None,
+    ) -> Any:
+        """Compare the index with a storage's directories; see ``machinable.verify``."""
+        from machinable.verify import verify
+
+        return verify(self, storage, checksums=checksums, repair=repair, resume=resume, progress=progress)
+
     def _existing(self, conn: Any, uuids: list[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(uuids), 500):

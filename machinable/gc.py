@@ -1,0 +1,187 @@
+"""Garbage collection: find what nothing needs, delete it only when asked.
+
+Candidates are index rows with no copy anywhere, availability rows of copies that are
+missing, temporary files left by killed writes, half-fetched directories, incomplete
+store copies left by interrupted pushes, and (when asked) failed runs. A finished run's
+data is never a candidate, so gc can never delete the last verified copy of a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select
+
+from machinable.catalog.engine import retry_busy
+from machinable.errors import MachinableError, StoreError
+from machinable.record import LOCKS_DIR, is_uuid
+
+if TYPE_CHECKING:
+    from machinable.catalog.index import Index
+
+_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+_PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.partial-")
+MIN_AGE_SECONDS = 600
+
+
+@dataclass
+class Garbage:
+    """One thing gc would delete (or did)."""
+
+    kind: str
+    target: str
+    detail: str
+    action: Any = field(repr=False, default=None)
+    deleted: bool = False
+
+    def __str__(self) -> str:
+        return f"{'deleted' if self.deleted else 'would delete'} {self.kind}: {self.target} ({self.detail})"
+
+
+def collect(
+    index: Index,
+    storage: str | os.PathLike[str] | None = None,
+    *,
+    stores: bool = False,
+    failed: bool = False,
+) -> list[Garbage]:
+    """List what nothing needs; nothing is deleted here."""
+    from machinable.catalog.index import LOCATIONS, RUNS
+    from machinable.storage import Storage
+    from machinable.stores import AVAILABILITY, REMOTES
+
+    root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
+    found: list[Garbage] = []
+
+    with index.engine.connect() as conn:
+        located = {u: d for u, d in conn.execute(select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory))}
+        present = set(
+            conn.execute(select(AVAILABILITY.c.run_uuid).where(AVAILABILITY.c.state == "present")).scalars()
+        )
+        for uuid, module, status in conn.execute(select(RUNS.c.uuid, RUNS.c.module, RUNS.c.status)):
+            if uuid not in located and uuid not in present:
+                found.append(
+                    Garbage("orphan row", uuid, f"{module}, {status}, no copy anywhere", lambda u=uuid: _drop_row(index, u))
+                )
+        for row_id, uuid, url, _state in conn.execute(
+            select(AVAILABILITY.c.id, AVAILABILITY.c.run_uuid, REMOTES.c.url, AVAILABILITY.c.state)
+            .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
+            .where(AVAILABILITY.c.state == "missing")
+        ):
+            found.append(
+                Garbage("missing copy", uuid, f"{url} no longer has it", lambda i=row_id: _drop_availability(index, i))
+            )
+        if failed:
+            for uuid, directory in conn.execute(
+                select(RUNS.c.uuid, LOCATIONS.c.directory)
+                .join(LOCATIONS, LOCATIONS.c.run_uuid == RUNS.c.uuid)
+                .where(RUNS.c.status == "failed", LOCATIONS.c.storage == str(root))
+            ):
+                found.append(
+                    Garbage("failed run", uuid, directory, lambda u=uuid, d=directory: _drop_failed(index, u, d))
+                )
+
+    if root.is_dir():
+        for entry in os.scandir(root):
+            if _PARTIAL.match(entry.name) and entry.is_dir(follow_symlinks=False) and _old(entry.path):
+                found.append(Garbage("half-fetched directory", entry.path, "left by an interrupted fetch", lambda p=entry.path: shutil.rmtree(p)))
+            elif is_uuid(entry.name) and entry.is_dir(follow_symlinks=False):
+                for temp in os.scandir(entry.path):
+                    if _TEMP.match(temp.name) and temp.is_file(follow_symlinks=False) and _old(temp.path):
+                        found.append(Garbage("temporary file", temp.path, "left by a killed write", lambda p=temp.path: os.unlink(p)))
+        locks = root / LOCKS_DIR
+        if locks.is_dir():
+            for lock in os.scandir(locks):
+                if not (root / lock.name.removesuffix(".lock")).is_dir():
+                    found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path: os.unlink(p)))
+
+    if stores:
+        from machinable.stores import known_stores, resolve_store
+
+        for _name, url in known_stores(index):
+            try:
+                store = resolve_store(index, url)
+                for uuid, _header, complete in store.headers():
+                    if not complete and uuid not in present:
+                        found.append(
+                            Garbage("incomplete store copy", f"{url}/{uuid}", "no manifest: an interrupted push", lambda s=store, u=uuid: s.delete(u))
+                        )
+            except (StoreError, OSError) as exc:
+                found.append(Garbage("unreachable store", url, f"not checked: {exc}"))
+    return found
+
+
+def _old(path: str) -> bool:
+    """Leftovers younger than this may belong to a write or fetch still in progress."""
+    try:
+        return time.time() - os.lstat(path).st_mtime > MIN_AGE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def run(items: list[Garbage]) -> list[Garbage]:
+    """Delete what ``collect`` found; each item says whether it was deleted."""
+    for item in items:
+        if item.action is None:
+            continue
+        try:
+            item.action()
+            item.deleted = True
+        except FileNotFoundError:
+            item.deleted = True
+        except (MachinableError, OSError) as exc:
+            item.detail += f"; not deleted: {exc}"
+    return items
+
+
+def _drop_row(index: Index, uuid: str) -> None:
+    from machinable.catalog.index import LOCATIONS, RUNS
+    from machinable.stores import AVAILABILITY
+
+    def write() -> None:
+        with index.engine.execution_options(machinable_write=True).begin() as conn:
+            if conn.execute(select(LOCATIONS.c.id).where(LOCATIONS.c.run_uuid == uuid)).first():
+                return  # a copy appeared since the listing
+            if conn.execute(
+                select(AVAILABILITY.c.id).where(AVAILABILITY.c.run_uuid == uuid, AVAILABILITY.c.state == "present")
+            ).first():
+                return
+            conn.execute(delete(AVAILABILITY).where(AVAILABILITY.c.run_uuid == uuid))
+            conn.execute(delete(RUNS).where(RUNS.c.uuid == uuid))
+
+    retry_busy(write)
+
+
+def _drop_availability(index: Index, row_id: int) -> None:
+    from machinable.stores import AVAILABILITY
+
+    def write() -> None:
+        with index.engine.execution_options(machinable_write=True).begin() as conn:
+            conn.execute(delete(AVAILABILITY).where(AVAILABILITY.c.id == row_id, AVAILABILITY.c.state == "missing"))
+
+    retry_busy(write)
+
+
+def _drop_failed(index: Index, uuid: str, directory: str) -> None:
+    from machinable.catalog.index import RUNS
+
+    if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
+        return  # relaunched and finished since the listing: keep it
+    path = Path(directory)
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    index.drop_location(uuid, path)
+
+    def write() -> None:
+        with index.engine.execution_options(machinable_write=True).begin() as conn:
+            conn.execute(delete(RUNS).where(RUNS.c.uuid == uuid, RUNS.c.status == "failed"))
+
+    retry_busy(write)

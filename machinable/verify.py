@@ -1,0 +1,278 @@
+"""Verify the index against the record directories, and repair what is safe to repair.
+
+The directories are the truth and the index is a cache. ``verify()`` walks a storage
+directory in uuid order and reports, per run: invalid headers, id.json/model.json
+drift, directories the index does not hold, rows whose status disagrees with the
+markers, rows whose directory is gone, runs whose process died, and (with checksums)
+files that no longer match the run's verified store manifest. ``repair=True`` fixes
+what needs no guessing (re-ingest, add or drop locations, drop rows whose data is gone
+everywhere) and says what it changed. A checkpoint file makes long passes resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from machinable.errors import MachinableError, RecordError, StoreError
+from machinable.progress import track
+from machinable.record import atomic_write, is_uuid, read_record, status_of
+
+if TYPE_CHECKING:
+    from machinable.catalog.index import Index
+
+CHECKPOINT = ".machinable-verify.json"
+CHECKPOINT_EVERY = 1000
+
+
+@dataclass
+class Finding:
+    """One problem: which run or path, what kind, details, and whether it was repaired."""
+
+    target: str
+    kind: str
+    detail: str
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        state = "repaired" if self.repaired else "NOT repaired"
+        return f"{self.kind}: {self.target}: {self.detail} [{state}]"
+
+
+@dataclass
+class VerifyReport:
+    storage: str
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    resumed_after: str | None = None
+    unchecked: list[str] = field(default_factory=list)
+
+    @property
+    def unrepaired(self) -> list[Finding]:
+        return [f for f in self.findings if not f.repaired]
+
+    @property
+    def ok(self) -> bool:
+        return not self.unrepaired
+
+    def __str__(self) -> str:
+        lines = [str(f) for f in self.findings]
+        repaired = len(self.findings) - len(self.unrepaired)
+        lines.append(
+            f"checked {self.checked} run directories in {self.storage}: "
+            f"{len(self.findings)} problem(s), {repaired} repaired, {len(self.unrepaired)} left"
+        )
+        if self.unchecked:
+            lines.append(
+                f"{len(self.unchecked)} run(s) have no verified store copy, so their file "
+                "checksums had nothing to be compared with (push them to a store first)"
+            )
+        return "\n".join(lines)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(
+    index: Index,
+    storage: str | os.PathLike[str] | None = None,
+    *,
+    checksums: bool = False,
+    repair: bool = False,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> VerifyReport:
+    """Compare the index with the directories of a storage; optionally repair."""
+    from machinable.catalog.index import LOCATIONS
+    from machinable.storage import Storage
+
+    root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
+    report = VerifyReport(storage=str(root))
+    checkpoint = root / CHECKPOINT
+    start_after = ""
+    if resume and checkpoint.is_file():
+        try:
+            start_after = str(json.loads(checkpoint.read_text())["last"])
+            report.resumed_after = start_after
+        except (ValueError, KeyError, TypeError):
+            start_after = ""
+    try:
+        names = sorted(n for n in os.listdir(root) if not n.startswith(".") and n > start_after)
+    except FileNotFoundError:
+        names = []
+
+    with index.engine.connect() as conn:
+        located = {
+            directory: run_uuid
+            for directory, run_uuid in conn.execute(
+                select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid).where(LOCATIONS.c.storage == str(root))
+            )
+        }
+
+    def note(target: str, kind: str, detail: str, fix: Any = None) -> None:
+        finding = Finding(target, kind, detail)
+        if repair and fix is not None:
+            try:
+                fix()
+                finding.repaired = True
+            except (MachinableError, OSError) as exc:
+                finding.detail += f" (repair failed: {exc})"
+        report.findings.append(finding)
+
+    seen: set[str] = set()
+    batch: list[str] = []
+    for position, name in enumerate(track(names, total=len(names), description=f"verify {root}", show=progress)):
+        directory = root / name
+        if not directory.is_dir() or directory.is_symlink():
+            continue
+        if not is_uuid(name):
+            note(str(directory), "stray directory", "not named like a run uuid")
+            continue
+        seen.add(str(directory))
+        batch.append(name)
+        if len(batch) >= 500:
+            _check_batch(index, root, batch, note, checksums, report)
+            batch = []
+        if resume and position and position % CHECKPOINT_EVERY == 0:
+            atomic_write(checkpoint, json.dumps({"last": name}))
+    if batch:
+        _check_batch(index, root, batch, note, checksums, report)
+
+    if not start_after:  # rows of directories that are gone (only on a whole pass)
+        for directory, run_uuid in sorted(located.items()):
+            if directory in seen or os.path.isdir(directory):
+                continue
+            note(
+                run_uuid,
+                "directory missing",
+                f"indexed at {directory}, which is gone",
+                lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
+            )
+    if checkpoint.exists():
+        checkpoint.unlink()
+    return report
+
+
+def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
+    from machinable.catalog.index import LOCATIONS, RUNS, read_markers, row_values
+
+    with index.engine.connect() as conn:
+        rows = {
+            row["uuid"]: row
+            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(names))).mappings()
+        }
+        located = {
+            (run_uuid, directory)
+            for run_uuid, directory in conn.execute(
+                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
+            )
+        }
+    for name in names:
+        directory = root / name
+        report.checked += 1
+        try:
+            header, model, entries = read_record(directory)
+        except RecordError as exc:
+            note(str(directory), "invalid record", str(exc).replace(f"{directory}: ", ""))
+            continue
+        except FileNotFoundError:
+            continue
+        row = rows.get(name)
+        ingest = lambda d=directory: index.ingest_directory(d)  # noqa: E731
+        if row is None:
+            note(name, "not indexed", f"{directory} holds a run the index does not know", ingest)
+            continue
+        differing = [k for k in ("project", "module", "config_key", "predicate_key") if row[k] != header[k]]
+        if differing:
+            note(name, "identity collision", f"the index row has a different {', '.join(differing)}")
+            continue
+        disk_status = status_of(entries)
+        if row["status"] != disk_status:
+            expected = row_values(header, model, read_markers(directory, entries))["status"]
+            note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
+        elif (name, str(directory)) not in located:
+            note(name, "location missing", f"the index does not list {directory}", ingest)
+        if disk_status == "started" and _dead(directory):
+            note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
+        if checksums:
+            if not _check_contents(index, directory, name, note):
+                report.unchecked.append(name)
+
+
+def _dead(directory: Path) -> bool:
+    import filelock
+
+    from machinable.record import LOCKS_DIR
+
+    path = directory.parent / LOCKS_DIR / f"{directory.name}.lock"
+    if not path.parent.is_dir():
+        return True
+    lock = filelock.FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return False
+    lock.release()
+    return True
+
+
+def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool:
+    """Compare local files with the manifest of a verified store copy; False if none."""
+    from machinable.stores import copies, resolve_store
+    from machinable.transfer import MANIFEST_NAME
+
+    for copy in copies(index, uuid):
+        if copy.state != "present":
+            continue
+        try:
+            raw = resolve_store(index, copy.url).read(uuid, [MANIFEST_NAME])[MANIFEST_NAME]
+        except (StoreError, OSError):
+            continue
+        if raw is None:
+            continue
+        try:
+            manifest = json.loads(raw)["files"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for rel, entry in sorted(manifest.items()):
+            path = directory / rel
+            if not path.is_file():
+                note(uuid, "file missing", f"{rel} is in the manifest of the copy in {copy.store} but not here")
+            elif _sha256(str(path)) != entry.get("sha256"):
+                note(uuid, "content changed", f"{rel} differs from the verified copy in {copy.store}")
+        return True
+    return False
+
+
+def _drop_missing(index: Index, uuid: str, directory: str) -> None:
+    """Forget a gone directory; drop the run too when no copy exists anywhere."""
+    from sqlalchemy import delete
+
+    from machinable.catalog.engine import retry_busy
+    from machinable.catalog.index import LOCATIONS, RUNS
+    from machinable.stores import AVAILABILITY
+
+    def write() -> None:
+        with index.engine.execution_options(machinable_write=True).begin() as conn:
+            conn.execute(
+                delete(LOCATIONS).where(LOCATIONS.c.run_uuid == uuid, LOCATIONS.c.directory == directory)
+            )
+            others = conn.execute(select(LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == uuid)).scalars().all()
+            stored = conn.execute(
+                select(AVAILABILITY.c.id).where(AVAILABILITY.c.run_uuid == uuid, AVAILABILITY.c.state == "present")
+            ).first()
+            if not any(os.path.isdir(other) for other in others) and stored is None:
+                conn.execute(delete(RUNS).where(RUNS.c.uuid == uuid))
+
+    retry_busy(write)
