@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, index_exists
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
@@ -26,7 +26,7 @@ def section(title: str) -> str:
     return README[start : end if end != -1 else len(README)]
 
 
-def test_python_examples_run_in_order(tmp_path: Path, monkeypatch) -> None:
+def test_python_examples_run_in_order(tmp_path: Path, monkeypatch, index_backend: str) -> None:
     project = tmp_path / "my-study"
     project.mkdir()
     shutil.copy(REPO / "example" / "optimize.py", project / "optimize.py")
@@ -37,7 +37,9 @@ def test_python_examples_run_in_order(tmp_path: Path, monkeypatch) -> None:
     for code in examples:
         exec(compile(code, "README.md", "exec"), namespace)
     assert (project / "results" / "sweep-1").is_dir()
-    assert (project / ".machinable.sqlite").is_file()
+    # The project's SQLite file, or the PostgreSQL schema MACHINABLE_INDEX names.
+    assert index_exists(project)
+    assert (project / ".machinable.sqlite").is_file() == (index_backend == "sqlite")
 
 
 def test_install_and_test_commands_are_the_first_two_blocks() -> None:
@@ -48,13 +50,12 @@ def test_install_and_test_commands_are_the_first_two_blocks() -> None:
     assert second.strip() in ci
 
 
-def test_cli_examples_run(tmp_path: Path) -> None:
+def test_cli_examples_run(tmp_path: Path, index_backend: str) -> None:
     project = tmp_path / "my-study"
     project.mkdir()
     shutil.copy(REPO / "example" / "optimize.py", project / "optimize.py")
     machinable = [sys.executable, "-m", "machinable"]
-    env = {**os.environ}
-    env.pop("MACHINABLE_INDEX", None)
+    env = {**os.environ}  # MACHINABLE_INDEX is set only in the [postgresql] variant
     env.pop("MACHINABLE_STORAGE", None)
     uuid = None
     lines = [
@@ -66,6 +67,7 @@ def test_cli_examples_run(tmp_path: Path) -> None:
     assert len(lines) >= 6
     for line in lines:
         line = line.replace("/data/runs", str(tmp_path / "data-runs"))
+        line = line.replace("/data/archive", str(tmp_path / "archive"))
         if "<uuid>" in line:
             line = line.replace("<uuid>", uuid)
         args = shlex.split(line)[1:]
@@ -76,6 +78,9 @@ def test_cli_examples_run(tmp_path: Path) -> None:
         if args[:2] == ["get", "optimize"] and uuid is None:
             uuid = result.stdout.split()[0]
     assert (tmp_path / "data-runs").is_dir()
+    assert any((tmp_path / "archive").iterdir())
+    assert index_exists(project)
+    assert (project / ".machinable.sqlite").is_file() == (index_backend == "sqlite")
 
 
 def test_alembic_example_runs_from_a_checkout(tmp_path: Path) -> None:
