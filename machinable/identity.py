@@ -105,7 +105,7 @@ def canonical_config(config: BaseModel) -> dict[str, Any]:
 
 
 def check_finite(value: Any, path: str = "config") -> None:
-    """Refuse NaN, infinities and unstorable text anywhere in a JSON-like value, naming where."""
+    """Refuse NaN, infinities and unstorable text (lone surrogates, NUL), naming where."""
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConfigError(f"{path} is {value!r}; NaN and infinities cannot be part of a run")
@@ -129,6 +129,8 @@ def _check_text(value: str, path: str) -> None:
             f"{path} holds a lone surrogate ({value[exc.start]!r}); it is not Unicode text "
             "and cannot be stored in a run's model.json"
         ) from None
+    if "\x00" in value:  # PostgreSQL refuses NUL in text and JSON: the run could not be indexed
+        raise ConfigError(f"{path} holds a NUL character ('\\x00'), which an index cannot store")
 
 
 def compute_uuid(project: str, module: str, canonical: dict[str, Any], predicate: dict[str, Any]) -> str:

@@ -478,6 +478,17 @@ def test_lone_surrogates_in_a_config_are_refused(project: Path) -> None:
     assert run.cached()
 
 
+def test_nul_characters_in_a_config_are_refused(project: Path) -> None:
+    """SQLite would store them, PostgreSQL cannot: refused everywhere, before computing."""
+    run = launch_odd(project)
+    before = Unchanged(project / "storage")
+    for version in ({"text": "a\x00b"}, {"names": {"k\x00": "x"}}, {"payload": {"deep": ["\x00"]}}):
+        with pytest.raises(ConfigError, match="NUL character"):
+            get("odd", version).launch()
+    before.check()
+    assert run.cached()
+
+
 # 5. Path traversal: file names, module names, remote names; symlinks out of a record.
 
 ESCAPING_FILE_NAMES = [

@@ -90,8 +90,11 @@ IDENTIFYING = [path for path in FIELDS if path not in NON_IDENTIFYING]
 FLOAT_FIELDS = [p for p, (kind, _) in FIELDS.items() if kind in ("float", "optfloat")]
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
-texts = st.text(max_size=12) | st.text(st.characters(min_codepoint=0x10000), max_size=4)
-keys = st.text(st.characters(blacklist_characters="."), max_size=6)  # dots would nest
+# Config text: anything but NUL (refused: PostgreSQL cannot store it) and lone surrogates.
+texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12) | st.text(
+    st.characters(min_codepoint=0x10000), max_size=4
+)
+keys = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=".\x00"), max_size=6)  # dots nest
 
 
 def value_strategy(kind: str, default: Any) -> st.SearchStrategy[Any]:
@@ -361,12 +364,19 @@ def test_lone_surrogates_are_refused(prefix, surrogate, suffix, as_key) -> None:
         check_finite(value)
 
 
+config_values = st.recursive(  # what a config may hold: no NUL, no lone surrogates
+    st.none() | st.booleans() | st.integers() | finite | texts,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
+    max_leaves=20,
+)
+
+
 def poison(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """``inner`` (holding a bad float) placed somewhere inside a list or a dict."""
-    in_list = st.tuples(st.lists(json_values, max_size=3), inner, st.integers(0, 3)).map(
+    in_list = st.tuples(st.lists(config_values, max_size=3), inner, st.integers(0, 3)).map(
         lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2] :]
     )
-    in_dict = st.tuples(st.dictionaries(st.text(max_size=5), json_values, max_size=3), st.text(max_size=5), inner).map(
+    in_dict = st.tuples(st.dictionaries(texts, config_values, max_size=3), texts, inner).map(
         lambda t: {**t[0], t[1]: t[2]}
     )
     return in_list | in_dict
