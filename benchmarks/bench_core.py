@@ -121,7 +121,7 @@ def baseline_reindex(storage: Path, db_path: Path) -> float:
     rows = []
     with os.scandir(storage) as entries:
         for entry in entries:
-            if not entry.is_dir():
+            if not entry.is_dir() or entry.name.startswith("."):
                 continue
             with open(os.path.join(entry.path, "id.json"), "rb") as handle:
                 header = json.loads(handle.read())
@@ -179,7 +179,7 @@ def main() -> None:
     make_records(storage, args.runs - args.launches - 1, "bench")
     print(f"(wrote {args.runs - args.launches - 1} more record directories in "
           f"{time.perf_counter() - start:.1f} s)")
-    total = sum(1 for _ in os.scandir(storage))
+    total = sum(1 for e in os.scandir(storage) if not e.name.startswith("."))
     index = Index.get()
     dispose_all()
     for suffix in ("", "-wal", "-shm"):

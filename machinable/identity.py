@@ -72,6 +72,8 @@ def _ordered(value: Any) -> Any:
         return [_ordered(item) for item in value]
     if isinstance(value, dict):
         return {key: _ordered(item) for key, item in value.items()}
+    if isinstance(value, float) and value == 0.0:
+        return 0.0  # -0.0 == 0.0: one run, and the form PostgreSQL's jsonb keeps
     return value
 
 

@@ -156,6 +156,8 @@ class Interface:
             run.predicate = predicate
             run._project_name = project.name
             run.uuid = compute_uuid(run._project_name, module, run._canonical, predicate)
+            run._config_key = config_key(run._canonical)
+            run._predicate_key = predicate_key(predicate)
         except ConfigError as exc:
             raise ConfigError(f"module {module!r}: {exc}", module=module) from exc
         return run
@@ -172,8 +174,13 @@ class Interface:
         run._project_name = record.project
         run._storage = storage
         run._index = index
-        run._full = record.config
-        run._canonical = record.canonical
+        run._full = run.config.model_dump(mode="json")
+        # The identity keys come from the row as written (strings survive every
+        # backend); the canonical config is recomputed from the validated config
+        # because PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
+        run._canonical = canonical_config(run.config)
+        run._config_key = record.config_key
+        run._predicate_key = record.predicate_key
         run._record_cache = record
         return run
 
@@ -271,8 +278,8 @@ class Interface:
             self.uuid,
             self._project_name,
             self.module,
-            config_key(self._canonical),
-            predicate_key(self.predicate),
+            self._config_key,
+            self._predicate_key,
         )
         model = {
             "module": self.module,

@@ -108,8 +108,13 @@ def launch_lock(directory: Path) -> str:
     from a running one.
     """
     locks = directory.parent / LOCKS_DIR
-    locks.mkdir(exist_ok=True)
+    if locks not in _LOCK_DIRS:
+        locks.mkdir(exist_ok=True)
+        _LOCK_DIRS.add(locks)
     return str(locks / f"{directory.name}.lock")
+
+
+_LOCK_DIRS: set[Path] = set()
 
 
 def mark(directory: Path, marker: str, moment: datetime | None = None) -> str:
@@ -128,9 +133,9 @@ def clear(directory: Path, *names: str) -> None:
             pass
 
 
-def read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path, dir_fd: int | None = None) -> bytes:
     """Read a small file with plain syscalls (reindex reads millions of them)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         chunk = os.read(fd, 65536)
         if len(chunk) < 65536:  # a regular file read short of the buffer is complete
@@ -144,9 +149,9 @@ def read_bytes(path: str | Path) -> bytes:
         os.close(fd)
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, dir_fd: int | None = None) -> Any:
     try:
-        raw = read_bytes(path)
+        raw = read_bytes(path, dir_fd)
     except OSError as exc:  # read() of a directory says EISDIR without naming it
         if exc.filename is None:
             exc.filename = os.fspath(path)

@@ -1,7 +1,9 @@
 """The index: where it lives, lookups, rebuilding it from directories, ingesting folders.
 
-Every test uses real SQLite files under tmp_path; behaviour that crosses processes
-(reindex never imports user code, a moved index is found again) runs real subprocesses.
+Tests taking ``project`` run on the project's SQLite file and on a fresh PostgreSQL
+schema; the ones about the SQLite file itself take ``sqlite_project``. Behaviour that
+crosses processes (reindex never imports user code, a moved index is found again) runs
+real subprocesses.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import calls, run_python, write_module
-from sqlalchemy import create_engine
+from conftest import calls, index_exists, run_python, table_rows, wipe_index, write_module
 from sqlalchemy.orm import Session
 
 from machinable import Index, Scope, Storage, get
-from machinable.catalog.engine import dispose_all
 from machinable.catalog.models import Location, Run
 from machinable.errors import IdentityCollision, RecordError
 from machinable.record import mark, write_record
@@ -55,21 +55,6 @@ class Noisy(Interface):
 """
 
 
-def delete_index(path: Path) -> None:
-    """Remove an index file and its WAL companions, as a user would with rm."""
-    dispose_all()
-    for suffix in ("", "-wal", "-shm"):
-        target = Path(str(path) + suffix)
-        if target.exists():
-            target.unlink()
-    assert not path.exists()
-
-
-def table_rows(path: Path, table: str) -> list[tuple]:
-    with sqlite3.connect(path) as conn:
-        return sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-
-
 def launch_lrs(*lrs: float) -> list[str]:
     return [get("optimize", {"lr": lr}).launch().uuid for lr in lrs]
 
@@ -77,7 +62,8 @@ def launch_lrs(*lrs: float) -> list[str]:
 # --------------------------------------------------------------------------- location
 
 
-def test_default_index_file_is_created_in_the_project_on_first_use(project: Path) -> None:
+def test_default_index_file_is_created_in_the_project_on_first_use(sqlite_project: Path) -> None:
+    project = sqlite_project
     index_file = project / ".machinable.sqlite"
     assert not index_file.exists()
 
@@ -91,9 +77,25 @@ def test_default_index_file_is_created_in_the_project_on_first_use(project: Path
         assert conn.execute("SELECT uuid FROM runs").fetchall() == [(run.uuid,)]
 
 
+def test_the_index_is_created_on_first_use_on_either_backend(project: Path, index_backend: str) -> None:
+    assert not index_exists(project)
+    get("optimize", {"lr": 0.5})  # naming a run does not touch the index
+    assert not index_exists(project)
+
+    run = get("optimize", {"lr": 0.5}).launch()
+
+    assert index_exists(project)
+    assert Index.get().path == (project / ".machinable.sqlite" if index_backend == "sqlite" else None)
+    assert [row[0] for row in table_rows("runs")] == [run.uuid]
+    assert [row[1:4] for row in table_rows("locations")] == [
+        (run.uuid, str(project / "storage"), str(project / "storage" / run.uuid))
+    ]
+
+
 def test_machinable_index_moves_the_index_and_a_fresh_process_finds_it(
-    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    project = sqlite_project
     moved = tmp_path / "shared" / "catalog.sqlite"
     monkeypatch.setenv("MACHINABLE_INDEX", str(moved))
 
@@ -180,7 +182,7 @@ def test_delete_index_and_reindex_gives_back_every_run(project: Path, tmp_path: 
     assert before[failing.uuid].failed_at is not None
     assert index.count() == len(uuids)
 
-    delete_index(project / ".machinable.sqlite")
+    wipe_index(project)
     assert Index.get().find(uuids[0]) is None
 
     report = Index.get().reindex()
@@ -211,7 +213,7 @@ def test_reindex_of_another_storage_keeps_its_location(project: Path, tmp_path: 
     before = Index.get().find(run.uuid)
     assert before.directories == (str(elsewhere / run.uuid),)
 
-    delete_index(project / ".machinable.sqlite")
+    wipe_index(project)
     with Storage(elsewhere):
         report = Index.get().reindex()
     assert report.indexed == 1
@@ -238,7 +240,7 @@ def test_reindex_never_imports_user_code(project: Path) -> None:
     uuids = launched.stdout.split()
     assert marker.read_text() == "imported\n"  # the module really does write on import
     marker.unlink()
-    delete_index(project / ".machinable.sqlite")
+    wipe_index(project)
 
     result = run_python(
         """
@@ -286,7 +288,7 @@ def test_reindex_reports_bad_directories_and_indexes_the_rest(project: Path) -> 
     broken = _corrupt(storage, uuids[:5])
     (storage / "notes").mkdir()  # a stray folder that is no run at all
 
-    delete_index(project / ".machinable.sqlite")
+    wipe_index(project)
     report = Index.get().reindex()
 
     assert report.indexed == 2
@@ -368,13 +370,12 @@ def test_reindex_with_the_index_present_picks_up_changed_status(project: Path) -
 
 def test_reindex_twice_is_idempotent(project: Path) -> None:
     launch_lrs(0.5, 1.0)
-    index_file = project / ".machinable.sqlite"
     Index.get().reindex()
-    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+    runs, locations = table_rows("runs"), table_rows("locations")
     report = Index.get().reindex()
     assert report.indexed == 2 and report.removed == 0
-    assert table_rows(index_file, "runs") == runs
-    assert table_rows(index_file, "locations") == locations
+    assert table_rows("runs") == runs
+    assert table_rows("locations") == locations
 
 
 def test_reindex_of_a_missing_storage_indexes_nothing(project: Path, tmp_path: Path) -> None:
@@ -387,13 +388,18 @@ def test_reindex_of_a_missing_storage_indexes_nothing(project: Path, tmp_path: P
 # --------------------------------------------------------------------------- ingest
 
 
-def test_ingest_a_collaborators_copy_where_it_lies(project: Path, tmp_path: Path) -> None:
-    # A collaborator computes the run in their own checkout of the same project...
+def test_ingest_a_collaborators_copy_where_it_lies(
+    project: Path, tmp_path: Path, index_backend: str, fresh_index
+) -> None:
+    # A collaborator computes the run in their own checkout of the same project, with
+    # their own index (the checkout's SQLite file, or their own PostgreSQL schema)...
     theirs = tmp_path / "collaborator" / "study"
     shutil.copytree(project, theirs)
+    own_index = {"MACHINABLE_INDEX": fresh_index("collaborator").url} if index_backend == "postgresql" else None
     result = run_python(
         'from machinable import get\nprint(get("optimize", {"lr": 0.5}).launch().uuid)',
         cwd=theirs,
+        env=own_index,
     )
     uuid = result.stdout.strip()
     # ...and sends the results folder, which lands somewhere outside our storage.
@@ -415,18 +421,17 @@ def test_ingest_a_collaborators_copy_where_it_lies(project: Path, tmp_path: Path
     assert not (project / "storage" / uuid).exists()
 
     # Ingesting again (also through a relative path) changes nothing.
-    index_file = project / ".machinable.sqlite"
-    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+    runs, locations = table_rows("runs"), table_rows("locations")
     again = Index.get().ingest_directory(os.path.relpath(inbox, project))
     assert again == record
-    assert table_rows(index_file, "runs") == runs
-    assert len(table_rows(index_file, "locations")) == 1
-    assert table_rows(index_file, "locations") == locations
+    assert table_rows("runs") == runs
+    assert len(table_rows("locations")) == 1
+    assert table_rows("locations") == locations
 
 
-def test_ingest_into_a_separate_index_file(project: Path, tmp_path: Path) -> None:
+def test_ingest_into_a_separate_index(project: Path, fresh_index) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
-    other = Index(tmp_path / "other.sqlite")
+    other = fresh_index("other")
     record = other.ingest_directory(project / "storage" / run.uuid)
     assert record == Index.get().find(run.uuid)
     assert other.count() == 1
@@ -434,8 +439,7 @@ def test_ingest_into_a_separate_index_file(project: Path, tmp_path: Path) -> Non
 
 def test_ingest_refuses_a_directory_that_is_not_a_record(project: Path, tmp_path: Path) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
-    index_file = project / ".machinable.sqlite"
-    runs = table_rows(index_file, "runs")
+    runs = table_rows("runs")
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -448,13 +452,13 @@ def test_ingest_refuses_a_directory_that_is_not_a_record(project: Path, tmp_path
     with pytest.raises(RecordError, match="model.json"):
         Index.get().ingest_directory(broken)
 
-    assert table_rows(index_file, "runs") == runs
-    assert len(table_rows(index_file, "locations")) == 1
+    assert table_rows("runs") == runs
+    assert len(table_rows("locations")) == 1
 
 
-def _claim_uuid_for_another_module(index_file: Path, uuid: str, directory: Path) -> None:
+def _claim_uuid_for_another_module(index: Index, uuid: str, directory: Path) -> None:
     """Write a row with ``uuid`` but a different identity straight through the ORM."""
-    engine = create_engine(f"sqlite:///{index_file}")
+    engine = index.engine
     now = datetime.now(timezone.utc)
     with Session(engine) as session, session.begin():
         session.add(
@@ -474,23 +478,23 @@ def _claim_uuid_for_another_module(index_file: Path, uuid: str, directory: Path)
             )
         )
         session.add(Location(run_uuid=uuid, storage=str(directory.parent), directory=str(directory)))
-    engine.dispose()
 
 
-def test_ingest_of_a_colliding_uuid_raises_and_changes_nothing(project: Path, tmp_path: Path) -> None:
+def test_ingest_of_a_colliding_uuid_raises_and_changes_nothing(
+    project: Path, tmp_path: Path, fresh_index
+) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
     source = project / "storage" / run.uuid
     copy = tmp_path / "copy" / run.uuid
     shutil.copytree(source, copy)
 
     # A fresh index in which the uuid already names another module's run.
-    index_file = tmp_path / "collide.sqlite"
-    index = Index(index_file)
+    index = fresh_index("collide")
     assert index.count() == 0  # creates the schema
     squatter = tmp_path / "squatter" / run.uuid
-    _claim_uuid_for_another_module(index_file, run.uuid, squatter)
+    _claim_uuid_for_another_module(index, run.uuid, squatter)
     before = index.find(run.uuid)
-    runs, locations = table_rows(index_file, "runs"), table_rows(index_file, "locations")
+    runs, locations = table_rows("runs", index), table_rows("locations", index)
 
     with pytest.raises(IdentityCollision) as caught:
         index.ingest_directory(copy)
@@ -499,8 +503,8 @@ def test_ingest_of_a_colliding_uuid_raises_and_changes_nothing(project: Path, tm
     assert "module" in str(caught.value) and run.uuid in str(caught.value)
     assert index.find(run.uuid) == before
     assert index.find(run.uuid).module == "someone_elses_module"
-    assert table_rows(index_file, "runs") == runs
-    assert table_rows(index_file, "locations") == locations
+    assert table_rows("runs", index) == runs
+    assert table_rows("locations", index) == locations
 
     # Reindexing a storage holding the disagreeing directory skips it with that reason.
     report = index.reindex(copy.parent)
@@ -508,3 +512,51 @@ def test_ingest_of_a_colliding_uuid_raises_and_changes_nothing(project: Path, tm
     assert [path for path, _ in report.skipped] == [str(copy)]
     assert "module" in report.skipped[0][1]
     assert index.find(run.uuid) == before
+
+
+# --------------------------------------------------------------------------- round trip
+
+FLAKY = """
+from pathlib import Path
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Flaky(Interface):
+    class Config(BaseModel):
+        x: float = 0.0
+
+    def __call__(self):
+        if Path(self.project.path, "fail.marker").exists():
+            raise RuntimeError("flaky")
+        self.save_file("out.json", {"x": self.config.x})
+"""
+
+
+@pytest.mark.parametrize("value", [1e16, 1e300, -0.0])
+def test_a_failed_run_found_through_the_index_relaunches(
+    project: Path, value: float
+) -> None:
+    """A run hydrated from the index names the same record as the one get() makes.
+
+    On PostgreSQL the config columns are jsonb, which keeps numbers as ``numeric``:
+    1e16 comes back as the int 10000000000000000. The hydrated run must still relaunch
+    the same record, with the float value its Config declares.
+    """
+    write_module(project, "flaky", FLAKY)
+    marker = project / "fail.marker"
+    marker.touch()
+    run = get("flaky", {"x": value})
+    with pytest.raises(RuntimeError, match="flaky"):
+        run.launch()
+    marker.unlink()
+
+    [found] = [r for r in get("flaky").all() if r.uuid == run.uuid]
+    found.launch()
+    assert Index.get().find(run.uuid).status == "finished"
+    # jsonb keeps numbers as numeric: 1e16 may come back as an int and -0.0 as 0; the
+    # value is the same number and the run the same record
+    assert isinstance(found.config.x, float) and found.config.x == value
+    stored = Index.get().find(run.uuid).canonical.get("x", 0.0)
+    assert float(stored) == value
+    assert get("flaky", {"x": value}).cached()

@@ -126,17 +126,29 @@ def row_values(header: dict[str, Any], model: dict[str, Any], markers: dict[str,
     }
 
 
-def read_markers(directory: str | Path, names: Iterable[str]) -> dict[str, datetime | None]:
-    """Timestamps of the status markers present among ``names``."""
+STATUS_MARKERS = ("started_at", "finished_at", "failed_at")
+
+
+def read_markers(directory: str | Path, names: Iterable[str], dir_fd: int | None = None) -> dict[str, datetime | None]:
+    """Timestamps of the status markers present among ``names``.
+
+    ``updated_at`` is the latest of the three status markers: ``mark()`` writes it with
+    the same text every time it writes one, so it need not be read.
+    """
     markers: dict[str, datetime | None] = {}
     base = os.fspath(directory)
-    for name in ("started_at", "finished_at", "failed_at", "updated_at"):
+    for name in STATUS_MARKERS:
         if name in names:
-            path = os.path.join(base, name)
             try:
-                markers[name] = parse_timestamp(read_bytes(path).decode("utf-8")) or _mtime(path)
+                raw = read_bytes(name, dir_fd) if dir_fd is not None else read_bytes(os.path.join(base, name))
+                markers[name] = parse_timestamp(raw.decode("utf-8")) or _mtime(os.path.join(base, name))
             except (OSError, UnicodeDecodeError):  # gone, a directory, unreadable: not a marker
                 markers[name] = None
+    present = [value for value in markers.values() if value is not None]
+    if present:
+        markers["updated_at"] = max(present)
+    elif "updated_at" in names:
+        markers["updated_at"] = _mtime(os.path.join(base, "updated_at"))
     return markers
 
 
@@ -572,25 +584,33 @@ class Index(Context):
             if seen is not None and seen[1] is not None and seen[1] == info.st_mtime_ns:
                 unchanged.add(seen[0])
                 continue
+            dir_fd = None
             try:
-                entries = os.listdir(directory)
+                # Open the directory once and read its files relative to it: a large
+                # share of reindex is path lookups otherwise.
+                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                entries = os.listdir(dir_fd)
                 if SENTINEL not in entries:
                     report.skipped.append((directory, f"no {SENTINEL} sentinel"))
                     continue
-                header = read_json(os.path.join(directory, ID_FILE))
-                model = read_json(os.path.join(directory, MODEL_FILE))
+                header = read_json(ID_FILE, dir_fd)
+                model = read_json(MODEL_FILE, dir_fd)
+                markers = read_markers(directory, entries, dir_fd)
             except FileNotFoundError as exc:
                 report.skipped.append((directory, f"{os.path.basename(exc.filename or '?')} is missing"))
                 continue
             except (ValueError, UnicodeDecodeError, OSError) as exc:
                 report.skipped.append((directory, f"unreadable header: {exc}"))
                 continue
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)
             problem = validate_headers(header, model, name)
             if problem:
                 report.skipped.append((directory, problem))
                 continue
             try:
-                rows.append(row_values(header, model, read_markers(directory, entries)))
+                rows.append(row_values(header, model, markers))
             except (KeyError, TypeError, ValueError) as exc:
                 report.skipped.append((directory, f"invalid header: {exc}"))
                 continue
