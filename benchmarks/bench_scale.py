@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import MODULE, make_records  # noqa: E402
 
 
-
 def ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
