@@ -114,7 +114,7 @@ def run_backend(backend: str, args: argparse.Namespace, project: Path, storage: 
               f"({100 * incremental / full:.1f}% of full)")
 
         samples = []
-        for i in range(args.lookups):
+        for _ in range(args.lookups):
             k = random.randrange(total - 10)
             start = time.perf_counter()
             hit = get("trivial", {"i": k}).cached()
