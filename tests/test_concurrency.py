@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_module
+
 from machinable import Index
 from machinable.catalog.engine import SCHEMA_HEAD, filesystem_type, journal_mode_for
 
@@ -67,7 +66,7 @@ def test_parallel_writers_on_a_fresh_index(project: Path, index_backend: str, tm
     time.sleep(1.0)  # every child is waiting at the barrier
     go.touch()
     results = [child.communicate(timeout=800) for child in children]
-    for child, (out, err) in zip(children, results):
+    for child, (out, err) in zip(children, results, strict=True):
         assert child.returncode == 0, err[-3000:]
         assert "ok" in out
         assert "Traceback" not in err and "locked" not in err

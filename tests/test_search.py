@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_module
 from sqlalchemy import event
 
-from conftest import write_module
 from machinable import Field, Index, Scope, get
 from machinable.cli import cli
 from machinable.errors import QueryError
