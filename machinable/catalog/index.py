@@ -159,6 +159,68 @@ def _mtime(path: str) -> datetime | None:
         return None
 
 
+SCAN_CHUNK = 2000
+PARALLEL_SCAN_MIN = 20_000
+
+
+def _scan_names(
+    storage: str, names: list[str], known: dict[str, tuple[str, int | None]], recent: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]:
+    """Read the record directories ``names`` of ``storage`` (a unit of reindex work)."""
+    rows: list[dict[str, Any]] = []
+    locations: list[dict[str, Any]] = []
+    unchanged: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    for name in names:
+        directory = os.path.join(storage, name)
+        try:
+            info = os.lstat(directory)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            continue
+        if not is_uuid(name):
+            skipped.append((directory, "not named like a run uuid"))
+            continue
+        seen = known.get(directory)
+        if seen is not None and seen[1] is not None and seen[1] == info.st_mtime_ns:
+            unchanged.add(seen[0])
+            continue
+        dir_fd = None
+        try:
+            # Open the directory once and read its files relative to it: a large
+            # share of reindex is path lookups otherwise.
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            entries = os.listdir(dir_fd)
+            if SENTINEL not in entries:
+                skipped.append((directory, f"no {SENTINEL} sentinel"))
+                continue
+            header = read_json(ID_FILE, dir_fd)
+            model = read_json(MODEL_FILE, dir_fd)
+            markers = read_markers(directory, entries, dir_fd)
+        except FileNotFoundError as exc:
+            skipped.append((directory, f"{os.path.basename(exc.filename or '?')} is missing"))
+            continue
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            skipped.append((directory, f"unreadable header: {exc}"))
+            continue
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        problem = validate_headers(header, model, name)
+        if problem:
+            skipped.append((directory, problem))
+            continue
+        try:
+            rows.append(row_values(header, model, markers))
+        except (KeyError, TypeError, ValueError) as exc:
+            skipped.append((directory, f"invalid header: {exc}"))
+            continue
+        mtime = info.st_mtime_ns if info.st_mtime_ns < recent else None
+        locations.append({"run_uuid": name, "storage": storage, "directory": directory, "mtime_ns": mtime})
+    return rows, locations, unchanged, skipped
+
+
 class Index(Context):
     """The catalog of runs: a SQLite file by default, any SQLAlchemy URL otherwise."""
 
@@ -466,7 +528,9 @@ class Index(Context):
         Directories whose mtime is unchanged since the last pass are not read again
         (every record write renames a file into its directory, which bumps the mtime);
         ``full=True`` reads every directory. Rows of directories that are gone are
-        removed. Headers only are read; user code is never imported.
+        removed. Headers only are read; user code is never imported. ``remotes=True``
+        also rebuilds store availability by listing every store the index knows and
+        every connected one (``with RemoteStore(url):``; after the index was deleted).
         """
         from machinable.storage import Storage
 
@@ -507,13 +571,24 @@ class Index(Context):
 
         retry_busy(write)
         if remotes:
-            from machinable.stores import known_stores, reindex_store, resolve_store
+            from machinable.stores import RemoteStore, known_stores, reindex_store, resolve_store
 
+            listed = set()
             for name, url in known_stores(self):
+                listed.add(url)
                 try:
                     report.stores[name] = reindex_store(self, resolve_store(self, url))
                 except (MachinableError, OSError) as exc:
                     report.skipped.append((url, f"store not listed: {exc}"))
+            # Connected stores the index does not know (yet, or any more: a deleted index).
+            for store in RemoteStore.connected():
+                try:
+                    if store.uri in listed:
+                        continue
+                    listed.add(store.uri)
+                    report.stores[store.name] = reindex_store(self, store)
+                except (MachinableError, OSError) as exc:
+                    report.skipped.append((store.url, f"store not listed: {exc}"))
         return report
 
     def verify(
@@ -567,58 +642,35 @@ class Index(Context):
         # A directory modified within this window could change again within the
         # filesystem's timestamp granularity unseen: do not trust its mtime next time.
         recent = time.time_ns() - 2_000_000_000
-        for name in track(names, total=len(names), description=f"reindex {root}", show=progress):
-            if name.startswith("."):
-                continue
-            directory = os.path.join(storage, name)
-            try:
-                info = os.lstat(directory)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISDIR(info.st_mode):
-                continue
-            if not is_uuid(name):
-                report.skipped.append((directory, "not named like a run uuid"))
-                continue
-            seen = known.get(directory)
-            if seen is not None and seen[1] is not None and seen[1] == info.st_mtime_ns:
-                unchanged.add(seen[0])
-                continue
-            dir_fd = None
-            try:
-                # Open the directory once and read its files relative to it: a large
-                # share of reindex is path lookups otherwise.
-                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-                entries = os.listdir(dir_fd)
-                if SENTINEL not in entries:
-                    report.skipped.append((directory, f"no {SENTINEL} sentinel"))
-                    continue
-                header = read_json(ID_FILE, dir_fd)
-                model = read_json(MODEL_FILE, dir_fd)
-                markers = read_markers(directory, entries, dir_fd)
-            except FileNotFoundError as exc:
-                report.skipped.append((directory, f"{os.path.basename(exc.filename or '?')} is missing"))
-                continue
-            except (ValueError, UnicodeDecodeError, OSError) as exc:
-                report.skipped.append((directory, f"unreadable header: {exc}"))
-                continue
-            finally:
-                if dir_fd is not None:
-                    os.close(dir_fd)
-            problem = validate_headers(header, model, name)
-            if problem:
-                report.skipped.append((directory, problem))
-                continue
-            try:
-                rows.append(row_values(header, model, markers))
-            except (KeyError, TypeError, ValueError) as exc:
-                report.skipped.append((directory, f"invalid header: {exc}"))
-                continue
-            mtime = info.st_mtime_ns if info.st_mtime_ns < recent else None
-            locations.append(
-                {"run_uuid": name, "storage": storage, "directory": directory, "mtime_ns": mtime}
-            )
+        names = [name for name in names if not name.startswith(".")]
+        chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
+        jobs = [
+            (storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent)
+            for chunk in chunks
+        ]
+        workers = min(os.cpu_count() or 1, 4)
+        if len(names) >= PARALLEL_SCAN_MIN and workers > 1 and hasattr(os, "fork"):
+            # Reading headers is bound by syscalls and JSON parsing: spread it over
+            # processes. Workers only read files; they never touch the database.
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                results = pool.map(_scan_names, *zip(*jobs, strict=True))
+                for part in track(results, total=len(jobs), description=f"reindex {root}", show=progress):
+                    self._merge_scan(part, rows, locations, unchanged, report)
+        else:
+            for job in track(jobs, total=len(jobs), description=f"reindex {root}", show=progress):
+                self._merge_scan(_scan_names(*job), rows, locations, unchanged, report)
         return rows, locations, unchanged
+
+    @staticmethod
+    def _merge_scan(part: Any, rows: list, locations: list, unchanged: set, report: ReindexReport) -> None:
+        part_rows, part_locations, part_unchanged, part_skipped = part
+        rows.extend(part_rows)
+        locations.extend(part_locations)
+        unchanged.update(part_unchanged)
+        report.skipped.extend(part_skipped)
 
     def _drop_stale(self, conn: Any, root: Path, keep: set[str]) -> int:
         """Remove locations under ``root`` whose directory is gone, and runs left nowhere."""
