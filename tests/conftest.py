@@ -129,3 +129,153 @@ def index_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: p
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+# --------------------------------------------------------------------------- index helpers
+#
+# Tests that "delete the index", look at its rows or check that nothing created it use
+# these, so that they run unchanged against the SQLite file and a PostgreSQL schema.
+
+
+def index_url(project: Path | None = None) -> str:
+    """The URL of the index a test's project uses: MACHINABLE_INDEX, else the project file."""
+    from machinable.catalog.engine import to_url
+
+    setting = os.environ.get("MACHINABLE_INDEX")
+    if setting:
+        return to_url(setting)
+    root = project if project is not None else Path.cwd()
+    return to_url(root / ".machinable.sqlite")
+
+
+def postgres_schema(url: str) -> str | None:
+    """The schema a PostgreSQL index URL selects with ``options=-csearch_path=...``, else None."""
+    import re
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    options = parsed.query.get("options") or ""
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    match = re.search(r"search_path\s*=\s*\"?([A-Za-z_][A-Za-z0-9_]*)", options)
+    if match is None:
+        raise AssertionError(f"the test index URL {url!r} names no schema; refusing to wipe 'public'")
+    return match.group(1)
+
+
+def _admin_engine():  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine
+
+    return create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+
+
+def wipe_index(project: Path | None = None) -> None:
+    """Delete the index wherever it is, as a user would (rm the file, drop the schema).
+
+    SQLite: the file and its ``-wal``/``-shm`` companions. PostgreSQL: the schema named
+    in MACHINABLE_INDEX is dropped and recreated empty (no tables, no alembic_version).
+    Every pooled connection of this process is closed first.
+    """
+    from sqlalchemy import text
+
+    from machinable.catalog.engine import sqlite_path
+
+    dispose_all()
+    url = index_url(project)
+    schema = postgres_schema(url)
+    if schema is not None:
+        admin = _admin_engine()
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        finally:
+            admin.dispose()
+        assert not index_exists(project)
+        return
+    path = sqlite_path(url)
+    assert path is not None, f"cannot wipe the index at {url}"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    assert not path.exists()
+
+
+def index_exists(project: Path | None = None) -> bool:
+    """Whether the project's index has been created: the SQLite file exists, or the
+    PostgreSQL schema holds any table. Never creates or migrates anything."""
+    from sqlalchemy import create_engine, inspect
+
+    from machinable.catalog.engine import sqlite_path
+
+    url = index_url(project)
+    schema = postgres_schema(url)
+    if schema is not None:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return bool(inspect(conn).get_table_names(schema=schema))
+        finally:
+            engine.dispose()
+    path = sqlite_path(url)
+    assert path is not None, f"cannot locate the index at {url}"
+    return path.exists()
+
+
+def table_rows(table: str, index=None) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """Every row of ``table`` in ``index`` (default: ``Index.get()``), sorted, read through
+    the index's own engine so it works on SQLite and PostgreSQL alike."""
+    from sqlalchemy import text
+
+    from machinable import Index
+
+    index = index if index is not None else Index.get()
+    with index.engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT * FROM {table}")).all()
+    return sorted((tuple(row) for row in rows), key=repr)
+
+
+def index_backend_name(project: Path | None = None) -> str:
+    """'sqlite' or 'postgresql': the backend of the project's index."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(index_url(project)).get_backend_name()
+
+
+@pytest.fixture
+def fresh_index(index_backend: str, tmp_path: Path):
+    """A factory of further, empty indexes on the test's backend: ``fresh_index("other")``
+    is a SQLite file in tmp_path, or an Index on a new PostgreSQL schema (dropped afterwards)."""
+    import uuid as uuidlib
+
+    from sqlalchemy import text
+
+    from machinable import Index
+
+    schemas: list[str] = []
+
+    def make(name: str = "other") -> Index:
+        if index_backend == "sqlite":
+            return Index(tmp_path / f"{name}.sqlite")
+        schema = f"mt_{uuidlib.uuid4().hex[:12]}"
+        admin = _admin_engine()
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        finally:
+            admin.dispose()
+        schemas.append(schema)
+        return Index(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+
+    yield make
+    if schemas:
+        dispose_all()
+        admin = _admin_engine()
+        try:
+            with admin.connect() as conn:
+                for schema in schemas:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        finally:
+            admin.dispose()

@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import calls, write_module
+from conftest import calls, index_url, postgres_schema, wipe_index, write_module
+from sqlalchemy import create_engine, text
 
 import machinable
 from machinable import Index, get
@@ -72,14 +73,6 @@ def assert_one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def delete_index(project: Path) -> None:
-    dispose_all()
-    for suffix in ("", "-wal", "-shm"):
-        path = project / f".machinable.sqlite{suffix}"
-        if path.exists():
-            path.unlink()
 
 
 # --------------------------------------------------------------------------- get
@@ -201,6 +194,7 @@ def test_machinable_storage_environment_variable(project: Path, tmp_path: Path) 
 def test_project_and_index_options_work_from_any_directory(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # --index wins over MACHINABLE_INDEX (set in the [postgresql] variant).
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -227,7 +221,7 @@ def test_reindex_after_deleting_the_index_brings_runs_back(project: Path) -> Non
     uuids = sorted(get("optimize", {"lr": lr}).uuid for lr in (0.5, 1.0))
     (project / "storage" / ("e" * 32)).mkdir()  # a bare folder: skipped, with a reason
 
-    delete_index(project)
+    wipe_index(project)
     assert "0 run(s)" in invoke("ls").stderr
 
     result = invoke("reindex")
@@ -245,7 +239,7 @@ def test_reindex_after_deleting_the_index_brings_runs_back(project: Path) -> Non
 def test_reindex_of_an_explicit_storage(project: Path, tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     invoke("--storage", str(target), "get", "optimize", "lr=0.5", "--launch")
-    delete_index(project)
+    wipe_index(project)
     result = invoke("reindex", str(target))
     assert str(target) in result.stdout and "1 added" in result.stdout
     uuid = get("optimize", {"lr": 0.5}).uuid
@@ -340,7 +334,8 @@ def test_a_failing_run_is_one_line_error(project: Path) -> None:
     assert Index.get().find(get("broken").uuid).status == "failed"
 
 
-def test_an_index_that_is_not_sqlite_is_one_line_error(project: Path) -> None:
+def test_an_index_that_is_not_sqlite_is_one_line_error(sqlite_project: Path) -> None:
+    project = sqlite_project
     index_file = project / ".machinable.sqlite"
     index_file.write_bytes(b"garbage" * 100)
     result = invoke("ls", ok=False)
@@ -351,13 +346,20 @@ def test_an_index_that_is_not_sqlite_is_one_line_error(project: Path) -> None:
 def test_an_index_newer_than_the_code_is_one_line_error(project: Path) -> None:
     invoke("get", "optimize", "lr=0.5", "--launch")
     dispose_all()
-    index_file = project / ".machinable.sqlite"
-    with sqlite3.connect(index_file) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
-    conn.close()
+    url = index_url(project)
+    if postgres_schema(url) is None:  # the SQLite file, written with plain sqlite3
+        with sqlite3.connect(project / ".machinable.sqlite") as conn:
+            conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
+        conn.close()
+    else:
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+        engine.dispose()
     result = invoke("get", "optimize", "lr=1.0", "--launch", ok=False)
     assert_one_line_error(result, "ffff9999", "upgrade machinable")
-    assert sorted(os.listdir(project / "storage")) == [get("optimize", {"lr": 0.5}).uuid]
+    # No run directory was made (the launch locks live in storage/.locks).
+    assert set(os.listdir(project / "storage")) - {".locks"} == {get("optimize", {"lr": 0.5}).uuid}
 
 
 # --------------------------------------------------------------------------- help

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import OPTIMIZE, calls, run_python, write_module
+from conftest import OPTIMIZE, calls, index_exists, run_python, write_module
 
 from machinable import Project, Scope, Storage, get
 from machinable.errors import MachinableError, ModuleResolutionError
@@ -33,11 +33,13 @@ def make_project(root: Path, default_lr: float = 0.1) -> Path:
 # Storage
 
 
-def test_default_storage_is_the_project_storage_folder(project: Path) -> None:
+def test_default_storage_is_the_project_storage_folder(project: Path, index_backend: str) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
     assert run.local_directory() == project / "storage" / run.uuid
     assert (project / "storage" / run.uuid / "finished_at").is_file()
-    assert (project / ".machinable.sqlite").is_file()
+    # The index is the project's SQLite file, or the PostgreSQL schema MACHINABLE_INDEX names.
+    assert index_exists(project)
+    assert (project / ".machinable.sqlite").is_file() == (index_backend == "sqlite")
 
 
 def test_absolute_storage_is_used_as_is(project: Path, tmp_path: Path) -> None:
@@ -121,7 +123,7 @@ def test_machinable_storage_environment(
 # Project
 
 
-def test_project_context_from_another_cwd(project: Path, elsewhere: Path) -> None:
+def test_project_context_from_another_cwd(project: Path, elsewhere: Path, index_backend: str) -> None:
     with pytest.raises(ModuleResolutionError, match="optimize"):
         get("optimize")
     with Project(project):
@@ -129,7 +131,8 @@ def test_project_context_from_another_cwd(project: Path, elsewhere: Path) -> Non
         run = get("optimize", {"lr": 0.5}).launch()
     assert run.local_directory() == project / "storage" / run.uuid
     assert (project / "storage" / run.uuid / "finished_at").is_file()
-    assert (project / ".machinable.sqlite").is_file()
+    assert index_exists(project)
+    assert (project / ".machinable.sqlite").is_file() == (index_backend == "sqlite")
     assert calls(project) == [run.uuid]
     assert os.listdir(elsewhere) == []
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import OPTIMIZE, calls, run_python, write_module
+from conftest import OPTIMIZE, calls, index_exists, run_python, table_rows, write_module
 
 import machinable.catalog.index
 from machinable import Interface, MachinableError, Project, Scope, get
@@ -85,15 +84,11 @@ class Slow(Interface):
 
 
 def index_rows(project: Path) -> list[tuple]:
-    """Every row of the project's index file, read with plain sqlite3."""
-    path = project / ".machinable.sqlite"
-    if not path.exists():
+    """Every row of the project's index (runs, then locations), on SQLite or PostgreSQL;
+    empty while the index does not exist (reading it never creates it)."""
+    if not index_exists(project):
         return []
-    with sqlite3.connect(path) as conn:
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "runs" not in tables:
-            return []
-        return sorted(conn.execute("SELECT * FROM runs").fetchall())
+    return table_rows("runs") + table_rows("locations")
 
 
 def tree(root: Path) -> list[str]:
@@ -486,7 +481,7 @@ def stored(project: Path):
     def unchanged() -> bool:
         return (tree(project / "storage"), index_rows(project), calls(project)) == before
 
-    assert len(before[1]) == 1
+    assert len(before[1]) == 2  # one run, one location
     return unchanged
 
 
@@ -601,6 +596,7 @@ def test_bad_input_in_a_fresh_project_creates_nothing(project: Path) -> None:
     assert after == [p for p in before if "__pycache__" not in p]
     assert not (project / "storage").exists()
     assert not (project / ".machinable.sqlite").exists()
+    assert not index_exists(project)  # the SQLite file, or any table in the PostgreSQL schema
 
 
 def test_get_rejects_a_non_module(stored) -> None:

@@ -1,6 +1,9 @@
 """The index schema under Alembic: the checkout's CLI, model/migration agreement, every
-migration both ways on a real file, refusing indexes this code cannot read, and an
-installed wheel (not the editable checkout) creating its index on first use."""
+migration both ways on a real index, refusing indexes this code cannot read, and an
+installed wheel (not the editable checkout) creating its index on first use.
+
+Tests taking ``project`` or ``fresh_index`` run on a SQLite file and on a fresh
+PostgreSQL schema; the not-a-database file and the wheel test are about SQLite files."""
 
 from __future__ import annotations
 
@@ -18,7 +21,17 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import OPTIMIZE, calls, run_python, write_module
+from conftest import (
+    OPTIMIZE,
+    calls,
+    index_url,
+    postgres_schema,
+    run_python,
+    table_rows,
+    write_module,
+)
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from machinable import Index, get
 from machinable.catalog.engine import (
@@ -36,16 +49,51 @@ REPO = Path(__file__).resolve().parents[1]
 TABLES = {"runs", "locations", "remotes", "availability"}
 
 
-def tables(path: Path) -> set[str]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    return {name for (name,) in rows if not name.startswith("sqlite_")}
+def _url(where: Path | str | Index) -> str:
+    if isinstance(where, Index):
+        return where.resolved_url
+    return to_url(where)
 
 
-def revision(path: Path) -> str | None:
-    with sqlite3.connect(path) as conn:
-        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+def tables(where: Path | str | Index) -> set[str]:
+    """The tables of an index (a SQLite path, a URL or an Index), read with a plain engine:
+    nothing is created or migrated."""
+    url = _url(where)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            names = inspect(conn).get_table_names(schema=postgres_schema(url))
+    finally:
+        engine.dispose()
+    return {name for name in names if not name.startswith("sqlite_")}
+
+
+def revision(where: Path | str | Index) -> str | None:
+    engine = create_engine(_url(where))
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).fetchone()
+    finally:
+        engine.dispose()
     return row[0] if row else None
+
+
+def snapshot(where: Path | str | Index) -> dict[str, list[tuple]]:
+    """Every row of every table, read with a plain engine (works on a refused index)."""
+    engine = create_engine(_url(where))
+    try:
+        with engine.connect() as conn:
+            return {
+                name: sorted((tuple(row) for row in conn.execute(text(f"SELECT * FROM {name}"))), key=repr)
+                for name in tables(where)
+            }
+    finally:
+        engine.dispose()
+
+
+def spec(index: Index) -> str:
+    """What a user puts in MACHINABLE_INDEX for this index: a file path, or the URL."""
+    return str(index.path) if index.path is not None else index.resolved_url
 
 
 def sha256(path: Path) -> str:
@@ -59,13 +107,13 @@ def script() -> ScriptDirectory:
 # --------------------------------------------------------------------------- alembic CLI
 
 
-def test_alembic_upgrade_head_from_the_checkout_creates_the_schema(tmp_path: Path) -> None:
-    catalog = tmp_path / "catalog.sqlite"
+def test_alembic_upgrade_head_from_the_checkout_creates_the_schema(fresh_index) -> None:
+    catalog = fresh_index("catalog")
     checkout_default = (REPO / ".machinable.sqlite").exists()
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],
         cwd=REPO,
-        env={**os.environ, "MACHINABLE_INDEX": str(catalog)},
+        env={**os.environ, "MACHINABLE_INDEX": spec(catalog)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -76,14 +124,14 @@ def test_alembic_upgrade_head_from_the_checkout_creates_the_schema(tmp_path: Pat
     # MACHINABLE_INDEX won over the ini's default URL.
     assert (REPO / ".machinable.sqlite").exists() == checkout_default
 
-    # machinable opens the file alembic made and uses it as is.
-    assert Index(catalog).count() == 0
+    # machinable opens the index alembic made and uses it as is.
+    assert catalog.count() == 0
     assert revision(catalog) == SCHEMA_HEAD
 
 
-def test_alembic_current_and_downgrade_through_the_cli(tmp_path: Path) -> None:
-    catalog = tmp_path / "catalog.sqlite"
-    env = {**os.environ, "MACHINABLE_INDEX": str(catalog)}
+def test_alembic_current_and_downgrade_through_the_cli(fresh_index) -> None:
+    catalog = fresh_index("catalog")
+    env = {**os.environ, "MACHINABLE_INDEX": spec(catalog)}
 
     def alembic(*args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -115,8 +163,10 @@ def test_exactly_one_head_and_it_is_the_codes_schema_head() -> None:
     assert (REPO / "alembic.ini").read_text().count("script_location = %(here)s/migrations") == 1
 
 
-def test_models_and_migrations_agree(tmp_path: Path) -> None:
-    url = to_url(tmp_path / "agree.sqlite")
+def test_models_and_migrations_agree(fresh_index, monkeypatch: pytest.MonkeyPatch) -> None:
+    # migrations/env.py prefers MACHINABLE_INDEX to the config's URL: leave only the URL.
+    monkeypatch.delenv("MACHINABLE_INDEX", raising=False)
+    url = fresh_index("agree").resolved_url
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
     command.check(cfg)  # raises AutogenerateDiffsDetected on any difference
@@ -132,9 +182,12 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
         engine.dispose()
 
 
-def test_every_migration_upgrades_and_downgrades_on_a_real_file(tmp_path: Path) -> None:
-    path = tmp_path / "steps.sqlite"
-    cfg = alembic_config(to_url(path))
+def test_every_migration_upgrades_and_downgrades_on_a_real_index(
+    fresh_index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MACHINABLE_INDEX", raising=False)  # env.py would prefer it to the URL
+    path = fresh_index("steps")
+    cfg = alembic_config(path.resolved_url)
     revisions = list(reversed(list(script().walk_revisions())))  # base first
     assert revisions and revisions[-1].revision == SCHEMA_HEAD
 
@@ -154,24 +207,25 @@ def test_every_migration_upgrades_and_downgrades_on_a_real_file(tmp_path: Path) 
     assert revision(path) == SCHEMA_HEAD
 
 
-def test_a_migrated_file_holds_runs(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    catalog = tmp_path / "catalog.sqlite"
-    command.upgrade(alembic_config(to_url(catalog)), "head")
-    monkeypatch.setenv("MACHINABLE_INDEX", str(catalog))
+def test_a_migrated_index_holds_runs(project: Path, monkeypatch: pytest.MonkeyPatch, fresh_index) -> None:
+    catalog = fresh_index("catalog")
+    monkeypatch.delenv("MACHINABLE_INDEX", raising=False)  # env.py would prefer it to the URL
+    command.upgrade(alembic_config(catalog.resolved_url), "head")
+    assert revision(catalog) == SCHEMA_HEAD
+    monkeypatch.setenv("MACHINABLE_INDEX", spec(catalog))
     run = get("optimize", {"lr": 0.5}).launch()
     assert Index.get().find(run.uuid).status == "finished"
-    with sqlite3.connect(catalog) as conn:
-        assert conn.execute("SELECT uuid FROM runs").fetchall() == [(run.uuid,)]
+    assert [row[0] for row in table_rows("runs", catalog)] == [run.uuid]
 
 
 def test_an_older_index_is_upgraded_on_first_use_and_keeps_its_runs(project: Path) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
-    index_file = project / ".machinable.sqlite"
+    index_file = index_url(project)  # the project's file, or MACHINABLE_INDEX's schema
     before = Index.get().find(run.uuid)
     dispose_all()
-    # Take the file back to the oldest schema, as an older machinable left it.
+    # Take the index back to the oldest schema, as an older machinable left it.
     oldest = list(script().walk_revisions())[-1].revision
-    command.downgrade(alembic_config(to_url(index_file)), oldest)
+    command.downgrade(alembic_config(index_file), oldest)
     assert revision(index_file) == oldest
 
     again = get("optimize", {"lr": 0.5})
@@ -185,18 +239,28 @@ def test_an_older_index_is_upgraded_on_first_use_and_keeps_its_runs(project: Pat
 # --------------------------------------------------------------------------- refusals
 
 
-def _newer_index(path: Path) -> None:
-    assert Index(path).count() == 0
+def _newer_index(url: str) -> None:
+    """Create the index, then stamp it with a revision this code does not know:
+    with plain sqlite3 on a file, through SQLAlchemy on a server."""
+    assert Index(url).count() == 0
     dispose_all()
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
-    conn.close()
+    if postgres_schema(url) is None:
+        with sqlite3.connect(make_url(url).database) as conn:
+            conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
+        conn.close()
+        return
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+    engine.dispose()
 
 
-def test_an_index_newer_than_the_code_is_refused_and_left_alone(project: Path) -> None:
-    index_file = project / ".machinable.sqlite"
+def test_an_index_newer_than_the_code_is_refused_and_left_alone(project: Path, index_backend: str) -> None:
+    index_file = index_url(project)
     _newer_index(index_file)
-    digest = sha256(index_file)
+    rows = snapshot(index_file)
+    path = make_url(index_file).database if index_backend == "sqlite" else None
+    digest = sha256(Path(path)) if path else None
 
     with pytest.raises(IndexNewerThanCode) as caught:
         get("optimize", {"lr": 0.5}).launch()
@@ -210,13 +274,16 @@ def test_an_index_newer_than_the_code_is_refused_and_left_alone(project: Path) -
     with pytest.raises(IndexNewerThanCode):
         Index.get().find("0" * 32)
     dispose_all()
-    assert sha256(index_file) == digest
+    if path:
+        assert sha256(Path(path)) == digest
+    assert snapshot(index_file) == rows
     assert revision(index_file) == "ffff9999"
     assert tables(index_file) == TABLES | {"alembic_version"}
     assert not (project / "storage").exists()  # nothing was computed or written
 
 
-def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(project: Path) -> None:
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(sqlite_project: Path) -> None:
+    project = sqlite_project
     index_file = project / ".machinable.sqlite"
     garbage = b"this is not a database\n" + bytes(range(256)) * 16
     index_file.write_bytes(garbage)
@@ -234,9 +301,13 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(project: Path) -> N
     assert not (project / "storage").exists()
 
 
-def test_many_processes_opening_one_new_index_at_once(project: Path, tmp_path: Path) -> None:
-    catalog = tmp_path / "fresh" / "catalog.sqlite"
-    env = {**os.environ, "MACHINABLE_INDEX": str(catalog)}
+def test_many_processes_opening_one_new_index_at_once(project: Path, fresh_index) -> None:
+    catalog = fresh_index("fresh/catalog")  # not yet created: no file, or an empty schema
+    if catalog.path is not None:
+        assert not catalog.path.parent.exists()
+    else:
+        assert tables(catalog) == set()
+    env = {**os.environ, "MACHINABLE_INDEX": spec(catalog)}
     code = textwrap.dedent(
         """
         import sys
@@ -262,8 +333,7 @@ def test_many_processes_opening_one_new_index_at_once(project: Path, tmp_path: P
         uuids.append(out.strip())
     assert revision(catalog) == SCHEMA_HEAD
     assert len(set(uuids)) == 6
-    with sqlite3.connect(catalog) as conn:
-        assert sorted(u for (u,) in conn.execute("SELECT uuid FROM runs")) == sorted(uuids)
+    assert sorted(row[0] for row in table_rows("runs", catalog)) == sorted(uuids)
 
 
 # --------------------------------------------------------------------------- wheel
