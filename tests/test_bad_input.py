@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_python, write_module
+from conftest import index_url, postgres_schema, run_python, wipe_index, write_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, select
+from sqlalchemy import create_engine, delete, select, text
 
 from machinable import Index, get
 from machinable.catalog.engine import dispose_all
@@ -236,8 +236,7 @@ def corrupt(directory: Path, file: str, action: Any) -> None:
         path.write_bytes(action)
 
 
-def test_corrupt_headers_among_2000_good_records(sqlite_project: Path) -> None:
-    project = sqlite_project
+def test_corrupt_headers_among_2000_good_records(project: Path) -> None:
     write_module(project, "trivial", TRIVIAL)
     storage = project / "storage"
     good = make_records(storage, 0, 2000)
@@ -272,9 +271,7 @@ def test_corrupt_headers_among_2000_good_records(sqlite_project: Path) -> None:
         assert f"skipped {path}: {reason}" in str(report)
 
     # Rebuilt from scratch: every good record is back, every bad one is reported.
-    dispose_all()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{project / '.machinable.sqlite'}{suffix}").unlink(missing_ok=True)
+    wipe_index(project)  # the SQLite file and its companions, or the PostgreSQL schema
     fresh = Index.get().reindex()
     assert fresh.added == 2001 - len(rotten)
     assert dict(fresh.skipped) == skipped
@@ -635,15 +632,37 @@ def test_an_index_that_is_not_sqlite_is_refused_and_left_alone(sqlite_project: P
         before.check()
 
 
-def test_an_index_newer_than_the_code_is_refused_and_left_alone(sqlite_project: Path) -> None:
-    project = sqlite_project
+def _raw_rows(url: str) -> list[tuple]:
+    """Runs, locations and the revision, read with a plain engine (no migration check)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [
+                tuple(row)
+                for table in ("runs", "locations", "alembic_version")
+                for row in sorted(conn.execute(text(f"SELECT * FROM {table}")).all(), key=repr)
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_an_index_newer_than_the_code_is_refused_and_left_alone(project: Path) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
+    url = index_url(project)
     index_file = project / ".machinable.sqlite"
     dispose_all()
-    with sqlite3.connect(index_file) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
-    conn.close()
-    digest = index_file.read_bytes()
+    if postgres_schema(url) is None:  # the SQLite file, stamped with plain sqlite3
+        with sqlite3.connect(index_file) as conn:
+            conn.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
+        conn.close()
+    else:  # a PostgreSQL schema, stamped through SQLAlchemy
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+        engine.dispose()
+    stored_rows = _raw_rows(url)
+    assert ("ffff9999",) in stored_rows
+    digest = index_file.read_bytes() if postgres_schema(url) is None else None
     before = Unchanged(project / "storage", index=False)
     for action in (
         lambda: get("optimize", {"lr": 0.7}).launch(),
@@ -654,7 +673,9 @@ def test_an_index_newer_than_the_code_is_refused_and_left_alone(sqlite_project: 
         with pytest.raises(IndexNewerThanCode, match="ffff9999"):
             action()
         dispose_all()
-    assert index_file.read_bytes() == digest
+    if digest is not None:
+        assert index_file.read_bytes() == digest
+    assert _raw_rows(url) == stored_rows
     before.check()
 
 
