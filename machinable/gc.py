@@ -57,6 +57,9 @@ def collect(
     from machinable.stores import AVAILABILITY, REMOTES
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
+    if storage is not None and not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise MachinableError(f"storage {root} {what}")
     found: list[Garbage] = []
 
     with index.engine.connect() as conn:
@@ -98,8 +101,9 @@ def collect(
         locks = root / LOCKS_DIR
         if locks.is_dir():
             for lock in os.scandir(locks):
-                if not (root / lock.name.removesuffix(".lock")).is_dir():
-                    found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path: os.unlink(p)))
+                run_dir = root / lock.name.removesuffix(".lock")
+                if not run_dir.is_dir():
+                    found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_lock(p, d)))
 
     if stores:
         from machinable.stores import known_stores, resolve_store
@@ -123,6 +127,24 @@ def _old(path: str) -> bool:
         return time.time() - os.lstat(path).st_mtime > MIN_AGE_SECONDS
     except FileNotFoundError:
         return False
+
+
+def _drop_lock(path: str, run_dir: Path) -> None:
+    """Delete a launch lock whose run directory is gone, unless a launch took it since."""
+    import filelock
+
+    if run_dir.is_dir() or not os.path.exists(path):
+        return  # a launch created the directory since the listing, or it is gone
+    lock = filelock.FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return
+    try:
+        if not run_dir.is_dir():
+            os.unlink(path)
+    finally:
+        lock.release()
 
 
 def run(items: list[Garbage]) -> list[Garbage]:
@@ -179,6 +201,7 @@ def _drop_failed(index: Index, uuid: str, directory: str) -> None:
     elif path.exists():
         shutil.rmtree(path)
     index.drop_location(uuid, path)
+    _drop_lock(str(path.parent / LOCKS_DIR / f"{path.name}.lock"), path)
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:

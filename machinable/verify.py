@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,11 @@ class VerifyReport:
 
     def __str__(self) -> str:
         lines = [str(f) for f in self.findings]
+        if self.resumed_after is not None:
+            lines.append(
+                f"resumed after {self.resumed_after} (the checkpoint of an interrupted pass; "
+                "its findings are included)"
+            )
         repaired = len(self.findings) - len(self.unrepaired)
         lines.append(
             f"checked {self.checked} run directories in {self.storage}: "
@@ -99,19 +104,6 @@ def verify(
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     report = VerifyReport(storage=str(root))
-    checkpoint = root / CHECKPOINT
-    start_after = ""
-    if resume and checkpoint.is_file():
-        try:
-            start_after = str(json.loads(checkpoint.read_text())["last"])
-            report.resumed_after = start_after
-        except (ValueError, KeyError, TypeError):
-            start_after = ""
-    try:
-        names = sorted(n for n in os.listdir(root) if not n.startswith(".") and n > start_after)
-    except FileNotFoundError:
-        names = []
-
     with index.engine.connect() as conn:
         located = {
             directory: run_uuid
@@ -119,6 +111,29 @@ def verify(
                 select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid).where(LOCATIONS.c.storage == str(root))
             )
         }
+    if storage is not None and not root.is_dir() and (root.exists() or not located):
+        # a mistyped path must not verify "clean"; a deleted storage the index
+        # still lists is verified (every row's directory is reported missing)
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise MachinableError(f"storage {root} {what}, and the index lists no runs there")
+    checkpoint = root / CHECKPOINT
+    start_after = ""
+    if resume and checkpoint.is_file():
+        try:
+            saved = json.loads(checkpoint.read_text())
+            start_after = str(saved["last"])
+            findings = [Finding(**item) for item in saved.get("findings", [])]
+            checked = int(saved.get("checked", 0))
+            unchecked = [str(u) for u in saved.get("unchecked", [])]
+        except (ValueError, KeyError, TypeError):
+            start_after = ""
+        else:
+            report.resumed_after = start_after
+            report.findings, report.checked, report.unchecked = findings, checked, unchecked
+    try:
+        names = sorted(n for n in os.listdir(root) if not n.startswith(".") and n > start_after)
+    except FileNotFoundError:
+        names = []
 
     def note(target: str, kind: str, detail: str, fix: Any = None) -> None:
         finding = Finding(target, kind, detail)
@@ -132,7 +147,9 @@ def verify(
 
     seen: set[str] = set()
     batch: list[str] = []
-    for position, name in enumerate(track(names, total=len(names), description=f"verify {root}", show=progress)):
+    size = max(1, min(500, CHECKPOINT_EVERY))
+    saved_at = report.checked
+    for name in track(names, total=len(names), description=f"verify {root}", show=progress):
         directory = root / name
         if not directory.is_dir() or directory.is_symlink():
             continue
@@ -141,24 +158,33 @@ def verify(
             continue
         seen.add(str(directory))
         batch.append(name)
-        if len(batch) >= 500:
+        if len(batch) >= size:
             _check_batch(index, root, batch, note, checksums, report)
+            if report.checked - saved_at >= CHECKPOINT_EVERY:
+                # only directories already checked are behind the checkpoint, and
+                # what they showed is saved with it, so a resumed pass loses nothing
+                saved = {
+                    "last": batch[-1],
+                    "checked": report.checked,
+                    "findings": [asdict(f) for f in report.findings],
+                    "unchecked": report.unchecked,
+                }
+                atomic_write(checkpoint, json.dumps(saved))
+                saved_at = report.checked
             batch = []
-        if resume and position and position % CHECKPOINT_EVERY == 0:
-            atomic_write(checkpoint, json.dumps({"last": name}))
     if batch:
         _check_batch(index, root, batch, note, checksums, report)
 
-    if not start_after:  # rows of directories that are gone (only on a whole pass)
-        for directory, run_uuid in sorted(located.items()):
-            if directory in seen or os.path.isdir(directory):
-                continue
-            note(
-                run_uuid,
-                "directory missing",
-                f"indexed at {directory}, which is gone",
-                lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
-            )
+    # rows of directories that are gone (after a resumed pass too: seen or isdir is exact)
+    for directory, run_uuid in sorted(located.items()):
+        if directory in seen or os.path.isdir(directory):
+            continue
+        note(
+            run_uuid,
+            "directory missing",
+            f"indexed at {directory}, which is gone",
+            lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
+        )
     if checkpoint.exists():
         checkpoint.unlink()
     return report
@@ -178,6 +204,17 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
             )
         }
+        stored: set[str] = set()
+        if checksums:  # one query per batch, not one per run, for who has a store copy
+            from machinable.stores import AVAILABILITY
+
+            stored = set(
+                conn.execute(
+                    select(AVAILABILITY.c.run_uuid).where(
+                        AVAILABILITY.c.run_uuid.in_(names), AVAILABILITY.c.state == "present"
+                    )
+                ).scalars()
+            )
     for name in names:
         directory = root / name
         report.checked += 1
@@ -190,23 +227,23 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             continue
         row = rows.get(name)
         ingest = lambda d=directory: index.ingest_directory(d)  # noqa: E731
+        disk_status = status_of(entries)
         if row is None:
             note(name, "not indexed", f"{directory} holds a run the index does not know", ingest)
-            continue
-        differing = [k for k in ("project", "module", "config_key", "predicate_key") if row[k] != header[k]]
-        if differing:
-            note(name, "identity collision", f"the index row has a different {', '.join(differing)}")
-            continue
-        disk_status = status_of(entries)
-        if row["status"] != disk_status:
-            expected = row_values(header, model, read_markers(directory, entries))["status"]
-            note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
-        elif (name, str(directory)) not in located:
-            note(name, "location missing", f"the index does not list {directory}", ingest)
+        else:
+            differing = [k for k in ("project", "module", "config_key", "predicate_key") if row[k] != header[k]]
+            if differing:
+                note(name, "identity collision", f"the index row has a different {', '.join(differing)}")
+                continue
+            if row["status"] != disk_status:
+                expected = row_values(header, model, read_markers(directory, entries))["status"]
+                note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
+            elif (name, str(directory)) not in located:
+                note(name, "location missing", f"the index does not list {directory}", ingest)
         if disk_status == "started" and _dead(directory):
             note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
         if checksums:
-            if not _check_contents(index, directory, name, note):
+            if name not in stored or not _check_contents(index, directory, name, note):
                 report.unchecked.append(name)
 
 
