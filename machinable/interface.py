@@ -255,11 +255,16 @@ class Interface:
         return "stale"
 
     def cached(self) -> bool:
-        """True when the run finished (here or in any location the index knows)."""
+        """True when the run finished and its data exists: here, in another location
+        the index knows, or as a verified copy in a store (an evicted run)."""
         status = self._index.status(self.uuid)
-        if status == "finished":
-            return True
         directory = self._default_directory()
+        if status == "finished":
+            if os.path.isfile(os.path.join(directory, SENTINEL)):
+                return True
+            # The row says finished but the usual directory is not here: only a copy
+            # elsewhere counts; if the data is gone everywhere, launch() recomputes it.
+            return self._index.has_copy(self.uuid)
         if os.path.isfile(os.path.join(directory, "finished_at")) and status is None:
             # The directory finished but the index does not know it (deleted index, a
             # copied folder): take the record in rather than computing it again.

@@ -261,6 +261,21 @@ class Index(Context):
         with self.engine.connect() as conn:
             return conn.execute(select(RUNS.c.status).where(RUNS.c.uuid == uuid)).scalar()
 
+    def has_copy(self, uuid: str) -> bool:
+        """Does the run's data exist: a local directory that is present, or a present store copy?"""
+        from machinable.catalog.models import Availability
+
+        if self.local_directory(uuid) is not None:
+            return True
+        table = Availability.__table__
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(table.c.id).where(table.c.run_uuid == uuid, table.c.state == "present").limit(1)
+                ).first()
+                is not None
+            )
+
     def find(self, uuid: str) -> RunRecord | None:
         """The indexed run with this uuid, or None."""
         with self.engine.connect() as conn:

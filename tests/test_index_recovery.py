@@ -1,4 +1,4 @@
-"""Large storages are read by several processes; the result is the same rows."""
+"""Index recovery: large storages scanned in parallel, lost data computed again."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def test_parallel_scan_gives_the_same_rows_as_a_serial_one(project: Path, monkey
 
     again = Index.get().reindex()
     assert again.unchanged + again.updated == 12 and again.added == 0
+
+
+def test_a_finished_run_whose_data_is_gone_everywhere_is_computed_again(project: Path):
+    from conftest import calls
+
+    run = get("optimize", {"lr": 0.3})
+    run.launch()
+    shutil.rmtree(run.local_directory())  # lost: no other location, no store copy
+    assert Index.get().find(run.uuid).status == "finished"
+    assert not run.cached()
+    run.launch()
+    assert calls(project).count(run.uuid) == 2
+    assert run.cached() and run.loss() == pytest.approx(1 / (1 + 0.3 * 100))
