@@ -340,11 +340,11 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
     dest = run._default_directory()
     problems: list[str] = []
     for candidate in candidate_stores(index, run.uuid, store):
-        remote_id = register(index, candidate)
-        try:
+        try:  # a store that cannot be opened here (unknown protocol) must not stop the others
+            remote_id = register(index, candidate)
             result = candidate.fetch([(run.uuid, dest)], progress=enabled(progress))[run.uuid]
         except (StoreError, OSError) as exc:
-            problems.append(f"{candidate.name}: {exc}")
+            problems.append(f"{candidate._name or candidate.url}: {exc}")
             continue
         _record_results(index, remote_id, {run.uuid: result})
         if index.status(run.uuid) is None:
@@ -391,8 +391,8 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
             break
     if verified_copy is None:
         for candidate in candidate_stores(index, run.uuid):
-            remote_id = register(index, candidate)
             try:
+                remote_id = register(index, candidate)
                 state = candidate.verify(run.uuid, manifest)
             except (StoreError, OSError):
                 continue
