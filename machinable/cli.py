@@ -267,18 +267,14 @@ def push_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str, select
 @click.pass_obj
 def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None, select_all: bool, where: str | None, options: tuple[str, ...]) -> None:
     """Bring evicted runs back from a store that has a verified copy."""
-    from machinable.stores import fetch
+    from machinable.stores import fetch_many
 
     with _contexts(obj):
         source = _store(store, options) if store else None
-        fetched = 0
-        for ref in _refs(uuids, select_all, where):
-            if ref.is_mounted():
-                continue
-            directory = fetch(ref, source, progress=_progress(obj))
-            click.echo(f"{ref.uuid} -> {directory}")
-            fetched += 1
-    click.echo(f"fetched {fetched} run(s)")
+        fetched = fetch_many(_refs(uuids, select_all, where), source, progress=_progress(obj))
+    for uuid, directory in sorted(fetched.items()):
+        click.echo(f"{uuid} -> {directory}")
+    click.echo(f"fetched {len(fetched)} run(s)")
 
 
 @cli.command("evict")

@@ -360,6 +360,49 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
     )
 
 
+def fetch_many(
+    runs: list[Interface | RunRef], store: RemoteStore | str | None = None, *, progress: bool | None = None
+) -> dict[str, Path]:
+    """Fetch many evicted runs: one bulk transfer per store, then one run at a time
+    (trying every store that may hold it) for whatever the bulk pass did not bring."""
+    from machinable.progress import enabled
+
+    wanted = [run for run in runs if not run.is_mounted()]
+    done: dict[str, Path] = {}
+    if not wanted:
+        return done
+    index = wanted[0].index
+    groups: dict[str, tuple[RemoteStore, list[Interface | RunRef]]] = {}
+    for run in wanted:
+        candidates = candidate_stores(index, run.uuid, store)
+        if candidates:
+            first = candidates[0]
+            groups.setdefault(first.url, (first, []))[1].append(run)
+    for candidate, members in groups.values():
+        try:
+            remote_id = register(index, candidate)
+            results = candidate.fetch(
+                [(run.uuid, run._default_directory()) for run in members], progress=enabled(progress)
+            )
+        except transfer.TransferError as error:
+            results = error.results
+        except (StoreError, OSError):
+            continue
+        _record_results(index, remote_id, results)
+        for run in members:
+            if run.uuid in results:
+                dest = run._default_directory()
+                if index.status(run.uuid) is None:
+                    index.ingest_directory(dest)
+                else:
+                    index.add_location(run.uuid, dest)
+                done[run.uuid] = dest
+    for run in wanted:
+        if run.uuid not in done:
+            done[run.uuid] = fetch(run, store, progress=progress)
+    return done
+
+
 def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
     """Delete the local copy once another copy is verified (within ``max_age``, or now)."""
     directory = run.local_directory()
