@@ -11,6 +11,10 @@ import pytest
 
 from machinable.catalog.engine import dispose_all
 
+# The S3 server (SeaweedFS) and the HTTP server fixtures, registered once so that every
+# test module shares one session-scoped S3 server.
+pytest_plugins = ["s3server", "httpserver"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 OPTIMIZE = '''

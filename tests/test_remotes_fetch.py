@@ -28,8 +28,6 @@ from machinable.remotes import (
     validate_name,
 )
 
-pytest_plugins = ["httpserver"]
-
 MODULE = b'"""A shareable module."""\n\nVALUE = 42\n\n\ndef hello():\n    return "hi"\n'
 MODULE_SHA = hashlib.sha256(MODULE).hexdigest()
 

@@ -19,8 +19,6 @@ from machinable import MachinableError, Project, get
 from machinable.errors import RemoteError
 from machinable.project import forget_imports
 
-pytest_plugins = ["httpserver"]
-
 SLURM = """
 from pathlib import Path
 

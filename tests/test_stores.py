@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, index_backend_name, index_url, table_rows, wipe_index, write_module
-from s3server import s3_server, s3_store_url  # noqa: F401
 from sqlalchemy import inspect, update
 
 from machinable import Index, RemoteStore, Storage, get

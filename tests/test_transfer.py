@@ -16,7 +16,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from s3server import s3_server, s3_store_url  # noqa: F401
 
 from machinable.errors import StoreError
 from machinable.transfer import (
