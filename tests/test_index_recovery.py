@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import wipe_index
 
 import machinable.catalog.index as index_module
-from conftest import wipe_index
 from machinable import Index, get
 
 
