@@ -70,9 +70,16 @@ class Project(Context):
     @property
     def name(self) -> str:
         if self._name:
-            return self._name
-        provider = self.provider
-        return provider.on_resolve_name() or provider._name or self.path.name
+            name = self._name
+        else:
+            provider = self.provider
+            name = provider.on_resolve_name() or provider._name or self.path.name
+        if len(name) > MAX_NAME:
+            raise ModuleResolutionError(
+                f"project name {name[:40]!r}... is {len(name)} characters long; the limit is {MAX_NAME} "
+                "(set a shorter one with Project(path, name=...) or on_resolve_name())"
+            )
+        return name
 
     def remotes(self) -> dict[str, str]:
         provider = self.provider
@@ -115,7 +122,15 @@ def provider_for(path: Path) -> Project:
         return provider
 
 
+MAX_NAME = 255  # the index's module and project columns
+
+
 def validate_module_name(module: str) -> str:
+    if isinstance(module, str) and len(module) > MAX_NAME:
+        raise ModuleResolutionError(
+            f"module name {module[:40]!r}... is {len(module)} characters long; the limit is {MAX_NAME}",
+            module=module[:40],
+        )
     if not isinstance(module, str) or not MODULE_NAME.match(module):
         raise ModuleResolutionError(
             f"{module!r} is not a valid module name (use dotted Python identifiers, "

@@ -17,6 +17,11 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
+    """An index named by the caller (machinable's alembic_config) wins over the
+    environment, which wins over alembic.ini."""
+    explicit = config.get_main_option("machinable.url")
+    if explicit:
+        return explicit
     setting = index_setting()
     return to_url(setting) if setting else config.get_main_option("sqlalchemy.url")
 

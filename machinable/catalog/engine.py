@@ -71,6 +71,7 @@ def alembic_config(url: str | None = None):  # -> alembic.config.Config
     cfg.set_main_option("script_location", str(migrations_dir()))
     if url:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        cfg.set_main_option("machinable.url", url.replace("%", "%%"))
     return cfg
 
 
