@@ -296,8 +296,18 @@ def retry_busy(action: Callable[[], T], attempts: int = 8) -> T:
         try:
             return action()
         except OperationalError as exc:
-            if not is_busy(exc) or attempt == attempts - 1:
-                raise
+            if not is_busy(exc):
+                raise IndexError_(f"the index refused a write: {_reason(exc)}") from exc
+            if attempt == attempts - 1:
+                raise IndexError_(
+                    f"the index stayed busy through {attempts} attempts: {_reason(exc)}"
+                ) from exc
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
+        except DBAPIError as exc:  # constraint, data or driver errors: one boundary
+            raise IndexError_(f"the index refused a write: {_reason(exc)}") from exc
     raise AssertionError("unreachable")
+
+
+def _reason(exc: DBAPIError) -> str:
+    return " ".join(str(getattr(exc, "orig", exc)).split())[:500]
