@@ -565,12 +565,15 @@ class Index(Context):
 
         def write() -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
-                collisions = self._check_identity(conn, rows) if rows else {}
+                # Rebuilding an empty index (the common case after deleting it) has
+                # nothing to collide with: skip the per-run lookups.
+                empty = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
+                collisions = self._check_identity(conn, rows) if rows and not empty else {}
                 good = [row for row in rows if row["uuid"] not in collisions]
                 for uuid, reason in collisions.items():
                     report.skipped.append((str(root / uuid), reason))
                 keep = {row["uuid"] for row in good} | unchanged
-                existing = self._existing(conn, [row["uuid"] for row in good])
+                existing = set() if empty else self._existing(conn, [row["uuid"] for row in good])
                 for start in range(0, len(good), 5000):
                     self._upsert_runs(conn, good[start : start + 5000])
                 wanted = [loc for loc in locations if loc["run_uuid"] in keep]
