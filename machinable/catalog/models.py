@@ -68,8 +68,10 @@ class Run(Base):
     )
 
     __table_args__ = (
-        Index("ix_runs_project_module", "project", "module"),
-        Index("ix_runs_status", "status"),
+        # uuid last: all() pages by uuid and search orders by uuid by default, so these
+        # indexes serve the filter and the order together (no sort of every match).
+        Index("ix_runs_project_module_uuid", "project", "module", "uuid"),
+        Index("ix_runs_status_uuid", "status", "uuid"),
         Index("ix_runs_created_at", "created_at"),
     )
 
