@@ -405,19 +405,21 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
     with _contexts(obj):
         project = Project.get()
         declared = project.remotes()
-    if check:
-        problems = remote_fetch.check_lock(project.path, declared)
-        for problem in problems:
-            click.echo(problem, err=True)
-        if problems:
-            raise click.ClickException(f"{len(problems)} problem(s) with the cached remotes")
-        click.echo(f"{len(declared)} remote(s) match {remote_fetch.lock_path(project.path)}")
-        return
     unknown = [name for name in names if name not in declared]
     if unknown:
         raise click.ClickException(
             f"not declared by the project's on_resolve_remotes(): {', '.join(unknown)}"
         )
+    if check:
+        problems = remote_fetch.check_lock(project.path, declared)
+        if names:  # only the named remotes' problems
+            problems = [p for p in problems if any(f"'{name}'" in p for name in names)]
+        for problem in problems:
+            click.echo(problem, err=True)
+        if problems:
+            raise click.ClickException(f"{len(problems)} problem(s) with the cached remotes")
+        click.echo(f"{len(names) or len(declared)} remote(s) match {remote_fetch.lock_path(project.path)}")
+        return
     wanted = {name: declared[name] for name in (names or declared)}
     if not wanted:
         click.echo("the project declares no remotes (interface/project.py, on_resolve_remotes)")

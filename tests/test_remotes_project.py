@@ -474,6 +474,12 @@ def test_fetch_check_passes_on_a_clean_cache_and_fails_after_tampering(project, 
     assert served.total_hits == hits  # --check never downloads
     assert imports(project) == 0
 
+    only_tools = machinable(project, "fetch", "--check", "tools")  # names narrow the check
+    assert only_tools.returncode == 0, only_tools.stderr
+    assert "1 remote(s) match" in only_tools.stdout
+    only_slurm = machinable(project, "fetch", "--check", "slurm")
+    assert only_slurm.returncode != 0 and "'slurm'" in only_slurm.stderr
+
 
 def test_fetch_check_reports_remotes_not_fetched_yet(project, served):
     result = machinable(project, "fetch", "--check")
