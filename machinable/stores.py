@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable import transfer
 from machinable.catalog.engine import retry_busy
+from machinable.catalog.index import aware as _aware
 from machinable.catalog.models import Availability, Remote
 from machinable.context import Context, active
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
@@ -239,12 +240,6 @@ def copies(index: Index, uuid: str) -> list[Copy]:
 def known_stores(index: Index) -> list[tuple[str, str]]:
     with index.engine.connect() as conn:
         return [(name, url) for name, url in conn.execute(select(REMOTES.c.name, REMOTES.c.url).order_by(REMOTES.c.id))]
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 def resolve_store(index: Index, spec: RemoteStore | str) -> RemoteStore:

@@ -98,7 +98,8 @@ class ReindexReport:
         return "\n".join(lines)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
+    """Timestamps read back from SQLite are naive; they were written in UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value
@@ -411,7 +412,7 @@ class Index(Context):
     def _record(row: Any, directories: tuple[str, ...]) -> RunRecord:
         values = {key: row[key] for key in RUNS.c.keys()}
         for key in ("created_at", "started_at", "finished_at", "failed_at", "updated_at"):
-            values[key] = _aware(values[key])
+            values[key] = aware(values[key])
         return RunRecord(**values, directories=directories)
 
     # Writes.
