@@ -41,17 +41,19 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def baseline_launch(root: Path, n: int) -> list[float]:
+class BaselineLauncher:
     """Write the same files atomically and commit one SQLite row per run: no library."""
-    db = sqlite3.connect(root / "baseline.sqlite", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, status TEXT)")
-    samples = []
-    for i in range(n):
-        start = time.perf_counter()
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.db = sqlite3.connect(root / "baseline.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, status TEXT)")
+
+    def launch(self, i: int) -> None:
         uuid = f"{i:032x}"
-        directory = root / "baseline" / uuid
+        directory = self.root / "baseline" / uuid
         directory.mkdir(parents=True)
         header = json.dumps({"uuid": uuid, "module": "trivial"})
         model = json.dumps({"module": "trivial", "config": {"i": i, "lr": 0.1}})
@@ -68,23 +70,26 @@ def baseline_launch(root: Path, n: int) -> list[float]:
             with open(tmp, "w") as handle:
                 handle.write(text)
             os.replace(tmp, directory / name)
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (uuid, "trivial", model, "finished"))
-        db.execute("COMMIT")
-        samples.append(time.perf_counter() - start)
-    db.close()
-    return samples
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (uuid, "trivial", model, "finished"))
+        self.db.execute("COMMIT")
 
 
-def machinable_launch(n: int, offset: int) -> list[float]:
+def interleaved_launches(root: Path, n: int) -> tuple[list[float], list[float]]:
+    """Time machinable and the baseline alternately, so both see the same machine."""
     from machinable import get
 
-    samples = []
-    for i in range(offset, offset + n):
+    baseline = BaselineLauncher(root)
+    ours, base = [], []
+    for i in range(n):
         start = time.perf_counter()
         get("trivial", {"i": i}).launch()
-        samples.append(time.perf_counter() - start)
-    return samples
+        ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        baseline.launch(i)
+        base.append(time.perf_counter() - start)
+    baseline.db.close()
+    return ours, base
 
 
 def make_records(storage: Path, n: int, project: str) -> None:
@@ -168,8 +173,7 @@ def main() -> None:
 
     # 1. launch
     get("trivial", {"i": -1}).launch()  # warm up: module import, index creation
-    base = baseline_launch(work, args.launches)
-    ours = machinable_launch(args.launches, 0)
+    ours, base = interleaved_launches(work, args.launches)
     print(f"launch trivial run     machinable {median_ms(ours):7.3f} ms median   "
           f"baseline {median_ms(base):7.3f} ms   ratio {median_ms(ours) / median_ms(base):5.2f}x")
 

@@ -28,9 +28,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import s3server  # noqa: E402
-
 from machinable.transfer import fetch_runs, open_store, push_runs  # noqa: E402
+
+import s3server  # noqa: E402
 
 
 def make_runs(storage: Path, count: int) -> list[Path]:

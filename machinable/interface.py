@@ -303,13 +303,14 @@ class Interface:
             return self
         directory = self._default_directory()
         header, model = self._headers()
-        write_record(directory, header, model)
+        fresh = write_record(directory, header, model)
         with filelock.FileLock(launch_lock(directory)):
-            if os.path.isfile(directory / "finished_at"):
-                self._index.ingest_directory(directory)
-                return self
-            clear(directory, "failed_at", ERROR_FILE)
-            model = _read_model(directory, model)
+            if not fresh:  # a relaunch, or another process got here first
+                if os.path.isfile(directory / "finished_at"):
+                    self._index.ingest_directory(directory)
+                    return self
+                clear(directory, "failed_at", ERROR_FILE)
+                model = _read_model(directory, model)
             markers = {"started_at": now()}
             mark(directory, "started_at", markers["started_at"])
             try:

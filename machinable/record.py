@@ -82,22 +82,32 @@ def id_header(uuid: str, project: str, module: str, config_key: str, predicate_k
     }
 
 
-def write_record(directory: Path, header: dict[str, Any], model: dict[str, Any]) -> None:
-    """Create the directory and its immutable headers (idempotent for the same run)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write_record(directory: Path, header: dict[str, Any], model: dict[str, Any]) -> bool:
+    """Create the directory and its immutable headers (idempotent for the same run).
+
+    Returns True when the headers were written now, False when they already existed.
+    """
+    try:
+        directory.mkdir(parents=True)
+        fresh = True
+    except FileExistsError:
+        fresh = False
     id_path = directory / ID_FILE
-    if id_path.exists():
+    if not fresh and id_path.exists():
         existing = read_json(id_path)
         if existing != header:
             raise RecordError(
                 f"{directory} already holds a different run (its id.json disagrees)", path=directory
             )
+        created = False
     else:
         atomic_write(directory / MODEL_FILE, dump_json(model))
         atomic_write(id_path, dump_json(header))
+        created = True
     sentinel = directory / SENTINEL
-    if not sentinel.exists():
+    if created or not sentinel.exists():
         atomic_write(sentinel, "")
+    return created
 
 
 def launch_lock(directory: Path) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import index_url, postgres_schema, run_python, wipe_index, write_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, delete, select, text
@@ -50,6 +49,8 @@ from machinable.record import (
     validate_headers,
 )
 from machinable.remotes import fetch_all, remote_path
+
+from conftest import index_url, postgres_schema, run_python, wipe_index, write_module
 
 STAMP = "2026-01-01T00:00:00+00:00"
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import calls, index_url, postgres_schema, wipe_index, write_module
 from sqlalchemy import create_engine, text
 
 import machinable
 from machinable import Index, get
 from machinable.catalog.engine import dispose_all
 from machinable.cli import cli
+
+from conftest import calls, index_url, postgres_schema, wipe_index, write_module
 
 TRAIN = """
 from pydantic import BaseModel

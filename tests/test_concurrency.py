@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_module
 
 from machinable import Index
 from machinable.catalog.engine import SCHEMA_HEAD, filesystem_type, journal_mode_for
+
+from conftest import write_module
 
 TRIVIAL = """
 from pydantic import BaseModel

@@ -9,10 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import OPTIMIZE, calls, index_exists, run_python, write_module
 
 from machinable import Project, Scope, Storage, get
 from machinable.errors import MachinableError, ModuleResolutionError
+
+from conftest import OPTIMIZE, calls, index_exists, run_python, write_module
 
 
 @pytest.fixture

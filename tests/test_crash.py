@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import run_python, write_module
 
 KILLED = -signal.SIGKILL

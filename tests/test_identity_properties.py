@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_python, write_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from machinable import Index, Project, Storage
 from machinable.errors import ConfigError
 from machinable.identity import canonical_json, check_finite, compute_uuid
+
+from conftest import run_python, write_module
 
 PROJECT = "propstudy"
 MODULE = "props"

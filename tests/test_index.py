@@ -16,13 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import calls, index_exists, run_python, table_rows, wipe_index, write_module
 from sqlalchemy.orm import Session
 
 from machinable import Index, Scope, Storage, get
 from machinable.catalog.models import Location, Run
 from machinable.errors import IdentityCollision, RecordError
 from machinable.record import mark, write_record
+
+from conftest import calls, index_exists, run_python, table_rows, wipe_index, write_module
 
 FAILING = """
 from pydantic import BaseModel

@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import wipe_index
 
 import machinable.catalog.index as index_module
 from machinable import Index, get
+
+from conftest import wipe_index
 
 
 def rows() -> list:

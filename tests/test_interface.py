@@ -10,11 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import OPTIMIZE, calls, index_exists, run_python, table_rows, write_module
 
 import machinable.catalog.index
 from machinable import Interface, MachinableError, Project, Scope, get
 from machinable.errors import ConfigError, ModuleResolutionError
+
+from conftest import OPTIMIZE, calls, index_exists, run_python, table_rows, write_module
 
 SEEDED = """
 import os

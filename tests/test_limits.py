@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 from alembic import command
 
-from conftest import calls, write_module
 from machinable import Index, Project, get
-from machinable.catalog.engine import SCHEMA_HEAD, alembic_config, current_revision, make_engine, to_url
+from machinable.catalog.engine import (
+    SCHEMA_HEAD,
+    alembic_config,
+    current_revision,
+    make_engine,
+    to_url,
+)
 from machinable.errors import ModuleResolutionError
+
+from conftest import calls, write_module
 
 
 def test_an_overlong_module_name_is_refused_up_front(project: Path):

@@ -21,15 +21,6 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import (
-    OPTIMIZE,
-    calls,
-    index_url,
-    postgres_schema,
-    run_python,
-    table_rows,
-    write_module,
-)
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -44,6 +35,16 @@ from machinable.catalog.engine import (
 )
 from machinable.catalog.models import Base
 from machinable.errors import IndexError_, IndexNewerThanCode, MachinableError
+
+from conftest import (
+    OPTIMIZE,
+    calls,
+    index_url,
+    postgres_schema,
+    run_python,
+    table_rows,
+    write_module,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"runs", "locations", "remotes", "availability"}

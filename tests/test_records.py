@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy
 import pytest
-from conftest import calls, run_python, write_module
 
 from machinable import get
 from machinable.errors import PathEscapeError
+
+from conftest import calls, run_python, write_module
 
 FLAKY = """
 from pydantic import BaseModel

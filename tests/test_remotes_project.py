@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import calls, run_python, write_module
 
 from machinable import MachinableError, Project, get
 from machinable.errors import RemoteError
 from machinable.project import forget_imports
+
+from conftest import calls, run_python, write_module
 
 SLURM = """
 from pathlib import Path

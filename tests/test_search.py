@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_module
 from sqlalchemy import event
 
 from machinable import Field, Index, Scope, get
 from machinable.cli import cli
 from machinable.errors import QueryError
+
+from conftest import write_module
 
 TRAIN = """
 from pydantic import BaseModel

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, index_backend_name, index_url, table_rows, wipe_index, write_module
 from sqlalchemy import inspect, update
 
 from machinable import Index, RemoteStore, Storage, get
@@ -45,6 +44,8 @@ from machinable.transfer import (
     build_manifest,
     manifest_checksum,
 )
+
+from conftest import REPO, index_backend_name, index_url, table_rows, wipe_index, write_module
 
 LOSS = {0.2: 1 / (1 + 0.2 * 100), 0.5: 1 / (1 + 0.5 * 100)}
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_python, table_rows, write_module
 
 from machinable import Index, RemoteStore, get
 from machinable import gc as collector
@@ -33,6 +32,8 @@ from machinable.errors import EvictionRefused
 from machinable.identity import compute_uuid, config_key, predicate_key
 from machinable.record import LOCKS_DIR, dump_json, id_header, mark
 from machinable.transfer import MANIFEST_NAME
+
+from conftest import run_python, table_rows, write_module
 
 FAILS = '''
 from pathlib import Path

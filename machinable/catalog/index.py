@@ -160,6 +160,7 @@ def _mtime(path: str) -> datetime | None:
         return None
 
 
+_STATEMENTS: dict[tuple[str, str], Any] = {}
 SCAN_CHUNK = 2000
 PARALLEL_SCAN_MIN = 20_000
 
@@ -423,19 +424,36 @@ class Index(Context):
             return postgresql.insert(table)
         return sqlite.insert(table)
 
+    def _statement(self, name: str) -> Any:
+        """Upsert statements, built once per dialect: building one costs more than a launch's
+        whole database round trip."""
+        key = (self.engine.dialect.name, name)
+        stmt = _STATEMENTS.get(key)
+        if stmt is None:
+            if name == "upsert_runs":
+                stmt = self._insert(RUNS)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[RUNS.c.uuid],
+                    set_={c.name: stmt.excluded[c.name] for c in RUNS.c if c.name != "uuid"},
+                )
+            elif name == "add_locations":
+                stmt = self._insert(LOCATIONS).on_conflict_do_nothing(
+                    index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory]
+                )
+            else:
+                stmt = self._insert(LOCATIONS)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory],
+                    set_={"mtime_ns": stmt.excluded.mtime_ns, "storage": stmt.excluded.storage},
+                )
+            _STATEMENTS[key] = stmt
+        return stmt
+
     def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        stmt = self._insert(RUNS)
-        updatable = [c.name for c in RUNS.c if c.name != "uuid"]
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[RUNS.c.uuid], set_={name: stmt.excluded[name] for name in updatable}
-        )
-        conn.execute(stmt, rows)
+        conn.execute(self._statement("upsert_runs"), rows)
 
     def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        stmt = self._insert(LOCATIONS).on_conflict_do_nothing(
-            index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory]
-        )
-        conn.execute(stmt, rows)
+        conn.execute(self._statement("add_locations"), rows)
 
     def _check_identity(self, conn: Any, rows: list[dict[str, Any]]) -> dict[str, str]:
         """Map uuid -> reason for rows whose identity disagrees with the stored row."""
@@ -635,12 +653,7 @@ class Index(Context):
         return found
 
     def _put_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        stmt = self._insert(LOCATIONS)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory],
-            set_={"mtime_ns": stmt.excluded.mtime_ns, "storage": stmt.excluded.storage},
-        )
-        conn.execute(stmt, rows)
+        conn.execute(self._statement("put_locations"), rows)
 
     def _scan(
         self,
