@@ -65,7 +65,10 @@ class RemoteStore(Context):
     def _fs(self) -> tuple[Any, str]:
         if self._opened is None:
             try:
-                self._opened = transfer.open_store(self.url, **self.storage_options)
+                # A fresh filesystem object per store: fsspec's instance cache would hand
+                # back one made earlier with other credentials or environment.
+                options = {"skip_instance_cache": True, **self.storage_options}
+                self._opened = transfer.open_store(self.url, **options)
             except (ImportError, ValueError) as exc:
                 raise StoreError(f"cannot open store {self.url!r}: {exc}", store=self.url) from exc
         return self._opened
@@ -427,12 +430,14 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
         ):
             verified_copy = copy
             break
+    unreachable: list[str] = []
     if verified_copy is None:
         for candidate in candidate_stores(index, run.uuid):
             try:
                 remote_id = register(index, candidate)
                 state = candidate.verify(run.uuid, manifest)
-            except (StoreError, OSError):
+            except (StoreError, OSError) as exc:
+                unreachable.append(f"{candidate._name or candidate.url} could not be checked ({exc})")
                 continue
             record_copies(
                 index,
@@ -450,8 +455,9 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
                 verified_copy = Copy(candidate.name, candidate.uri, "present", state.size, checksum, state.verified_at)
                 break
     if verified_copy is None:
+        hint = f" ({'; '.join(unreachable)}; connect it with its options to re-verify)" if unreachable else ""
         raise EvictionRefused(
-            f"refusing to evict run {run.uuid}: no other copy with the same content is verified. "
+            f"refusing to evict run {run.uuid}: no other copy with the same content is verified{hint}. "
             f"Make one first with `machinable push {run.uuid} --to <store URL>` (or run.push(store))",
             uuid=run.uuid,
         )

@@ -533,10 +533,12 @@ def test_a_copy_corrupted_in_the_store_is_reverified_and_refused(
         other.evict()
     assert other.is_mounted() and other.loss() == LOSS[0.5]
 
-    # pushing again repairs the copy; then eviction goes through
+    # pushing again repairs the copy; then eviction goes through (re-verifying needs the
+    # store reachable: connected, with its options)
     run.push(connected)
     assert connected.verify(run.uuid, build_manifest(run.local_directory())).state == "present"
-    run.evict(max_age=timedelta(0))
+    with connected:
+        run.evict(max_age=timedelta(0))
     assert not run.is_mounted()
 
 
