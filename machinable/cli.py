@@ -365,6 +365,30 @@ def gc_command(obj: dict[str, Any], storage: str | None, yes: bool, check_stores
     click.echo(f"{sum(1 for i in found if i.deleted or not yes)} item(s) {verb}")
 
 
+@cli.command("index")
+@click.argument("action", type=click.Choice(["add", "drop", "list"]))
+@click.argument("fields", nargs=-1)
+@click.pass_obj
+def index_command(obj: dict[str, Any], action: str, fields: tuple[str, ...]) -> None:
+    """Manage search indexes on config paths: index add config.lr [config.optimizer.name ...]."""
+    from machinable import Index
+
+    with _contexts(obj):
+        index = Index.get()
+        if action == "list":
+            for name in index.search_indexes():
+                click.echo(name)
+            return
+        if not fields:
+            raise click.UsageError("name the fields, e.g. config.lr")
+        for field in fields:
+            if action == "add":
+                click.echo(f"{index.add_search_index(field)}  ({field})")
+            else:
+                index.drop_search_index(field)
+                click.echo(f"dropped the search index on {field}")
+
+
 @cli.command("stores")
 @click.pass_obj
 def stores_command(obj: dict[str, Any]) -> None:

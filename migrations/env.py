@@ -26,12 +26,18 @@ def _url() -> str:
     return to_url(setting) if setting else config.get_main_option("sqlalchemy.url")
 
 
+def include_object(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
+    """Search indexes (Index.add_search_index) are the user's, not the schema's."""
+    return not (type_ == "index" and str(name or "").startswith("ix_search_"))
+
+
 def _configure(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=True,
         compare_type=True,
+        include_object=include_object,
     )
 
 

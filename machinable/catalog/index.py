@@ -263,6 +263,62 @@ class Index(Context):
         with self.engine.connect() as conn:
             return conn.execute(select(RUNS.c.status).where(RUNS.c.uuid == uuid)).scalar()
 
+    # Search indexes: expression indexes on config/predicate paths users filter by.
+
+    def add_search_index(self, field: str) -> str:
+        """Index a config or predicate path (``"config.lr"``) so filters on it use an index.
+
+        Returns the index name. Idempotent. These indexes live outside the migrations
+        (named ``ix_search_*``); ``drop_search_index`` removes one.
+        """
+        name, expression = self._search_index(field)
+        # Rendered by hand rather than as an sqlalchemy Index, which would attach itself
+        # to the models' metadata and show up as schema drift.
+        sql = f'CREATE INDEX IF NOT EXISTS "{name}" ON runs (({expression.compile(dialect=self.engine.dialect)}))'
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.exec_driver_sql(sql)
+
+        retry_busy(write)
+        return name
+
+    def drop_search_index(self, field: str) -> None:
+        name, _ = self._search_index(field)
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+        retry_busy(write)
+
+    def search_indexes(self) -> list[str]:
+        """Names of the search indexes this index has."""
+        from sqlalchemy import text
+
+        if self.dialect == "sqlite":
+            query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs'"
+        else:
+            query = "SELECT indexname FROM pg_indexes WHERE tablename = 'runs' AND schemaname = current_schema()"
+        with self.engine.connect() as conn:
+            names = conn.execute(text(query)).scalars().all()
+        return sorted(name for name in names if name.startswith("ix_search_"))
+
+    def _search_index(self, field: str) -> tuple[str, Any]:
+        from machinable.catalog.query import check_field, json_value
+
+        column, path = check_field(field)
+        if not path:
+            raise QueryError(f"{field!r}: search indexes are for config.<path> or predicate.<path>")
+        name = f"ix_search_{column}_{'_'.join(path)}"
+        if len(name) > 60:
+            import hashlib
+
+            name = name[:48] + "_" + hashlib.sha256(field.encode()).hexdigest()[:10]
+        from sqlalchemy import literal_column
+
+        return name, json_value(literal_column(column), path, self.dialect)
+
     def has_copy(self, uuid: str) -> bool:
         """Does the run's data exist: a local directory that is present, or a present store copy?"""
         from machinable.catalog.models import Availability

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Text, and_, exists, false, func, literal, not_, or_, select
+from sqlalchemy import and_, exists, false, func, literal, literal_column, not_, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -355,19 +355,35 @@ def _kind(value: Any) -> str:
     raise QueryError(f"cannot compare with {value!r}: use a number, a string, true/false or null")
 
 
-def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, dialect: str, field: str) -> ColumnElement[bool]:
-    kind = _kind(value)
+def _sql_string(text: str) -> Any:
+    # Paths are inlined, not bound, so that a search index on the same expression
+    # (Index.add_search_index) matches it; check_field only lets identifiers through.
+    return literal_column("'" + text.replace("'", "''") + "'")
+
+
+def json_value(column: Any, path: tuple[str, ...], dialect: str, as_text: bool = False) -> Any:
+    """The SQL expression for a value inside a JSON column (what search indexes cover)."""
     if dialect == "sqlite":
         json_path = "$" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path)
-        extracted = func.json_extract(column, json_path)
-        typ = func.json_type(column, json_path)
+        return func.json_extract(column, _sql_string(json_path))
+    parts = [_sql_string(p) for p in path]
+    if as_text:
+        return func.jsonb_extract_path_text(column, *parts)
+    return func.jsonb_extract_path(column, *parts)
+
+
+def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, dialect: str, field: str) -> ColumnElement[bool]:
+    kind = _kind(value)
+    extracted = json_value(column, path, dialect)
+    if dialect == "sqlite":
+        json_path = "$" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path)
+        typ = func.json_type(column, _sql_string(json_path))
         kinds = {"number": typ.in_(["integer", "real"]), "string": typ == "text"}
         text_value = extracted
     else:
-        extracted = func.jsonb_extract_path(column, *[literal(p, Text) for p in path])
         typ = func.jsonb_typeof(extracted)
         kinds = {"number": typ == "number", "string": typ == "string"}
-        text_value = func.jsonb_extract_path_text(column, *[literal(p, Text) for p in path]).collate("C")
+        text_value = json_value(column, path, dialect, as_text=True).collate("C")
     if kind == "structure":
         # Whole objects and lists compare by value: stored JSON has sorted keys and
         # compact separators on SQLite (see engine.json_serializer); jsonb compares
@@ -439,11 +455,7 @@ def order_clause(spec: str | list[str] | None, dialect: str) -> list[Any]:
             raise QueryError(f"cannot order by {item!r}; write e.g. 'config.lr desc' or '-created_at'")
         column, path = check_field(text)
         if path:
-            if dialect == "sqlite":
-                json_path = "$" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path)
-                expr = func.json_extract(RUNS.c[column], json_path)
-            else:
-                expr = func.jsonb_extract_path(RUNS.c[column], *[literal(p, Text) for p in path])
+            expr = json_value(RUNS.c[column], path, dialect)
         else:
             expr = RUNS.c[column]
         clauses.append(expr.desc() if descending else expr.asc())

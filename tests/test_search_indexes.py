@@ -1,0 +1,101 @@
+"""Search indexes on config paths: same answers, an index used, the schema check unaffected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from machinable import Index, get
+from machinable.catalog.models import Base
+from machinable.cli import cli
+from machinable.errors import QueryError
+
+from conftest import write_module
+
+SWEEP = """
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Sweep(Interface):
+    class Config(BaseModel):
+        i: int = 0
+        name: str = "a"
+"""
+
+
+def plan(index: Index, where: str) -> str:
+    """The database's query plan for a count with this filter."""
+    from sqlalchemy import event, func, select
+
+    from machinable.catalog.index import RUNS
+    from machinable.catalog.query import compile_expr, parse
+
+    prefix = "EXPLAIN QUERY PLAN " if index.dialect == "sqlite" else "EXPLAIN "
+
+    def explain(conn, cursor, statement, parameters, context, executemany):
+        return prefix + statement, parameters
+
+    statement = select(func.count()).select_from(RUNS).where(compile_expr(parse(where), index.dialect))
+    with index.engine.connect() as conn:
+        if index.dialect == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: can the index serve?
+        event.listen(conn, "before_cursor_execute", explain, retval=True)
+        rows = conn.execute(statement).all()
+    return "\n".join(str(row[-1]) if index.dialect == "sqlite" else str(row[0]) for row in rows)
+
+
+@pytest.mark.filterwarnings("ignore:Skipped unsupported reflection")
+def test_a_search_index_serves_config_filters_with_the_same_answers(project: Path):
+    write_module(project, "sweep", SWEEP)
+    for i in range(30):
+        get("sweep", {"i": i, "name": "b" if i % 3 else "a"}).launch()
+    index = Index.get()
+    queries = ["config.i >= 10 and config.i < 20", "config.i = 7", "config.i > 25 or config.name = 'a'"]
+    before = {q: index.count(q) for q in queries}
+    assert before == {queries[0]: 10, queries[1]: 1, queries[2]: 13}
+    assert "ix_search_config_i" not in plan(index, queries[0])
+
+    assert index.add_search_index("config.i") == "ix_search_config_i"
+    assert index.add_search_index("config.i") == "ix_search_config_i"  # idempotent
+    assert index.search_indexes() == ["ix_search_config_i"]
+    assert "ix_search_config_i" in plan(index, queries[0])
+    assert {q: index.count(q) for q in queries} == before
+    assert [r.config["i"] for r in index.search(queries[0], order_by="config.i")] == list(range(10, 20))
+
+    # the schema check ignores search indexes: models and migrations still agree
+    with index.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn, opts={"include_object": _include}), Base.metadata) == []
+
+    index.drop_search_index("config.i")
+    assert index.search_indexes() == []
+    assert {q: index.count(q) for q in queries} == before
+
+
+def _include(obj, name, type_, reflected, compare_to):
+    return not (type_ == "index" and str(name or "").startswith("ix_search_"))
+
+
+def test_search_index_errors_and_cli(project: Path):
+    index = Index.get()
+    for bad in ("status", "config", "config.a-b", "lr"):
+        try:
+            index.add_search_index(bad)
+        except QueryError as exc:
+            assert repr(bad)[1:-1].split(".")[0] in str(exc) or "search indexes" in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    runner = CliRunner()
+    added = runner.invoke(cli, ["index", "add", "config.lr", "predicate.seed"])
+    assert added.exit_code == 0, added.output
+    listed = runner.invoke(cli, ["index", "list"])
+    assert listed.stdout.split() == ["ix_search_config_lr", "ix_search_predicate_seed"]
+    bad = runner.invoke(cli, ["index", "add", "nonsense"])
+    assert bad.exit_code != 0 and bad.stderr.startswith("Error:")
+    with index.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM runs")).scalar() == 0
