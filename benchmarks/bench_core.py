@@ -120,9 +120,8 @@ def make_records(storage: Path, n: int, project: str) -> None:
             (directory / marker).write_text(stamp)
 
 
-def baseline_reindex(storage: Path, db_path: Path) -> float:
-    """scandir, json-load both headers, insert rows with one executemany."""
-    start = time.perf_counter()
+def scan_headers(storage: Path) -> list[tuple[str, str, str, str]]:
+    """The plain baseline's read side: scandir, json-load id.json and model.json of every run."""
     rows = []
     with os.scandir(storage) as entries:
         for entry in entries:
@@ -132,9 +131,14 @@ def baseline_reindex(storage: Path, db_path: Path) -> float:
                 header = json.loads(handle.read())
             with open(os.path.join(entry.path, "model.json"), "rb") as handle:
                 model = json.loads(handle.read())
-            rows.append(
-                (header["uuid"], header["module"], json.dumps(model["config"]), entry.path)
-            )
+            rows.append((header["uuid"], header["module"], json.dumps(model["config"]), entry.path))
+    return rows
+
+
+def baseline_reindex(storage: Path, db_path: Path) -> float:
+    """scandir, json-load both headers, insert rows with one executemany."""
+    start = time.perf_counter()
+    rows = scan_headers(storage)
     db = sqlite3.connect(db_path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")

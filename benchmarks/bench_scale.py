@@ -12,7 +12,6 @@ json-loads the headers and inserts rows with one executemany into the same backe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -27,25 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import MODULE, make_records  # noqa: E402
+from bench_core import MODULE, make_records, scan_headers  # noqa: E402
 
 
 def ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
-
-
-def scan_headers(storage: Path) -> list[tuple[str, str, str, str]]:
-    rows = []
-    with os.scandir(storage) as entries:
-        for entry in entries:
-            if not entry.is_dir() or entry.name.startswith("."):
-                continue
-            with open(os.path.join(entry.path, "id.json"), "rb") as handle:
-                header = json.loads(handle.read())
-            with open(os.path.join(entry.path, "model.json"), "rb") as handle:
-                model = json.loads(handle.read())
-            rows.append((header["uuid"], header["module"], json.dumps(model["config"]), entry.path))
-    return rows
 
 
 def baseline_reindex(storage: Path, backend: str, target: str) -> float:

@@ -15,7 +15,6 @@ The ratio is what to compare across machines. The page cache is warm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,23 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import MODULE, make_records  # noqa: E402
+from bench_core import MODULE, make_records, scan_headers  # noqa: E402
 
 
 def baseline_scan(storage: Path) -> tuple[float, int]:
     """scandir + read and json-load id.json and model.json of every run (no index)."""
     start = time.perf_counter()
-    count = 0
-    with os.scandir(storage) as entries:
-        for entry in entries:
-            if not entry.is_dir() or entry.name.startswith("."):
-                continue
-            with open(os.path.join(entry.path, "id.json"), "rb") as handle:
-                header = json.loads(handle.read())
-            with open(os.path.join(entry.path, "model.json"), "rb") as handle:
-                model = json.loads(handle.read())
-            assert header["uuid"] == entry.name and model["module"] == header["module"]
-            count += 1
+    count = len(scan_headers(storage))
     return time.perf_counter() - start, count
 
 
