@@ -283,3 +283,47 @@ def fresh_index(index_backend: str, tmp_path: Path):
                     conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         finally:
             admin.dispose()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, ok: bool = True):
+    """Run the CLI in-process (click's CliRunner); with ``ok`` assert it succeeded."""
+    from click.testing import CliRunner
+
+    from machinable.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False, prog_name="machinable")
+    if ok:
+        assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def one_line_error(result, *needles: str) -> str:
+    """Assert the CLI failed with exactly one 'Error: ...' line naming every needle."""
+    assert result.exit_code != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def kill_when(process, ready, what: str, timeout: float = 40.0) -> None:
+    """SIGKILL a child process as soon as ready() says its work is under way."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the {what} ended before it could be interrupted: {out!r} {err[-3000:]!r}")
+        if ready():
+            os.kill(process.pid, signal.SIGKILL)
+            process.communicate(timeout=10)
+            assert process.returncode == -signal.SIGKILL
+            return
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=10)
+    pytest.fail(f"the {what} never got under way within {timeout} s")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 import machinable
@@ -23,7 +22,15 @@ from machinable import Index, get
 from machinable.catalog.engine import dispose_all
 from machinable.cli import cli
 
-from conftest import calls, index_url, postgres_schema, wipe_index, write_module
+from conftest import (
+    calls,
+    index_url,
+    invoke,
+    one_line_error,
+    postgres_schema,
+    wipe_index,
+    write_module,
+)
 
 TRAIN = """
 from pydantic import BaseModel
@@ -56,24 +63,6 @@ class Train(Interface):
 LOSS = 1 / (1 + 0.5 * 100)
 
 
-def invoke(*args: str, env: dict[str, str] | None = None, ok: bool = True):
-    result = CliRunner().invoke(
-        cli, list(args), env=env, catch_exceptions=False, prog_name="machinable"
-    )
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- get
@@ -282,7 +271,7 @@ def test_find_shows_what_the_index_knows(project: Path) -> None:
     assert shown["uuid"] == uuid
     assert shown["config"] == {"lr": 0.5, "steps": 100}
     assert shown["directories"] == [str(project / "storage" / uuid)]
-    assert_one_line_error(invoke("find", "0" * 32, ok=False), "0" * 32)
+    one_line_error(invoke("find", "0" * 32, ok=False), "0" * 32)
 
 
 def test_version() -> None:
@@ -312,7 +301,7 @@ def test_errors_are_one_line_nonzero_and_change_nothing(
     project: Path, args: list[str], needles: list[str]
 ) -> None:
     result = invoke(*args, ok=False)
-    assert_one_line_error(result, *needles)
+    one_line_error(result, *needles)
     assert result.stdout == ""
     assert not (project / "storage").exists()
     assert calls(project) == []
@@ -331,7 +320,7 @@ def test_a_failing_run_is_one_line_error(project: Path) -> None:
         """,
     )
     result = invoke("get", "broken", "--launch", ok=False)
-    assert_one_line_error(result, "diverged at step 3")
+    one_line_error(result, "diverged at step 3")
     assert Index.get().find(get("broken").uuid).status == "failed"
 
 
@@ -340,7 +329,7 @@ def test_an_index_that_is_not_sqlite_is_one_line_error(sqlite_project: Path) -> 
     index_file = project / ".machinable.sqlite"
     index_file.write_bytes(b"garbage" * 100)
     result = invoke("ls", ok=False)
-    assert_one_line_error(result, str(index_file), "not a SQLite database")
+    one_line_error(result, str(index_file), "not a SQLite database")
     assert index_file.read_bytes() == b"garbage" * 100
 
 
@@ -358,7 +347,7 @@ def test_an_index_newer_than_the_code_is_one_line_error(project: Path) -> None:
             conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
         engine.dispose()
     result = invoke("get", "optimize", "lr=1.0", "--launch", ok=False)
-    assert_one_line_error(result, "ffff9999", "upgrade machinable")
+    one_line_error(result, "ffff9999", "upgrade machinable")
     # No run directory was made (the launch locks live in storage/.locks).
     assert set(os.listdir(project / "storage")) - {".locks"} == {get("optimize", {"lr": 0.5}).uuid}
 

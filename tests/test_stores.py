@@ -17,7 +17,6 @@ import os
 import pty
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,14 +27,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import inspect, update
 
 from machinable import Index, RemoteStore, Storage, get
 from machinable import stores as store_api
 from machinable.catalog.engine import sqlite_path
 from machinable.catalog.models import Availability
-from machinable.cli import cli
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
 from machinable.transfer import (
     MANIFEST_NAME,
@@ -45,7 +42,17 @@ from machinable.transfer import (
     manifest_checksum,
 )
 
-from conftest import REPO, index_backend_name, index_url, table_rows, wipe_index, write_module
+from conftest import (
+    REPO,
+    index_backend_name,
+    index_url,
+    invoke,
+    kill_when,
+    one_line_error,
+    table_rows,
+    wipe_index,
+    write_module,
+)
 
 LOSS = {0.2: 1 / (1 + 0.2 * 100), 0.5: 1 / (1 + 0.5 * 100)}
 
@@ -215,23 +222,6 @@ def recent(moment: datetime | None) -> bool:
     return moment is not None and abs(datetime.now(timezone.utc) - moment) < timedelta(minutes=5)
 
 
-def invoke(*args: str, env: dict[str, str] | None = None, ok: bool = True):
-    result = CliRunner().invoke(
-        cli, list(args), env=env, catch_exceptions=False, prog_name="machinable"
-    )
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def child_env(spec: StoreSpec | None = None, **extra: str) -> dict[str, str]:
@@ -254,23 +244,6 @@ def machinable_process(args: list[str], cwd: Path, env: dict[str, str]) -> subpr
         stderr=subprocess.PIPE,
     )
 
-
-def kill_when(process: subprocess.Popen, ready, what: str, timeout: float = 40.0) -> None:
-    """SIGKILL the child as soon as ready() says its transfer is under way."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"the {what} ended before it could be interrupted: {out!r} {err[-3000:]!r}")
-        if ready():
-            os.kill(process.pid, signal.SIGKILL)
-            process.communicate(timeout=10)
-            assert process.returncode == -signal.SIGKILL
-            return
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=10)
-    pytest.fail(f"the {what} never got under way within {timeout} s")
 
 
 # --------------------------------------------------------------------------- mirror, push

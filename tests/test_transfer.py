@@ -6,10 +6,8 @@ import io
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from machinable.transfer import (
     store_uri,
     verify_remote,
 )
+
+from conftest import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -416,25 +416,6 @@ def spawn(mode: str, url: str, options: dict, storage: Path, dest: Path) -> subp
         stderr=subprocess.PIPE,
     )
 
-
-def kill_when(process: subprocess.Popen, ready, what: str, timeout: float = 40.0) -> None:
-    """SIGKILL the child as soon as ready() says the transfer is under way."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(
-                f"the {what} finished before it could be interrupted: {out!r} {err[-2000:]!r}"
-            )
-        if ready():
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-            assert process.returncode == -signal.SIGKILL
-            return
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    pytest.fail(f"the {what} never got under way within {timeout} s")
 
 
 def many_runs(storage: Path, count: int = 150) -> list[Path]:
