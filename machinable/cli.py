@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import click
 
-from machinable.errors import MachinableError
+from machinable.errors import MachinableError, ProjectNotFound
 
 
 class _Group(click.Group):
@@ -30,7 +31,28 @@ class _Group(click.Group):
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
+
+
+def printable(text: str) -> str:
+    """``text`` as stored, with control and format characters (ANSI escapes, bidi
+    overrides, line separators) written as escapes so they cannot drive the terminal."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in _HIDDEN and char != " "
+        else char
+        for char in text
+    )
+
+
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _cell(value: str) -> Any:
+    """A table cell shown verbatim: rich never reads stored text as markup."""
+    from rich.text import Text
+
+    return Text(printable(value))
 
 
 @contextmanager
@@ -39,7 +61,10 @@ def _contexts(obj: dict[str, Any]) -> Iterator[None]:
 
     with ExitStack() as stack:
         if obj.get("project"):
-            stack.enter_context(Project(obj["project"]))
+            project = Project(obj["project"])
+            if not project.path.is_dir():  # checked first: nothing is created for a typo
+                raise ProjectNotFound(f"the project directory {project.path} does not exist", path=project.path)
+            stack.enter_context(project)
         if obj.get("storage"):
             stack.enter_context(Storage(obj["storage"]))
         if obj.get("index"):
@@ -117,14 +142,36 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
         if not methods:
             click.echo(f"{run.uuid}  {run.module}  {run.status()}  {run.local_directory()}")
         for name in methods:  # check every method before calling any (nothing half-done)
-            if name.startswith("_") or not callable(getattr(run, name, None)):
+            method = getattr(run, name, None)
+            if name.startswith("_") or not callable(method):
                 raise click.ClickException(f"{type(run).__name__} has no method {name!r}")
+            _check_callable_without_arguments(method, name)
         for name in methods:
             result = getattr(run, name)()
             if name == "launch":
                 click.echo(f"{run.uuid}  {run.status()}  {run.local_directory()}")
             elif result is not None:
                 click.echo(_show(result))
+
+
+def _check_callable_without_arguments(method: Callable[..., Any], name: str) -> None:
+    import inspect
+
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        needed = [
+            p.name
+            for p in inspect.signature(method).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        hint = f" (use `machinable {name} ...`)" if name in ("push", "fetch", "evict") else ""
+        raise click.ClickException(
+            f"--{name.replace('_', '-')} needs arguments ({', '.join(needed)}); only methods "
+            f"that take none can be called from the command line{hint}"
+        ) from None
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
 
 
 @cli.command("ls")
@@ -146,7 +193,11 @@ def ls_command(
     count_only: bool,
     all_projects: bool,
 ) -> None:
-    """List indexed runs (of MODULE, if given) as a table, filtered and ordered."""
+    """List indexed runs (of MODULE, if given) as a table, filtered and ordered.
+
+    Runs whose stored config no longer validates against the module's Config are
+    listed with a note saying what no longer fits.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -154,32 +205,64 @@ def ls_command(
 
     with _contexts(obj):
         index = Index.get()
-        project = None if all_projects else Project.get().name
-        table = Table(box=None, pad_edge=False)
-        table.add_column("uuid", no_wrap=True, min_width=32)
-        for column in ("module", "status", "created", "config"):
-            table.add_column(column)
-        count = 0
+        current = Project.get()
+        project = None if all_projects else current.name
         if count_only:
             click.echo(index.count(where, project=project, module=module))
             return
         records = index.search(
             where, project=project, module=module, order_by=order_by, limit=limit, offset=offset
         )
-        for record in records:
-            table.add_row(
-                record.uuid,
-                record.module,
-                record.status,
-                record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                json.dumps(record.canonical, sort_keys=True),
-            )
-            count += 1
-        # Piped output: one line per run (no wrapping at 80 columns), for grep and scripts.
-        console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
-        if count:
-            console.print(table)
-        click.echo(f"{count} run(s)", err=not count)
+        check = _config_checker(current)
+        notes = [check(record) for record in records]
+    table = Table(box=None, pad_edge=False)
+    table.add_column("uuid", no_wrap=True, min_width=32)
+    for column in ("module", "status", "created", "config"):
+        table.add_column(column)
+    if any(notes):
+        table.add_column("note")
+    for record, note in zip(records, notes, strict=True):
+        cells = [
+            _cell(record.uuid),
+            _cell(record.module),
+            _cell(record.status),
+            _cell(record.created_at.strftime("%Y-%m-%d %H:%M:%S")),
+            _cell(json.dumps(record.canonical, sort_keys=True)),
+        ]
+        if any(notes):
+            cells.append(_cell(note or ""))
+        table.add_row(*cells)
+    # Piped output: one line per run (no wrapping at 80 columns), for grep and scripts.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+    if records:
+        console.print(table)
+    click.echo(f"{len(records)} run(s)", err=not records)
+
+
+def _config_checker(project: Any) -> Callable[[Any], str | None]:
+    """A check of a listed run's stored config against its module's Config, when the
+    module is a file of the current project (never fetched or guessed)."""
+    from machinable.interface import Interface
+    from machinable.project import module_file
+
+    name = project.name
+    classes: dict[str, Any] = {}
+
+    def check(record: Any) -> str | None:
+        if record.project != name:
+            return None
+        if record.module not in classes:
+            cls = None
+            if module_file(project, record.module) is not None:
+                try:
+                    cls = project.resolve(record.module)
+                except MachinableError:
+                    cls = None
+            classes[record.module] = cls if isinstance(cls, type) and issubclass(cls, Interface) else None
+        cls = classes[record.module]
+        return None if cls is None else cls.config_problem(record.config)
+
+    return check
 
 
 @cli.command("reindex")
@@ -317,12 +400,12 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
         table.add_column(column, no_wrap=column in ("where", "checksum"))
     for copy in found:
         table.add_row(
-            copy.store,
-            copy.url,
-            copy.state,
-            "" if copy.size is None else str(copy.size),
-            (copy.checksum or "")[:16],
-            copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else "",
+            _cell(copy.store),
+            _cell(copy.url),
+            _cell(copy.state),
+            _cell("" if copy.size is None else str(copy.size)),
+            _cell((copy.checksum or "")[:16]),
+            _cell(copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else ""),
         )
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)
 

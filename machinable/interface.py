@@ -61,6 +61,7 @@ class Interface:
     __machinable_module__: ClassVar[str | None] = None
 
     config: BaseModel
+    config_error: str | None  # set on a stored run whose config no longer validates
     uuid: str
     module: str
     version: list[dict[str, Any]]
@@ -137,6 +138,7 @@ class Interface:
             raise ConfigError(f"invalid config for module {module!r}: {exc}", module=module) from exc
         run = cls.__new__(cls)
         run.config = config
+        run.config_error = None
         run.module = module
         run.version = recorded
         run._project = project
@@ -165,7 +167,22 @@ class Interface:
     @classmethod
     def _from_record(cls, record: RunRecord, *, project: Project, storage: Path, index: Index) -> Interface:
         run = cls.__new__(cls)
-        run.config = cls._config_class().model_validate(record.config)
+        try:
+            run.config = cls._config_class().model_validate(record.config)
+            run.config_error = None
+        except ValidationError as exc:
+            run.config_error = f"invalid config for module {cls._module_name()!r}: {_describe(exc)}"
+        if run.config_error is None:
+            run._full = run.config.model_dump(mode="json")
+            # The canonical config is recomputed from the validated config because
+            # PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
+            run._canonical = canonical_config(run.config)
+        else:
+            # The module's Config changed since this run was stored: keep the run
+            # listable with its raw config (unvalidated) and say what no longer fits.
+            run.config = cls._config_class().model_construct(**record.config)
+            run._full = dict(record.config)
+            run._canonical = dict(record.canonical)
         run.module = record.module
         run.version = record.version
         run.predicate = record.predicate
@@ -174,17 +191,24 @@ class Interface:
         run._project_name = record.project
         run._storage = storage
         run._index = index
-        run._full = run.config.model_dump(mode="json")
-        # The identity keys come from the row as written (strings survive every
-        # backend); the canonical config is recomputed from the validated config
-        # because PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
-        run._canonical = canonical_config(run.config)
+        # The identity keys come from the row as written (strings survive every backend).
         run._config_key = record.config_key
         run._predicate_key = record.predicate_key
         run._record_cache = record
         return run
 
+    @classmethod
+    def config_problem(cls, config: Any) -> str | None:
+        """Why a stored config no longer validates against this module's Config, or None."""
+        try:
+            cls._config_class().model_validate(config)
+        except ValidationError as exc:
+            return f"invalid config for module {cls._module_name()!r}: {_describe(exc)}"
+        return None
+
     def __repr__(self) -> str:
+        if self.config_error:
+            return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r}, invalid config)"
         return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r})"
 
     def __eq__(self, other: object) -> bool:
@@ -301,6 +325,8 @@ class Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
             return self
+        if self.config_error:
+            raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)

@@ -23,7 +23,7 @@ from typing import TypeVar
 import filelock
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
 
@@ -151,7 +151,32 @@ def json_serializer(value: object) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine for ``url`` with machinable's connection profile."""
+    """Create an engine for ``url`` with machinable's connection profile.
+
+    A URL naming an unknown database kind, or a driver that is not installed, is an
+    IndexError_ saying which.
+    """
+    try:
+        return _make_engine(url)
+    except NoSuchModuleError as exc:
+        kind = make_url(url).drivername
+        raise IndexError_(
+            f"the index URL {_display(url)} names an unknown database kind {kind!r} "
+            "(use a file path, sqlite:///path or postgresql+psycopg://...)",
+            url=url,
+        ) from exc
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        raise IndexError_(
+            f"the index URL {_display(url)} needs the Python package {missing!r}, which is not "
+            f"installed (for PostgreSQL: pip install 'psycopg[binary]')",
+            url=url,
+        ) from exc
+    except ArgumentError as exc:
+        raise IndexError_(f"invalid index URL {_display(url)}: {exc}", url=url) from exc
+
+
+def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
@@ -220,6 +245,7 @@ def ensure_schema(engine: Engine, url: str) -> None:
     """Create or upgrade the schema to head, once, under a lock shared by processes."""
     try:
         if current_revision(engine) == SCHEMA_HEAD:
+            _check_tables(engine, url)
             return
         with _migration_lock(engine, url):
             revision = current_revision(engine)
@@ -241,6 +267,24 @@ def ensure_schema(engine: Engine, url: str) -> None:
                 url=url,
             ) from exc
         raise IndexError_(f"cannot open the index at {_display(url)}: {exc.orig}", url=url) from exc
+
+
+def _check_tables(engine: Engine, url: str) -> None:
+    """An index at head must hold every table; one dropped by hand is named, not queried."""
+    from sqlalchemy import inspect
+
+    from machinable.catalog.models import Base
+
+    with engine.connect() as conn:
+        present = set(inspect(conn).get_table_names())
+    missing = sorted(set(Base.metadata.tables) - present)
+    if missing:
+        raise IndexError_(
+            f"the index at {_display(url)} is damaged: table(s) {', '.join(missing)} are missing "
+            f"although it records schema revision {SCHEMA_HEAD!r}; move it aside (or drop it) and run "
+            "`machinable reindex` to rebuild it from the run directories",
+            url=url,
+        )
 
 
 def _upgrade(engine: Engine, url: str) -> None:
