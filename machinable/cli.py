@@ -6,6 +6,7 @@ Library errors become one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -17,11 +18,33 @@ import click
 from machinable.errors import MachinableError, ProjectNotFound
 
 
+class _UsageError(click.ClickException):
+    """A usage error as one line (click prints usage and a hint on three)."""
+
+    exit_code = 2
+
+
+def _usage(exc: click.UsageError) -> _UsageError:
+    where = exc.ctx.command_path if exc.ctx is not None else "machinable"
+    return _UsageError(f"{_one_line(click.ClickException(exc.format_message()))} (`{where} --help` for usage)")
+
+
 class _Group(click.Group):
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _usage(exc) from exc
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.UsageError as exc:
+            raise _usage(exc) from exc
+        except click.ClickException as exc:
+            exc.message = _one_line(exc)
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except MachinableError as exc:
             raise click.ClickException(_one_line(exc)) from exc
@@ -30,8 +53,13 @@ class _Group(click.Group):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return printable(" ".join(text.split()))
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    if len(text) > MAX_MESSAGE:  # a message quoting a huge argument back
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
+    return printable(text)
+
+
+MAX_MESSAGE = 1000
 
 
 def printable(text: str) -> str:
@@ -72,14 +100,28 @@ def _contexts(obj: dict[str, Any]) -> Iterator[None]:
         yield
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--project", type=click.Path(file_okay=False), help="Project directory (default: cwd).")
+def _given(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Refuse an empty path or name: '' would silently mean the current directory."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter("is empty", ctx=ctx, param=param)
+    return value
+
+
+def _hours_or_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
+@click.group(cls=_Group, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project", type=click.Path(file_okay=False), callback=_given, help="Project directory (default: cwd).")
 @click.option(
     "--storage",
     envvar="MACHINABLE_STORAGE",
+    callback=_given,
     help="Directory that holds run directories (default: <project>/storage).",
 )
-@click.option("--index", "index_spec", help="Index file or URL (default: MACHINABLE_INDEX or <project>/.machinable.sqlite).")
+@click.option("--index", "index_spec", callback=_given, help="Index file or URL (default: MACHINABLE_INDEX or <project>/.machinable.sqlite).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def cli(ctx: click.Context, project: str | None, storage: str | None, index_spec: str | None, quiet: bool) -> None:
@@ -178,8 +220,8 @@ def _check_callable_without_arguments(method: Callable[..., Any], name: str) -> 
 @click.argument("module", required=False)
 @click.option("--where", "-w", help="Filter, e.g. \"config.lr > 0.1 and status = 'finished'\".")
 @click.option("--order-by", help="Order, e.g. 'config.lr desc' or '-created_at'.")
-@click.option("--limit", type=click.IntRange(min=0), help="At most this many runs.")
-@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many runs.")
+@click.option("--limit", type=click.IntRange(min=0, max=2**63 - 1), help="At most this many runs.")
+@click.option("--offset", type=click.IntRange(min=0, max=2**63 - 1), default=0, help="Skip this many runs.")
 @click.option("--count", "count_only", is_flag=True, help="Print only how many runs match.")
 @click.option("--all-projects", is_flag=True, help="List runs of every project in the index.")
 @click.pass_obj
@@ -202,7 +244,10 @@ def ls_command(
     from rich.table import Table
 
     from machinable import Index, Project
+    from machinable.project import validate_module_name
 
+    if module is not None:
+        validate_module_name(module)
     with _contexts(obj):
         index = Index.get()
         current = Project.get()
@@ -266,7 +311,7 @@ def _config_checker(project: Any) -> Callable[[Any], str | None]:
 
 
 @cli.command("reindex")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--full", is_flag=True, help="Read every directory, not only those changed since the last pass.")
 @click.option("--remotes", is_flag=True, help="Also rebuild store availability by listing every known store.")
 @click.pass_obj
@@ -300,9 +345,9 @@ def _refs(uuids: tuple[str, ...], select_all: bool, where: str | None) -> list[A
 
     index = Index.get()
     storage = Storage.get().directory()
-    if uuids and (select_all or where):
+    if uuids and (select_all or where is not None):
         raise click.UsageError("give run uuids, or --all/--where, not both")
-    if not uuids and not (select_all or where):
+    if not uuids and not (select_all or where is not None):
         raise click.UsageError("name the runs: UUID ..., --all or --where EXPR")
     if uuids:
         refs = []
@@ -364,7 +409,7 @@ def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None,
 @click.argument("uuids", nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every run of the project that is here.")
 @click.option("--where", "-w", help="Runs matching a search expression.")
-@click.option("--max-age", type=float, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
+@click.option("--max-age", type=click.FloatRange(min=0, max=24 * 365 * 1000), callback=_hours_or_seconds, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
 @click.pass_obj
 def evict_command(obj: dict[str, Any], uuids: tuple[str, ...], select_all: bool, where: str | None, max_age: float) -> None:
     """Delete local copies of runs that have a verified copy in a store."""
@@ -411,7 +456,7 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
 
 
 @cli.command("verify")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--checksums", is_flag=True, help="Also hash files and compare them with the verified store manifest.")
 @click.option("--repair", is_flag=True, help="Fix what needs no guessing and say what changed.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted pass from its checkpoint.")
@@ -428,7 +473,7 @@ def verify_command(obj: dict[str, Any], storage: str | None, checksums: bool, re
 
 
 @cli.command("gc")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--yes", is_flag=True, help="Delete; without it gc only lists what it would delete.")
 @click.option("--stores", "check_stores", is_flag=True, help="Also look for incomplete copies in known stores.")
 @click.option("--failed", is_flag=True, help="Also collect failed runs (their directories and rows).")
@@ -501,7 +546,7 @@ def find_command(obj: dict[str, Any], uuid: str) -> None:
 @cli.command("fetch")
 @click.argument("names", nargs=-1)
 @click.option("--check", is_flag=True, help="Verify cached remotes against interface/remotes.lock; fetch nothing.")
-@click.option("--timeout", type=float, default=None, help="Seconds before a download gives up (default 30).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=24 * 3600), callback=_hours_or_seconds, default=None, help="Seconds before a download gives up (default 30).")
 @click.pass_obj
 def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, timeout: float | None) -> None:
     """Download the project's declared remotes (or NAMES) without importing them."""

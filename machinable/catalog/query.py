@@ -31,6 +31,7 @@ TEXT_COLUMNS = ("uuid", "project", "module", "status", "config_key", "predicate_
 TIME_COLUMNS = ("created_at", "started_at", "finished_at", "failed_at", "updated_at")
 JSON_COLUMNS = ("config", "predicate")
 OPS = ("==", "!=", "<", "<=", ">", ">=")
+MAX_FIELD_LENGTH = 255
 _SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 
 
@@ -107,6 +108,8 @@ def check_field(name: str) -> tuple[str, tuple[str, ...]]:
     """Split a field into (column, json path), or raise QueryError naming it."""
     if not isinstance(name, str):
         raise QueryError(f"a field name must be a string, not {name!r}")
+    if len(name) > MAX_FIELD_LENGTH:
+        raise QueryError(f"field name {name[:40]!r}... is {len(name)} characters long; the limit is {MAX_FIELD_LENGTH}")
     head, _, rest = name.partition(".")
     if head in JSON_COLUMNS:
         path = tuple(rest.split(".")) if rest else ()
