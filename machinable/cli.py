@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -224,6 +225,7 @@ def _check_callable_without_arguments(method: Callable[..., Any], name: str) -> 
 @click.option("--offset", type=click.IntRange(min=0, max=2**63 - 1), default=0, help="Skip this many runs.")
 @click.option("--count", "count_only", is_flag=True, help="Print only how many runs match.")
 @click.option("--all-projects", is_flag=True, help="List runs of every project in the index.")
+@click.option("--code", "show_code", is_flag=True, help="Also show the code that computed each run (module sha256, git commit).")
 @click.pass_obj
 def ls_command(
     obj: dict[str, Any],
@@ -234,6 +236,7 @@ def ls_command(
     offset: int,
     count_only: bool,
     all_projects: bool,
+    show_code: bool,
 ) -> None:
     """List indexed runs (of MODULE, if given) as a table, filtered and ordered.
 
@@ -264,6 +267,8 @@ def ls_command(
     table.add_column("uuid", no_wrap=True, min_width=32)
     for column in ("module", "status", "created", "config"):
         table.add_column(column)
+    if show_code:
+        table.add_column("code", no_wrap=True)
     if any(notes):
         table.add_column("note")
     for record, note in zip(records, notes, strict=True):
@@ -274,6 +279,8 @@ def ls_command(
             _cell(record.created_at.strftime("%Y-%m-%d %H:%M:%S")),
             _cell(json.dumps(record.canonical, sort_keys=True)),
         ]
+        if show_code:
+            cells.append(_cell(_recorded_code(record.directories)))
         if any(notes):
             cells.append(_cell(note or ""))
         table.add_row(*cells)
@@ -282,6 +289,20 @@ def ls_command(
     if records:
         console.print(table)
     click.echo(f"{len(records)} run(s)", err=not records)
+
+
+def _recorded_code(directories: tuple[str, ...]) -> str:
+    """The code fingerprint in a run's model.json, from the first copy that is here."""
+    from machinable.code import describe
+    from machinable.record import MODEL_FILE, read_json
+
+    for directory in directories:
+        try:
+            model = read_json(os.path.join(directory, MODEL_FILE))
+        except (OSError, ValueError):
+            continue
+        return describe(model.get("code")) if isinstance(model, dict) else ""
+    return ""
 
 
 def _config_checker(project: Any) -> Callable[[Any], str | None]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from machinable.catalog.index import Index, RunRecord, row_values
+from machinable.code import fingerprint, module_file, warn_if_changed
 from machinable.context import active
 from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
 from machinable.identity import (
@@ -31,15 +32,18 @@ from machinable.identity import (
 from machinable.project import Project
 from machinable.record import (
     ERROR_FILE,
+    MODEL_FILE,
     SENTINEL,
     atomic_write,
     clear,
     decode_file,
+    dump_json,
     encode_file,
     id_header,
     launch_lock,
     mark,
     now,
+    read_json,
     safe_path,
     status_of,
     timestamp,
@@ -319,11 +323,31 @@ class Interface:
             "predicate": self.predicate,
             "created_at": timestamp(),
         }
+        code = self._code()
+        if code is not None:
+            model["code"] = code
         return header, model
+
+    def _code(self) -> dict[str, Any] | None:
+        """The fingerprint of the code that resolves this run's module here and now."""
+        return fingerprint(module_file(type(self)), self._project.path)
+
+    def _warn_if_code_changed(self) -> None:
+        current = self._code()
+        if current is None:
+            return
+        directory = self.local_directory()
+        try:
+            recorded = read_json(directory / MODEL_FILE)
+        except (OSError, ValueError):
+            return  # evicted or unreadable: nothing to compare with here
+        if isinstance(recorded, dict):
+            warn_if_changed(recorded.get("code"), current, self.uuid, self.module)
 
     def launch(self) -> Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
+            self._warn_if_code_changed()
             return self
         if self.config_error:
             raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
@@ -331,12 +355,19 @@ class Interface:
         header, model = self._headers()
         fresh = write_record(directory, header, model)
         with filelock.FileLock(launch_lock(directory)):
+            # Whoever wrote the record, another process may have taken the lock first
+            # and finished the run while this one waited.
+            if os.path.isfile(directory / "finished_at"):
+                self._index.ingest_directory(directory)
+                return self
             if not fresh:  # a relaunch, or another process got here first
-                if os.path.isfile(directory / "finished_at"):
-                    self._index.ingest_directory(directory)
-                    return self
                 clear(directory, "failed_at", ERROR_FILE)
-                model = _read_model(directory, model)
+                recorded = _read_model(directory, model)
+                if model.get("code") is not None and recorded.get("code") != model["code"]:
+                    # Computed again, possibly by other code than the first attempt.
+                    recorded = {**recorded, "code": model.get("code")}
+                    atomic_write(directory / MODEL_FILE, dump_json(recorded))
+                model = recorded
             markers = {"started_at": now()}
             mark(directory, "started_at", markers["started_at"])
             try:
@@ -495,8 +526,6 @@ def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
-    from machinable.record import MODEL_FILE, read_json
-
     try:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
