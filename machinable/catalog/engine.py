@@ -100,11 +100,14 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     return kind
 
 
-def journal_mode_for(path: Path | None) -> str:
-    """WAL, unless the index sits on a network filesystem where WAL's shared memory is unsafe."""
+def journal_mode_for(path: Path | None, mounts: str | None = None) -> str:
+    """WAL, unless the index sits on a network filesystem where WAL's shared memory is unsafe.
+
+    ``mounts`` is a mount table in /proc/mounts format (default: this machine's).
+    """
     if path is None:
         return "WAL"
-    kind = filesystem_type(path.parent)
+    kind = filesystem_type(path.parent, mounts)
     if kind in NETWORK_FILESYSTEMS:
         warnings.warn(
             f"the index {path} is on a network filesystem ({kind}); SQLite's WAL mode is unsafe "
@@ -150,14 +153,14 @@ def json_serializer(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, mounts: str | None = None) -> Engine:
     """Create an engine for ``url`` with machinable's connection profile.
 
     A URL naming an unknown database kind, or a driver that is not installed, is an
     IndexError_ saying which.
     """
     try:
-        return _make_engine(url)
+        return _make_engine(url, mounts)
     except NoSuchModuleError as exc:
         kind = make_url(url).drivername
         raise IndexError_(
@@ -176,7 +179,7 @@ def make_engine(url: str) -> Engine:
         raise IndexError_(f"invalid index URL {_display(url)}: {exc}", url=url) from exc
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, mounts: str | None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
@@ -187,7 +190,7 @@ def _make_engine(url: str) -> Engine:
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
             json_serializer=json_serializer,
         )
-        event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path)))
+        event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path, mounts)))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, json_serializer=json_serializer)
