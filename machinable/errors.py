@@ -8,7 +8,9 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     ├── ConfigError              a config failed validation or cannot be hashed
     ├── ModuleResolutionError    a module name does not resolve to an Interface
     ├── RecordError              a record directory is unreadable or inconsistent
-    │   └── IdentityCollision    two different runs claim one uuid
+    │   ├── IdentityCollision    two different runs claim one uuid
+    │   └── UnsafeFileError      a link, FIFO, device or oversized file where a small regular file belongs
+    ├── LockTimeout              a lock stayed held by another process
     ├── PathEscapeError          a file name points outside the run directory
     ├── IndexError_              the index cannot be opened, migrated or queried
     │   └── IndexNewerThanCode   the index schema is newer than this version
@@ -21,6 +23,7 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -58,6 +61,21 @@ class IdentityCollision(RecordError):
     def __init__(self, message: str, *, uuid: str, path: str | Path | None = None) -> None:
         super().__init__(message, path=path)
         self.uuid = uuid
+
+
+class UnsafeFileError(RecordError, OSError):
+    """A path machinable reads or locks is a link, a FIFO, a device, or too large."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        RecordError.__init__(self, message, path=path)
+
+
+class LockTimeout(MachinableError, TimeoutError):
+    """A lock file stayed held by another process past the timeout."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        MachinableError.__init__(self, message)
+        self.path = path
 
 
 class PathEscapeError(MachinableError, ValueError):

@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
-import filelock
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -28,6 +27,7 @@ from machinable.identity import (
     config_key,
     predicate_key,
 )
+from machinable.locks import FileLock, is_held
 from machinable.project import Project
 from machinable.record import (
     ERROR_FILE,
@@ -246,13 +246,7 @@ class Interface:
             return on_disk
         # launch() holds the lock from started_at to finished_at; a process that dies
         # releases it. (Only a lock taken on this machine's filesystem is seen.)
-        lock = filelock.FileLock(launch_lock(directory), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            return "started"
-        lock.release()
-        return "stale"
+        return "started" if is_held(launch_lock(directory)) else "stale"
 
     def cached(self) -> bool:
         """True when the run finished and its data exists: here, in another location
@@ -304,7 +298,7 @@ class Interface:
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
-        with filelock.FileLock(launch_lock(directory)):
+        with FileLock(launch_lock(directory)):
             if not fresh:  # a relaunch, or another process got here first
                 if os.path.isfile(directory / "finished_at"):
                     self._index.ingest_directory(directory)

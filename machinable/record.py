@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from machinable.errors import PathEscapeError, RecordError
+from machinable.errors import PathEscapeError, RecordError, UnsafeFileError
 from machinable.identity import FORMAT_VERSION, UUID_LENGTH, compute_uuid
 
 SENTINEL = ".machinable"
@@ -119,7 +120,15 @@ def launch_lock(directory: Path) -> str:
     """
     locks = directory.parent / LOCKS_DIR
     if locks not in _LOCK_DIRS:
-        locks.mkdir(exist_ok=True)
+        try:
+            locks.mkdir()
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(locks).st_mode):  # a link would put locks elsewhere
+                raise UnsafeFileError(
+                    f"{locks} is not a directory (a link?); machinable keeps its launch locks "
+                    "in a real directory there: remove it",
+                    path=locks,
+                ) from None
         _LOCK_DIRS.add(locks)
     return str(locks / f"{directory.name}.lock")
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import filelock
 import requests
 
-from machinable.errors import RemoteError
+from machinable.errors import LockTimeout, RemoteError
+from machinable.locks import FileLock
 
 __all__ = [
     "REMOTES_DIR",
@@ -210,7 +210,7 @@ def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: 
     different remotes at once never drop each other's entries.
     """
     try:
-        with filelock.FileLock(str(lock_path(project_dir).with_name(".remotes.lock.flock")), timeout=60):
+        with FileLock(lock_path(project_dir).with_name(".remotes.lock.flock"), timeout=60):
             data = read_lock(project_dir)
             entry = {"source": source, "sha256": sha256}
             if not replace and name in data:
@@ -219,7 +219,7 @@ def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: 
                 return
             data[name] = entry
             _write_lock(project_dir, data)
-    except (OSError, filelock.Timeout) as e:
+    except (OSError, LockTimeout) as e:
         raise RemoteError(
             f"remote {name!r}: cannot write lock file {lock_path(project_dir)}: {e}",
             name=name,

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import filelock
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
+from machinable.locks import FileLock
 
 SCHEMA_HEAD = "0003"
 BUSY_TIMEOUT_MS = 30_000
@@ -258,12 +258,12 @@ class _migration_lock:
     def __init__(self, engine: Engine, url: str):
         self.engine = engine
         self.path = sqlite_path(url)
-        self._file: filelock.FileLock | None = None
+        self._file: FileLock | None = None
         self._conn = None
 
     def __enter__(self) -> None:
         if self.path is not None:
-            self._file = filelock.FileLock(str(self.path) + ".lock", timeout=600)
+            self._file = FileLock(str(self.path) + ".lock", timeout=600)
             self._file.acquire()
         elif self.engine.dialect.name == "postgresql":
             self._conn = self.engine.connect()

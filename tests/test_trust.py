@@ -1,0 +1,146 @@
+"""Issue 10: files from elsewhere are data, never code, and never a trap.
+
+Each test here reproduces one finding of the issue (a symlinked lock file, a FIFO
+header, a collaborator's pickle, an endless download, a leaked password, a reindex of
+a vanished storage, a symlinked run directory, a read-only index) and asserts what a
+user sees now: one clear error or a listed skip, and nothing outside the record
+changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from machinable import Index, get
+from machinable.errors import LockTimeout, UnsafeFileError
+from machinable.locks import FileLock, is_held
+from machinable.record import LOCKS_DIR
+
+from conftest import REPO, calls
+
+VICTIM_TEXT = "precious data that no lock may truncate\n"
+
+
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_text(VICTIM_TEXT)
+    return path
+
+
+# --------------------------------------------------------------------------- finding 3
+
+
+def test_a_symlinked_launch_lock_is_refused_and_its_target_kept(sqlite_project: Path, tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    run = get("optimize", {"lr": 0.3})
+    locks = sqlite_project / "storage" / LOCKS_DIR
+    locks.mkdir(parents=True)
+    (locks / f"{run.uuid}.lock").symlink_to(target)
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        run.launch()
+    assert target.read_text() == VICTIM_TEXT
+    assert calls(sqlite_project) == []
+    # status() of a started run looks at the same lock: refused too, nothing truncated
+    (run.local_directory() / "started_at").write_text("2026-01-01T00:00:00+00:00")
+    with pytest.raises(UnsafeFileError):
+        run.status()
+    assert target.read_text() == VICTIM_TEXT
+
+
+def test_a_symlinked_locks_directory_is_refused(sqlite_project: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (sqlite_project / "storage").mkdir()
+    (sqlite_project / "storage" / LOCKS_DIR).symlink_to(elsewhere)
+    with pytest.raises(UnsafeFileError, match="not a directory"):
+        get("optimize", {"lr": 0.3}).launch()
+    assert list(elsewhere.iterdir()) == []
+    assert calls(sqlite_project) == []
+
+
+def test_a_symlinked_migration_lock_beside_the_index_is_refused(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    index_file = tmp_path / "fresh.sqlite"
+    Path(f"{index_file}.lock").symlink_to(target)
+    with pytest.raises(UnsafeFileError):
+        Index(index_file).count()
+    assert target.read_text() == VICTIM_TEXT
+
+
+def test_the_lock_opener_refuses_links_fifos_and_devices(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    link = tmp_path / "link.lock"
+    link.symlink_to(target)
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        FileLock(link).acquire()
+    fifo = tmp_path / "fifo.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeFileError, match="FIFO"):  # refused at once, never blocks
+        FileLock(fifo, timeout=0).acquire()
+    dev = tmp_path / "zero.lock"
+    dev.symlink_to("/dev/zero")
+    with pytest.raises(UnsafeFileError):
+        FileLock(dev).acquire()
+    assert target.read_text() == VICTIM_TEXT
+
+
+def test_the_lock_excludes_other_holders_and_interoperates_with_filelock(tmp_path: Path) -> None:
+    """Our lock is the flock that filelock takes too: each sees the other's hold."""
+    import filelock
+
+    path = tmp_path / "run.lock"
+    with FileLock(path):
+        assert is_held(path)
+        with pytest.raises(LockTimeout):
+            FileLock(path, timeout=0.1).acquire()
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(str(path), timeout=0).acquire()
+    assert not is_held(path)
+    other = filelock.FileLock(str(path), timeout=0)
+    other.acquire()
+    try:
+        assert is_held(path)
+    finally:
+        other.release()
+
+
+def test_launches_and_status_never_go_through_filelock(sqlite_project: Path, tmp_path: Path) -> None:
+    """filelock 3.12.0 (the lowest our pin allows) truncates a linked lock file: machinable
+    must not rely on any version of it. With filelock unimportable, launch, status and
+    a fresh index still work, and a linked lock is refused."""
+    target = victim(tmp_path)
+    code = f"""
+        import sys
+        sys.modules["filelock"] = None  # any import of it fails
+        from pathlib import Path
+        from machinable import get
+        from machinable.errors import UnsafeFileError
+        run = get("optimize", {{"lr": 0.2}}).launch()
+        assert run.status() == "finished"
+        other = get("optimize", {{"lr": 0.4}})
+        lock = Path("storage/.locks") / (other.uuid + ".lock")
+        lock.symlink_to({str(target)!r})
+        try:
+            other.launch()
+        except UnsafeFileError as exc:
+            print("refused:", exc)
+        else:
+            raise SystemExit("a linked lock was followed")
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=sqlite_project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout
+    assert target.read_text() == VICTIM_TEXT
