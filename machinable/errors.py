@@ -68,6 +68,10 @@ class UnsafeFileError(RecordError, OSError):
 
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
         RecordError.__init__(self, message, path=path)
+        self.message = message
+
+    def __str__(self) -> str:  # not OSError's "[Errno None] ..." form
+        return self.message
 
 
 class LockTimeout(MachinableError, TimeoutError):

@@ -19,7 +19,13 @@ from pydantic_core import to_jsonable_python
 
 from machinable.catalog.index import Index, RunRecord, row_values
 from machinable.context import active
-from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
+from machinable.errors import (
+    ConfigError,
+    MachinableError,
+    NotMountedError,
+    RecordError,
+    UnsafeFileError,
+)
 from machinable.identity import (
     canonical_config,
     check_finite,
@@ -27,7 +33,7 @@ from machinable.identity import (
     config_key,
     predicate_key,
 )
-from machinable.locks import FileLock, is_held
+from machinable.locks import FileLock, is_held, open_regular
 from machinable.project import Project
 from machinable.record import (
     ERROR_FILE,
@@ -386,10 +392,16 @@ class Interface:
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except (FileNotFoundError, IsADirectoryError):
+            # A FIFO or a device among a collaborator's files is refused, never read.
+            fd = open_regular(path, follow=True)
+        except FileNotFoundError:
             return default
+        except UnsafeFileError as exc:
+            if os.path.isdir(path):
+                return default
+            raise UnsafeFileError(f"run {self.uuid}: cannot load {name!r}: {exc}", path=path) from exc
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read()
         return decode_file(path, raw)
 
     # Collections.

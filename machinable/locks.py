@@ -26,10 +26,20 @@ except ImportError:  # pragma: no cover - Windows
 POLL_SECONDS = 0.05
 
 
-def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, create: bool = False, dir_fd: int | None = None) -> int:
-    """Open ``path`` only if it is a regular file reached without a symbolic link
-    at its last component; FIFOs and devices are refused without blocking on them."""
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+def open_regular(
+    path: str | os.PathLike[str],
+    flags: int = os.O_RDONLY,
+    *,
+    create: bool = False,
+    dir_fd: int | None = None,
+    follow: bool = False,
+) -> int:
+    """Open ``path`` only if it is a regular file (and, unless ``follow``, not a
+    symbolic link at its last component); FIFOs and devices are refused without
+    blocking on them."""
+    flags |= os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= os.O_NOFOLLOW
     if create:
         flags |= os.O_CREAT
     try:

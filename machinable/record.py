@@ -19,6 +19,7 @@ from typing import Any
 
 from machinable.errors import PathEscapeError, RecordError, UnsafeFileError
 from machinable.identity import FORMAT_VERSION, UUID_LENGTH, compute_uuid
+from machinable.locks import open_regular
 
 SENTINEL = ".machinable"
 ID_FILE = "id.json"
@@ -152,17 +153,32 @@ def clear(directory: Path, *names: str) -> None:
             pass
 
 
-def read_bytes(path: str | Path, dir_fd: int | None = None) -> bytes:
-    """Read a small file with plain syscalls (reindex reads millions of them)."""
-    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_MARKER_BYTES = 4096
+
+
+def read_bytes(path: str | Path, dir_fd: int | None = None, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """Read a small file of a record with plain syscalls (reindex reads millions of them).
+
+    Only a regular file that is not a link is read, and at most ``limit`` bytes: a FIFO
+    named ``id.json`` or a ``model.json`` linked to ``/dev/zero`` is an error, never a hang.
+    """
+    fd = open_regular(path, dir_fd=dir_fd)
     try:
         chunk = os.read(fd, 65536)
         if len(chunk) < 65536:  # a regular file read short of the buffer is complete
             return chunk
         chunks = [chunk]
+        size = len(chunk)
         while chunk:
             chunk = os.read(fd, 65536)
             chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UnsafeFileError(
+                    f"{os.fspath(path)} is larger than {limit} bytes; a record header is never that large",
+                    path=path,
+                )
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -185,8 +201,8 @@ def read_json(path: str | Path, dir_fd: int | None = None) -> Any:
 
 def read_marker(directory: Path, marker: str) -> datetime | None:
     try:
-        return parse_timestamp((directory / marker).read_text())
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return parse_timestamp(read_bytes(directory / marker, limit=MAX_MARKER_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError):  # missing, a FIFO, a link, too large: no marker
         return None
 
 

@@ -144,3 +144,56 @@ def test_launches_and_status_never_go_through_filelock(sqlite_project: Path, tmp
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout
     assert target.read_text() == VICTIM_TEXT
+
+
+# --------------------------------------------------------------------------- finding 6
+
+
+def _launched(project: Path, lr: float = 0.3):  # type: ignore[no-untyped-def]
+    run = get("optimize", {"lr": lr}).launch()
+    return run, run.local_directory()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["id.json", "model.json", "finished_at"])
+def test_a_fifo_header_or_marker_never_hangs_reindex_or_ingest(sqlite_project: Path, name: str) -> None:
+    from machinable.errors import RecordError
+
+    run, directory = _launched(sqlite_project)
+    (directory / name).unlink()
+    os.mkfifo(directory / name)
+    report = Index.get().reindex(full=True)
+    if name == "finished_at":  # a FIFO is no marker: the run reads as started, not hung
+        assert report.skipped == []
+        assert Index.get().status(run.uuid) == "started"
+    else:
+        assert [path for path, _ in report.skipped] == [str(directory)]
+        assert "FIFO" in report.skipped[0][1]
+        with pytest.raises(RecordError, match="FIFO"):
+            Index.get().ingest_directory(directory)
+
+
+@pytest.mark.timeout(60)
+def test_a_header_linked_to_dev_zero_or_oversized_is_skipped_not_read(sqlite_project: Path) -> None:
+    from machinable.record import MAX_HEADER_BYTES
+
+    first, linked = _launched(sqlite_project, 0.3)
+    second, huge = _launched(sqlite_project, 0.4)
+    (linked / "model.json").unlink()
+    (linked / "model.json").symlink_to("/dev/zero")
+    with open(huge / "model.json", "ab") as handle:
+        handle.write(b" " * (MAX_HEADER_BYTES + 1))
+    report = Index.get().reindex(full=True)
+    reasons = dict(report.skipped)
+    assert "symbolic link" in reasons[str(linked)]
+    assert "larger than" in reasons[str(huge)]
+
+
+@pytest.mark.timeout(60)
+def test_load_file_of_a_fifo_is_an_error_not_a_hang(sqlite_project: Path) -> None:
+    run, directory = _launched(sqlite_project)
+    (directory / "result.json").unlink()
+    os.mkfifo(directory / "result.json")
+    with pytest.raises(UnsafeFileError, match="FIFO"):
+        run.load_file("result.json")
+    assert run.load_file("missing.json", "fallback") == "fallback"

@@ -27,6 +27,7 @@ from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
     ID_FILE,
+    MAX_MARKER_BYTES,
     MODEL_FILE,
     SENTINEL,
     is_uuid,
@@ -141,7 +142,11 @@ def read_markers(directory: str | Path, names: Iterable[str], dir_fd: int | None
     for name in STATUS_MARKERS:
         if name in names:
             try:
-                raw = read_bytes(name, dir_fd) if dir_fd is not None else read_bytes(os.path.join(base, name))
+                raw = (
+                    read_bytes(name, dir_fd, MAX_MARKER_BYTES)
+                    if dir_fd is not None
+                    else read_bytes(os.path.join(base, name), limit=MAX_MARKER_BYTES)
+                )
                 markers[name] = parse_timestamp(raw.decode("utf-8")) or _mtime(os.path.join(base, name))
             except (OSError, UnicodeDecodeError):  # gone, a directory, unreadable: not a marker
                 markers[name] = None
