@@ -9,7 +9,8 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     ├── ModuleResolutionError    a module name does not resolve to an Interface
     ├── RecordError              a record directory is unreadable or inconsistent
     │   ├── IdentityCollision    two different runs claim one uuid
-    │   └── UnsafeFileError      a link, FIFO, device or oversized file where a small regular file belongs
+    │   ├── UnsafeFileError      a link, FIFO, device or oversized file where a small regular file belongs
+    │   └── PickleRefused        a pickle this user did not write, loaded without allow_pickle=True
     ├── LockTimeout              a lock stayed held by another process
     ├── PathEscapeError          a file name points outside the run directory
     ├── IndexError_              the index cannot be opened, migrated or queried
@@ -72,6 +73,10 @@ class UnsafeFileError(RecordError, OSError):
 
     def __str__(self) -> str:  # not OSError's "[Errno None] ..." form
         return self.message
+
+
+class PickleRefused(RecordError):
+    """A pickle that this user's key did not sign was loaded without ``allow_pickle=True``."""
 
 
 class LockTimeout(MachinableError, TimeoutError):

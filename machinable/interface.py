@@ -387,8 +387,13 @@ class Interface:
         atomic_write(path, encode_file(path, data))
         return path
 
-    def load_file(self, name: str, default: Any = None) -> Any:
-        """Read a file of the run back, or ``default`` if it does not exist."""
+    def load_file(self, name: str, default: Any = None, *, allow_pickle: bool = False) -> Any:
+        """Read a file of the run back, or ``default`` if it does not exist.
+
+        A ``.p`` file is unpickled only when this user's key signed it (every pickle
+        ``save_file`` writes is signed) or with ``allow_pickle=True``: unpickling a
+        collaborator's file would run whatever code it carries.
+        """
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
@@ -402,7 +407,7 @@ class Interface:
             raise UnsafeFileError(f"run {self.uuid}: cannot load {name!r}: {exc}", path=path) from exc
         with os.fdopen(fd, "rb") as handle:
             raw = handle.read()
-        return decode_file(path, raw)
+        return decode_file(path, raw, allow_pickle=allow_pickle)
 
     # Collections.
 

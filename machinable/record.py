@@ -8,6 +8,8 @@ name first and is renamed into place, so a crash leaves the old or the new file.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import pickle
@@ -17,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from machinable.errors import PathEscapeError, RecordError, UnsafeFileError
+from machinable.errors import PathEscapeError, PickleRefused, RecordError, UnsafeFileError
 from machinable.identity import FORMAT_VERSION, UUID_LENGTH, compute_uuid
 from machinable.locks import open_regular
+from machinable.settings import key_file
 
 SENTINEL = ".machinable"
 ID_FILE = "id.json"
@@ -324,7 +327,7 @@ def encode_file(path: Path, data: Any) -> bytes:
             json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows
         ).encode("utf-8")
     if suffix == ".p":
-        return pickle.dumps(data)
+        return sign_pickle(pickle.dumps(data))
     if suffix == ".npy":
         import io
 
@@ -338,13 +341,22 @@ def encode_file(path: Path, data: Any) -> bytes:
     return str(data).encode("utf-8")
 
 
-def decode_file(path: Path, raw: bytes) -> Any:
+def decode_file(path: Path, raw: bytes, *, allow_pickle: bool = False) -> Any:
+    """Decode a run file by its extension. Nothing read here executes code, except a
+    pickle that this user's key signed or that the caller allows (``allow_pickle``)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         return json.loads(raw)
     if suffix == ".jsonl":
         return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if suffix == ".p":
+        if not allow_pickle and not pickle_is_signed(raw):
+            raise PickleRefused(
+                f"{path}: this pickle was not written with your key ({key_file()}), and "
+                "unpickling runs code; load it with allow_pickle=True only if you trust "
+                "whoever wrote it",
+                path=path,
+            )
         return pickle.loads(raw)
     if suffix == ".npy":
         import io
@@ -353,6 +365,58 @@ def decode_file(path: Path, raw: bytes) -> Any:
 
         return numpy.load(io.BytesIO(raw), allow_pickle=False)
     return raw.decode("utf-8")
+
+
+# Pickles carry a trailer after the pickle's STOP opcode, which pickle.loads ignores
+# (so other tools still read them): an HMAC of the pickle under this user's key.
+_SIGNATURE = b"\n#machinable-hmac-sha256:"
+_SIGNATURE_LENGTH = len(_SIGNATURE) + 64
+_KEY_DOMAIN = b"machinable pickle v1\0"
+
+
+def user_key(create: bool = False) -> bytes | None:
+    """This user's pickle signing key (from ``settings.key_file()``); made on first need."""
+    path = key_file()
+    try:
+        return bytes.fromhex(read_bytes(path, limit=4096).decode("ascii").strip())
+    except FileNotFoundError:
+        if not create:
+            return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"the pickle key {path} is malformed: {exc}", path=path) from exc
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+    try:
+        os.link(tmp, path)  # never replaces a key another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return user_key(create=False)
+
+
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, _KEY_DOMAIN + payload, hashlib.sha256).hexdigest().encode("ascii")
+
+
+def sign_pickle(payload: bytes) -> bytes:
+    key = user_key(create=True)
+    assert key is not None
+    return payload + _SIGNATURE + _mac(key, payload)
+
+
+def pickle_is_signed(raw: bytes) -> bool:
+    """Did this user's key sign ``raw`` (a pickle with its trailer)?"""
+    if len(raw) < _SIGNATURE_LENGTH or raw[-_SIGNATURE_LENGTH:-64] != _SIGNATURE:
+        return False
+    key = user_key()
+    if key is None:
+        return False
+    payload, mac = raw[:-_SIGNATURE_LENGTH], raw[-64:]
+    return hmac.compare_digest(mac, _mac(key, payload))
 
 
 def _json_default(value: Any) -> Any:

@@ -197,3 +197,60 @@ def test_load_file_of_a_fifo_is_an_error_not_a_hang(sqlite_project: Path) -> Non
     with pytest.raises(UnsafeFileError, match="FIFO"):
         run.load_file("result.json")
     assert run.load_file("missing.json", "fallback") == "fallback"
+
+
+# --------------------------------------------------------------------------- finding 5
+
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    """A pickle that runs ``touch marker`` when loaded (built without importing it)."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(Evil())
+
+
+def test_a_collaborators_pickle_is_not_unpickled_without_opt_in(sqlite_project: Path, tmp_path: Path) -> None:
+    from machinable.errors import PickleRefused
+
+    run, directory = _launched(sqlite_project)
+    marker = tmp_path / "code-ran"
+    (directory / "obj.p").write_bytes(_evil_pickle(marker))
+    with pytest.raises(PickleRefused, match="allow_pickle=True"):
+        run.load_file("obj.p")
+    assert not marker.exists()
+    run.load_file("obj.p", allow_pickle=True)  # the caller trusts it: their call
+    assert marker.exists()
+
+
+def test_own_pickles_load_and_someone_elses_key_does_not_count(
+    sqlite_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    from machinable.errors import PickleRefused
+    from machinable.settings import key_file
+
+    run, directory = _launched(sqlite_project)
+    run.save_file("state.p", {"weights": [1, 2, 3]})
+    assert run.load_file("state.p") == {"weights": [1, 2, 3]}
+    assert pickle.loads((directory / "state.p").read_bytes()) == {"weights": [1, 2, 3]}
+    key = key_file()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert sqlite_project not in key.parents
+    # A collaborator signs with their own key: not this user's, so refused here.
+    monkeypatch.setenv("MACHINABLE_KEY_FILE", str(tmp_path / "collaborator.key"))
+    run.save_file("theirs.p", {"x": 1})
+    monkeypatch.setenv("MACHINABLE_KEY_FILE", str(key))
+    with pytest.raises(PickleRefused):
+        run.load_file("theirs.p")
+    # Tampering with a signed pickle breaks the signature.
+    raw = bytearray((directory / "state.p").read_bytes())
+    raw[raw.index(b"weights")] = ord("W")
+    (directory / "state.p").write_bytes(bytes(raw))
+    with pytest.raises(PickleRefused):
+        run.load_file("state.p")
