@@ -29,8 +29,10 @@ class _Group(click.Group):
 
 
 def _one_line(exc: BaseException) -> str:
+    from machinable.redact import redact
+
     text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return redact(" ".join(text.split()))
 
 
 @contextmanager
@@ -418,13 +420,13 @@ def find_command(obj: dict[str, Any], uuid: str) -> None:
 @cli.command("fetch")
 @click.argument("names", nargs=-1)
 @click.option("--check", is_flag=True, help="Verify cached remotes against interface/remotes.lock; fetch nothing.")
-@click.option("--timeout", type=float, default=None, help="Seconds before a download gives up (default 30).")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for the server each time (default 30, MACHINABLE_REMOTE_TIMEOUT).")
 @click.pass_obj
 def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, timeout: float | None) -> None:
     """Download the project's declared remotes (or NAMES) without importing them."""
     from machinable import Project
     from machinable import remotes as remote_fetch
-    from machinable.settings import remote_timeout
+    from machinable.redact import redact
 
     with _contexts(obj):
         project = Project.get()
@@ -448,10 +450,10 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
     if not wanted:
         click.echo("the project declares no remotes (interface/project.py, on_resolve_remotes)")
         return
-    fetched = remote_fetch.fetch_all(project.path, wanted, timeout=timeout or remote_timeout())
+    fetched = remote_fetch.fetch_all(project.path, wanted, timeout=timeout)
     for item in fetched:
         verb = "fetched" if item.fetched else "cached "
-        click.echo(f"{verb} {item.name} from {item.source}\n  -> {item.path}\n  sha256 {item.sha256}")
+        click.echo(f"{verb} {item.name} from {redact(item.source)}\n  -> {item.path}\n  sha256 {item.sha256}")
 
 
 @cli.command("version")

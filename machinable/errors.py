@@ -27,9 +27,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from machinable.redact import redact
+
 
 class MachinableError(Exception):
-    """Base class of every error machinable raises on purpose."""
+    """Base class of every error machinable raises on purpose.
+
+    Its message never carries credentials: URL passwords and tokens are masked here,
+    so no error, log line or CLI output built from one can leak them.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(MachinableError, ValueError):
@@ -69,7 +78,7 @@ class UnsafeFileError(RecordError, OSError):
 
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
         RecordError.__init__(self, message, path=path)
-        self.message = message
+        self.message = redact(message)
 
     def __str__(self) -> str:  # not OSError's "[Errno None] ..." form
         return self.message
@@ -100,7 +109,7 @@ class IndexError_(MachinableError):
 
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
-        self.url = url
+        self.url = redact(url) if url is not None else None
 
 
 class IndexNewerThanCode(IndexError_):
@@ -117,7 +126,7 @@ class StoreError(MachinableError):
     def __init__(self, message: str, *, uuid: str | None = None, store: str | None = None) -> None:
         super().__init__(message)
         self.uuid = uuid
-        self.store = store
+        self.store = redact(store) if store is not None else None
 
 
 class NotMountedError(StoreError, FileNotFoundError):
@@ -134,4 +143,4 @@ class RemoteError(MachinableError):
     def __init__(self, message: str, *, name: str | None = None, source: str | None = None) -> None:
         super().__init__(message)
         self.name = name
-        self.source = source
+        self.source = redact(source) if source is not None else None

@@ -209,15 +209,12 @@ def _remote_file(project: Project, module: str) -> Path | None:
     if module not in remotes:
         return None
     from machinable import remotes as remote_fetch
-    from machinable.settings import remote_timeout
 
     source = remotes[module]
     cached = remote_fetch.remote_path(project.path, module)
     if "#" not in source and cached.is_file():
         return cached  # already fetched and nothing pinned: no lock, no hashing
-    fetched = remote_fetch.fetch_remote(
-        project.path, module, remotes[module], timeout=remote_timeout()
-    )
+    fetched = remote_fetch.fetch_remote(project.path, module, remotes[module])
     return fetched.path
 
 

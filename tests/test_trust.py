@@ -254,3 +254,138 @@ def test_own_pickles_load_and_someone_elses_key_does_not_count(
     (directory / "state.p").write_bytes(bytes(raw))
     with pytest.raises(PickleRefused):
         run.load_file("state.p")
+
+
+# --------------------------------------------------------------------------- finding 7
+
+MODULE = b'"""A shareable module."""\nVALUE = 42\n'
+
+
+def test_a_remote_body_over_the_size_limit_is_refused(tmp_path: Path, http_server, monkeypatch) -> None:
+    from machinable.errors import RemoteError
+    from machinable.remotes import fetch_remote, remote_path
+
+    monkeypatch.setenv("MACHINABLE_REMOTE_MAX_BYTES", "4096")
+    declared = http_server.add("/big.py", b"#" * 100_000)
+    undeclared = http_server.add("/stream.py", b"#" * 100_000, length=False)
+    for name, url in (("big", declared), ("stream", undeclared)):
+        with pytest.raises(RemoteError, match="at most 4096 bytes"):
+            fetch_remote(tmp_path, name, f"url+{url}")
+        assert not remote_path(tmp_path, name).exists()
+    # the limit is a setting and a keyword: a larger one lets the module through
+    assert fetch_remote(tmp_path, "big", f"url+{declared}", max_bytes=200_000).fetched
+
+
+@pytest.mark.timeout(60)
+def test_a_dripping_remote_body_ends_at_the_total_deadline(tmp_path: Path, http_server, monkeypatch) -> None:
+    import time
+
+    from machinable.errors import RemoteError
+    from machinable.remotes import fetch_remote, remote_path
+
+    url = http_server.add("/drip.py", MODULE, drip=0.2)  # every read comes well within the timeout
+    monkeypatch.setenv("MACHINABLE_REMOTE_DEADLINE", "1.5")
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="did not finish within 1.5s"):
+        fetch_remote(tmp_path, "drip", f"url+{url}", timeout=5)
+    assert time.monotonic() - started < 5
+    assert not remote_path(tmp_path, "drip").exists()
+
+
+def test_the_remote_limits_are_documented() -> None:
+    readme = (REPO / "README.md").read_text()
+    for setting in ("MACHINABLE_REMOTE_MAX_BYTES", "MACHINABLE_REMOTE_DEADLINE", "MACHINABLE_REMOTE_TIMEOUT"):
+        assert setting in readme
+
+
+# --------------------------------------------------------------------------- finding 8
+
+SECRET = "hunter2secret"
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://alice:{SECRET}@", 1)
+
+
+def _provider(project: Path, remotes: dict[str, str]) -> None:
+    from conftest import write_module
+
+    write_module(
+        project,
+        "interface.project",
+        f"""
+        from machinable import Project
+
+
+        class Study(Project):
+            def on_resolve_remotes(self):
+                return {remotes!r}
+        """,
+    )
+
+
+def test_credentials_never_reach_the_lock_file_or_fetch_output(sqlite_project: Path, http_server) -> None:
+    from machinable.remotes import lock_path
+
+    from conftest import invoke
+
+    url = _with_credentials(http_server.add("/mod.py", MODULE))
+    _provider(sqlite_project, {"shared": f"url+{url}"})
+    result = invoke("fetch")
+    assert "fetched shared" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    assert "alice:***@" in result.stdout
+    assert SECRET not in lock_path(sqlite_project).read_text()
+    checked = invoke("fetch", "--check")  # the redacted lock still matches the declaration
+    assert SECRET not in checked.stdout + checked.stderr
+    # importing through get() uses the cached module and leaks nothing either
+    assert SECRET not in lock_path(sqlite_project).read_text()
+
+
+def test_an_old_lock_file_holding_a_credential_is_cleaned(sqlite_project: Path, http_server) -> None:
+    import json
+
+    from machinable.remotes import lock_path
+
+    from conftest import invoke
+
+    url = _with_credentials(http_server.add("/mod.py", MODULE))
+    other = http_server.add("/other.py", MODULE)
+    lock = lock_path(sqlite_project)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"old": {"source": f"url+{url}", "sha256": "0" * 64}}))
+    _provider(sqlite_project, {"old": f"url+{url}", "other": f"url+{other}"})
+    checked = invoke("fetch", "--check", ok=False)
+    assert SECRET not in checked.stdout + checked.stderr
+    invoke("fetch", "other")
+    assert SECRET not in lock.read_text()
+
+
+def test_http_401_and_connection_errors_do_not_show_credentials(sqlite_project: Path, http_server) -> None:
+    from machinable.errors import RemoteError
+    from machinable.remotes import fetch_remote
+
+    from conftest import invoke, one_line_error
+
+    denied = _with_credentials(http_server.add("/private.py", b"denied", status=401))
+    with pytest.raises(RemoteError) as info:
+        fetch_remote(sqlite_project, "private", f"url+{denied}?token=abc{SECRET}")
+    assert "HTTP 401" in str(info.value)
+    assert SECRET not in str(info.value) and SECRET not in str(info.value.source)
+    gone = _with_credentials(http_server.url("/gone.py"))
+    http_server.stop()
+    _provider(sqlite_project, {"gone": f"url+{gone}"})
+    line = one_line_error(invoke("fetch", "--timeout", "2", ok=False), "failed")
+    assert SECRET not in line
+
+
+def test_an_index_url_password_is_never_shown(sqlite_project: Path) -> None:
+    from conftest import invoke, one_line_error
+
+    url = f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/nowhere"
+    assert SECRET not in repr(Index(url))
+    assert "alice:***@" in repr(Index(url))
+    line = one_line_error(invoke("--index", url, "ls", ok=False))
+    assert SECRET not in line
+    bad = one_line_error(invoke("--index", f"postgresql+psycopg://alice:{SECRET}@host:notaport/x", "ls", ok=False))
+    assert SECRET not in bad

@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
 from machinable.locks import FileLock
+from machinable.redact import redact
 
 SCHEMA_HEAD = "0003"
 BUSY_TIMEOUT_MS = 30_000
@@ -43,7 +44,7 @@ def to_url(spec: str | os.PathLike[str]) -> str:
         try:
             make_url(text_spec)
         except ArgumentError as exc:
-            raise IndexError_(f"invalid index URL {text_spec!r}: {exc}", url=text_spec) from exc
+            raise IndexError_(f"invalid index URL {redact(text_spec)!r}: {exc}", url=text_spec) from exc
         return text_spec
     return f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
 

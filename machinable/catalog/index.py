@@ -38,6 +38,7 @@ from machinable.record import (
     status_of,
     validate_headers,
 )
+from machinable.redact import redact
 from machinable.settings import index_setting
 
 RUNS = Run.__table__
@@ -235,7 +236,7 @@ class Index(Context):
         self.url = to_url(spec) if spec is not None else None
 
     def __repr__(self) -> str:
-        return f"Index({self.resolved_url!r})"
+        return f"Index({redact(self.resolved_url)!r})"
 
     @classmethod
     def get(cls) -> Index:
