@@ -188,13 +188,16 @@ def ls_command(
 @click.argument("storage", required=False)
 @click.option("--full", is_flag=True, help="Read every directory, not only those changed since the last pass.")
 @click.option("--remotes", is_flag=True, help="Also rebuild store availability by listing every known store.")
+@click.option("--allow-empty", is_flag=True, help="Drop the runs of a storage that is missing or empty (refused otherwise).")
 @click.pass_obj
-def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool) -> None:
+def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool, allow_empty: bool) -> None:
     """Bring the index in line with the run directories of STORAGE (default: the connected storage)."""
     from machinable import Index
 
     with _contexts(obj):
-        report = Index.get().reindex(storage, full=full, remotes=remotes, progress=_progress(obj))
+        report = Index.get().reindex(
+            storage, full=full, remotes=remotes, progress=_progress(obj), allow_empty=allow_empty
+        )
     click.echo(str(report))
 
 

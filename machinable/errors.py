@@ -16,6 +16,7 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     ├── IndexError_              the index cannot be opened, migrated or queried
     │   └── IndexNewerThanCode   the index schema is newer than this version
     ├── QueryError               a search expression is malformed
+    ├── ReindexRefused           reindex of a missing or empty storage would drop every run there
     ├── StoreError               a remote store transfer or check failed
     │   ├── NotMountedError      the run's files are not present locally
     │   └── EvictionRefused      no other verified copy exists
@@ -118,6 +119,14 @@ class IndexNewerThanCode(IndexError_):
 
 class QueryError(MachinableError, ValueError):
     """A search expression is malformed or names an unknown field."""
+
+
+class ReindexRefused(MachinableError):
+    """Reindexing a missing or empty storage root would drop every run the index holds there."""
+
+    def __init__(self, message: str, *, storage: str) -> None:
+        super().__init__(message)
+        self.storage = storage
 
 
 class StoreError(MachinableError):

@@ -22,7 +22,7 @@ from machinable.errors import LockTimeout, UnsafeFileError
 from machinable.locks import FileLock, is_held
 from machinable.record import LOCKS_DIR
 
-from conftest import REPO, calls
+from conftest import REPO, calls, invoke, one_line_error
 
 VICTIM_TEXT = "precious data that no lock may truncate\n"
 
@@ -389,3 +389,55 @@ def test_an_index_url_password_is_never_shown(sqlite_project: Path) -> None:
     assert SECRET not in line
     bad = one_line_error(invoke("--index", f"postgresql+psycopg://alice:{SECRET}@host:notaport/x", "ls", ok=False))
     assert SECRET not in bad
+
+
+# --------------------------------------------------------------------------- finding 9
+
+
+@pytest.mark.parametrize("how", ["moved", "emptied"])
+def test_reindex_of_a_vanished_storage_is_refused_unless_allowed(project: Path, tmp_path: Path, how: str) -> None:
+    import shutil
+
+    from machinable.errors import ReindexRefused
+
+    runs = [get("optimize", {"lr": lr}).launch() for lr in (0.1, 0.2)]
+    storage = project / "storage"
+    if how == "moved":
+        storage.rename(tmp_path / "moved-away")
+    else:
+        for run in runs:
+            shutil.rmtree(storage / run.uuid)
+    with pytest.raises(ReindexRefused, match="2 run directories there; nothing was changed"):
+        Index.get().reindex()
+    assert Index.get().count() == 2
+    line = one_line_error(invoke("reindex", ok=False), "allow-empty")
+    assert str(storage) in line
+    assert Index.get().count() == 2
+    if how == "moved":  # back in place: nothing was lost
+        (tmp_path / "moved-away").rename(storage)
+        assert Index.get().reindex().indexed == 2
+        storage.rename(tmp_path / "moved-away")
+    report = invoke("reindex", "--allow-empty")
+    assert "2 removed" in report.stdout
+    assert Index.get().count() == 0
+
+
+def test_reindex_of_an_empty_storage_with_an_empty_index_is_fine(project: Path) -> None:
+    assert Index.get().reindex().indexed == 0
+    assert invoke("reindex").exit_code == 0
+
+
+# --------------------------------------------------------------------------- finding 10
+
+
+def test_a_symlinked_run_directory_is_listed_as_skipped_by_reindex(sqlite_project: Path, tmp_path: Path) -> None:
+    run, directory = _launched(sqlite_project)
+    elsewhere = tmp_path / "elsewhere" / run.uuid
+    elsewhere.parent.mkdir()
+    directory.rename(elsewhere)
+    directory.symlink_to(elsewhere)
+    report = Index.get().reindex(full=True)
+    assert [path for path, _ in report.skipped] == [str(directory)]
+    assert "symbolic link" in report.skipped[0][1]
+    assert "symbolic link" in invoke("reindex", "--full").stdout
+    assert elsewhere.is_dir() and (elsewhere / "result.json").is_file()

@@ -22,7 +22,7 @@ from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_ur
 from machinable.catalog.models import Location, Run
 from machinable.catalog.query import Field, as_expr, compile_expr, order_clause
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, MachinableError, QueryError
+from machinable.errors import IdentityCollision, MachinableError, QueryError, ReindexRefused
 from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
@@ -185,7 +185,13 @@ def _scan_names(
             info = os.lstat(directory)
         except FileNotFoundError:
             continue
+        if stat.S_ISLNK(info.st_mode):
+            # A link could point anywhere: gc or evict following it would delete there.
+            skipped.append((directory, "a symbolic link, not a run directory; move the run here instead"))
+            continue
         if not stat.S_ISDIR(info.st_mode):
+            if is_uuid(name):
+                skipped.append((directory, "named like a run but not a directory"))
             continue
         if not is_uuid(name):
             skipped.append((directory, "not named like a run uuid"))
@@ -618,6 +624,7 @@ class Index(Context):
         full: bool = False,
         progress: bool | None = None,
         remotes: bool = False,
+        allow_empty: bool = False,
     ) -> ReindexReport:
         """Bring the index in line with a storage directory's record directories.
 
@@ -627,6 +634,10 @@ class Index(Context):
         removed. Headers only are read; user code is never imported. ``remotes=True``
         also rebuilds store availability by listing every store the index knows and
         every connected one (``with RemoteStore(url):``; after the index was deleted).
+
+        A storage root that is missing or holds no run while the index lists runs there
+        (an unmounted disk, a moved folder) is refused with ``ReindexRefused`` and
+        nothing changes; ``allow_empty=True`` says the runs are really gone.
         """
         from machinable.storage import Storage
 
@@ -643,6 +654,16 @@ class Index(Context):
                 )
             }
         rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
+        found = rows or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
+        if known and not found and not allow_empty:
+            state = "does not exist" if not os.path.lexists(root) else "holds no run directory"
+            raise ReindexRefused(
+                f"{root} {state}, but the index lists {len(known)} run director"
+                f"{'y' if len(known) == 1 else 'ies'} there; nothing was changed. Is a disk "
+                "unmounted or the folder moved? If the runs are really gone, reindex with "
+                "--allow-empty (allow_empty=True) to drop them.",
+                storage=str(root),
+            )
 
         def write() -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
