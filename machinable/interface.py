@@ -301,6 +301,7 @@ class Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
             return self
+        self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)

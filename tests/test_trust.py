@@ -441,3 +441,47 @@ def test_a_symlinked_run_directory_is_listed_as_skipped_by_reindex(sqlite_projec
     assert "symbolic link" in report.skipped[0][1]
     assert "symbolic link" in invoke("reindex", "--full").stdout
     assert elsewhere.is_dir() and (elsewhere / "result.json").is_file()
+
+
+# --------------------------------------------------------------------------- finding 12
+
+
+@pytest.fixture
+def read_only_index(project: Path, index_backend: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Make the project's index read-only the way a user meets one: an immutable SQLite
+    file (chattr +i, since root ignores permission bits; chmod otherwise), or a
+    PostgreSQL connection whose transactions are read-only."""
+    from machinable.catalog.engine import dispose_all
+
+    get("optimize", {"lr": 0.1}).launch()  # the index exists and holds a run
+    dispose_all()
+    if index_backend == "postgresql":
+        url = os.environ["MACHINABLE_INDEX"]
+        monkeypatch.setenv("MACHINABLE_INDEX", url + "%20-cdefault_transaction_read_only%3Don")
+        yield
+        return
+    path = project / ".machinable.sqlite"
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        try:
+            yield
+        finally:
+            dispose_all()
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o444)
+        yield
+
+
+def test_a_read_only_index_is_refused_before_computing(project: Path, read_only_index: None) -> None:
+    from machinable.errors import IndexError_
+
+    assert Index.get().count() == 1  # reading works
+    run = get("optimize", {"lr": 0.7})
+    with pytest.raises(IndexError_, match="does not accept writes"):
+        run.launch()
+    assert calls(project) == [get("optimize", {"lr": 0.1}).uuid]  # nothing was computed
+    assert not run.local_directory().exists()
+    line = one_line_error(invoke("get", "optimize", "lr=0.9", "--launch", ok=False), "does not accept writes")
+    assert "Traceback" not in line
+    assert len(calls(project)) == 1

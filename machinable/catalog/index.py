@@ -15,14 +15,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, select
+from sqlalchemy import Engine, and_, delete, false, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.models import Location, Run
 from machinable.catalog.query import Field, as_expr, compile_expr, order_clause
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, MachinableError, QueryError, ReindexRefused
+from machinable.errors import (
+    IdentityCollision,
+    IndexError_,
+    MachinableError,
+    QueryError,
+    ReindexRefused,
+)
 from machinable.progress import track
 from machinable.project import Project
 from machinable.record import (
@@ -167,6 +173,7 @@ def _mtime(path: str) -> datetime | None:
 
 
 _STATEMENTS: dict[tuple[str, str], Any] = {}
+_WRITABLE: dict[str, Engine] = {}
 SCAN_CHUNK = 2000
 PARALLEL_SCAN_MIN = 20_000
 
@@ -267,6 +274,33 @@ class Index(Context):
     def path(self) -> Path | None:
         """The SQLite file, or None for a server index."""
         return sqlite_path(self.resolved_url)
+
+    def check_writable(self) -> None:
+        """Raise ``IndexError_`` unless the index accepts writes (once per engine).
+
+        ``launch()`` asks before computing: a read-only index (a file without write
+        permission, a read-only database role) would otherwise refuse the run's row
+        after the whole computation.
+        """
+        engine = self.engine
+        if _WRITABLE.get(self.resolved_url) is engine:
+            return
+
+        def probe() -> None:
+            # Writes nothing, but needs the write lock (SQLite) or write permission and
+            # a read-write transaction (PostgreSQL), exactly as recording a run does.
+            with engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(delete(RUNS).where(false()))
+
+        try:
+            retry_busy(probe)
+        except IndexError_ as exc:
+            raise IndexError_(
+                f"the index {redact(self.resolved_url)} does not accept writes, so nothing can be "
+                f"launched into it ({exc}); use a writable index (MACHINABLE_INDEX) or read only",
+                url=self.resolved_url,
+            ) from exc
+        _WRITABLE[self.resolved_url] = engine
 
     # Lookups.
 
