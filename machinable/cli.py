@@ -289,19 +289,33 @@ def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None,
 @click.option("--max-age", type=float, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
 @click.pass_obj
 def evict_command(obj: dict[str, Any], uuids: tuple[str, ...], select_all: bool, where: str | None, max_age: float) -> None:
-    """Delete local copies of runs that have a verified copy in a store."""
+    """Delete local copies of runs that have a verified copy in a store.
+
+    Named runs that cannot be evicted are an error; with --all or --where such runs
+    (no store copy with their digest, not finished) are kept and counted.
+    """
     from datetime import timedelta
 
+    from machinable.errors import EvictionRefused
     from machinable.stores import evict
 
     with _contexts(obj):
         evicted = 0
+        kept: list[str] = []
         for ref in _refs(uuids, select_all, where):
             if not ref.is_mounted():
                 continue
-            evict(ref, max_age=timedelta(hours=max_age))
+            try:
+                evict(ref, max_age=timedelta(hours=max_age))
+            except EvictionRefused:
+                if uuids:
+                    raise
+                kept.append(ref.uuid)
+                continue
             evicted += 1
     click.echo(f"evicted {evicted} run(s)")
+    if kept:
+        click.echo(f"kept {len(kept)} run(s) that no store holds with the same digest (push them first)")
 
 
 @cli.command("whereis")

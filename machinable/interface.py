@@ -401,6 +401,10 @@ class Interface:
             # A FIFO or a device among a collaborator's files is refused, never read.
             fd = open_regular(path, follow=True)
         except FileNotFoundError:
+            if not os.path.isfile(os.path.join(directory, SENTINEL)):
+                # Evicted (or moved away) between the check above and the open: the
+                # directory leaves in one rename, so its sentinel tells.
+                return self.load_file(name, default, allow_pickle=allow_pickle)
             return default
         except UnsafeFileError as exc:
             if os.path.isdir(path):

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import pickle
+import shutil
 import stat
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -296,6 +297,61 @@ def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[s
     if problem:
         raise RecordError(f"{directory}: {problem}", path=directory)
     return header, model, names
+
+
+TRASH_PREFIX = ".trash-"
+
+
+def removal_problem(directory: str | os.PathLike[str], uuid: str, root: str | os.PathLike[str]) -> str | None:
+    """Why ``directory`` must not be deleted as run ``uuid``'s record, or None.
+
+    Only a real directory (not a link) directly under the storage ``root``, named
+    ``uuid``, holding the sentinel and an ``id.json`` that names ``uuid`` may go: an
+    index row, a store or a collaborator may point anywhere.
+    """
+    path = Path(os.path.abspath(directory))
+    base = Path(os.path.abspath(root))
+    if path.parent != base or os.path.realpath(path.parent) != os.path.realpath(base):
+        return f"{path} is not directly under the storage root {base}"
+    if path.name != uuid:
+        return f"{path} is not named after run {uuid}"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is {'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a directory'}"
+    try:
+        sentinel = os.lstat(path / SENTINEL)
+    except FileNotFoundError:
+        return f"{path} has no {SENTINEL} sentinel"
+    if not stat.S_ISREG(sentinel.st_mode):
+        return f"{path}/{SENTINEL} is not a regular file"
+    try:
+        header = read_json(path / ID_FILE)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{path}/{ID_FILE} cannot be read ({exc})"
+    if not isinstance(header, dict) or header.get("uuid") != uuid:
+        named = header.get("uuid") if isinstance(header, dict) else None
+        return f"{path}/{ID_FILE} names run {named!r}, not {uuid}"
+    return None
+
+
+def remove_record(directory: str | os.PathLike[str], uuid: str, root: str | os.PathLike[str]) -> None:
+    """Delete run ``uuid``'s record directory under ``root``, after checking it is one.
+
+    The directory leaves the storage in one rename (to a hidden name beside it that
+    reindex ignores) before anything in it is deleted, so a reader sees the whole run
+    or none of it, never a half-deleted directory. Raises ``RecordError`` when
+    ``removal_problem`` finds a reason not to.
+    """
+    problem = removal_problem(directory, uuid, root)
+    if problem is not None:
+        raise RecordError(f"refusing to delete {directory}: {problem}", path=directory)
+    path = Path(os.path.abspath(directory))
+    trash = path.with_name(f"{TRASH_PREFIX}{uuid}-{os.urandom(6).hex()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
 
 
 def safe_path(directory: Path, name: str) -> Path:

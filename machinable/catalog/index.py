@@ -72,6 +72,7 @@ class RunRecord:
     finished_at: datetime | None = None
     failed_at: datetime | None = None
     updated_at: datetime | None = None
+    digest: str | None = None
     directories: tuple[str, ...] = ()
 
 
@@ -534,9 +535,16 @@ class Index(Context):
         if stmt is None:
             if name == "upsert_runs":
                 stmt = self._insert(RUNS)
+                # A row rebuilt from a directory carries no digest: keep the recorded one.
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[RUNS.c.uuid],
-                    set_={c.name: stmt.excluded[c.name] for c in RUNS.c if c.name != "uuid"},
+                    set_={
+                        c.name: stmt.excluded[c.name]
+                        if c.name != "digest"
+                        else func.coalesce(stmt.excluded.digest, RUNS.c.digest)
+                        for c in RUNS.c
+                        if c.name != "uuid"
+                    },
                 )
             elif name == "add_locations":
                 stmt = self._insert(LOCATIONS).on_conflict_do_nothing(
@@ -612,6 +620,25 @@ class Index(Context):
                         LOCATIONS.c.run_uuid == uuid, LOCATIONS.c.directory == str(directory)
                     )
                 )
+
+        retry_busy(write)
+
+    def digest(self, uuid: str) -> str | None:
+        """The content digest the index recorded for a run, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(RUNS.c.digest).where(RUNS.c.uuid == uuid)).scalar()
+
+    def set_digest(self, uuid: str, digest: str, *, only_if_unset: bool = False) -> None:
+        """Record a run's content digest (``only_if_unset``: keep one already recorded)."""
+        from sqlalchemy import update
+
+        condition = [RUNS.c.uuid == uuid]
+        if only_if_unset:
+            condition.append(RUNS.c.digest.is_(None))
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(update(RUNS).where(*condition).values(digest=digest))
 
         retry_busy(write)
 

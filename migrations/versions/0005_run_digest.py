@@ -1,0 +1,28 @@
+"""A run's content digest: sha256 of its manifest, recorded when first computed.
+
+Nullable: a run gets its digest when it is first pushed, evicted or verified with
+checksums (DESIGN.md, "Copies and their content").
+
+Revision ID: 0005
+Revises: 0003
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("digest", sa.String(length=64), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("digest")
