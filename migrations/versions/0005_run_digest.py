@@ -24,5 +24,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("runs", schema=None) as batch_op:
-        batch_op.drop_column("digest")
+    # Not batch mode: on SQLite that copies and drops ``runs``, and dropping the parent
+    # table cascades into locations and availability. SQLite >= 3.35 drops a column
+    # in place.
+    op.execute("ALTER TABLE runs DROP COLUMN digest")
