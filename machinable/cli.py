@@ -261,6 +261,8 @@ def push_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str, select
         results = push(Index.get(), target, [(ref.uuid, ref.local_directory()) for ref in refs], progress=_progress(obj))
     size = sum(result.size for result in results.values())
     click.echo(f"pushed {len(results)} run(s), {size} bytes, to {target.uri} (verified)")
+    if len(results) < len(refs):
+        click.echo(f"skipped {len(refs) - len(results)} run(s) no longer here (evicted meanwhile)")
 
 
 @cli.command("pull")
@@ -332,15 +334,15 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
         (ref,) = _refs((uuid,), False, None)
         found = whereis(ref)
     table = Table(box=None, pad_edge=False)
-    for column in ("store", "where", "state", "size", "checksum", "verified"):
-        table.add_column(column, no_wrap=column in ("where", "checksum"))
+    for column in ("store", "where", "state", "size", "digest", "verified"):
+        table.add_column(column, no_wrap=column in ("where", "digest"))
     for copy in found:
         table.add_row(
             copy.store,
             copy.url,
             copy.state,
             "" if copy.size is None else str(copy.size),
-            (copy.checksum or "")[:16],
+            copy.checksum or "",
             copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else "",
         )
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)

@@ -19,6 +19,7 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     ├── ReindexRefused           reindex of a missing or empty storage would drop every run there
     ├── StoreError               a remote store transfer or check failed
     │   ├── NotMountedError      the run's files are not present locally
+    │   ├── CopyConflict         a store holds a complete copy of the run with another digest
     │   └── EvictionRefused      no other verified copy exists
     └── RemoteError              a shareable module could not be fetched or trusted
 """
@@ -140,6 +141,22 @@ class StoreError(MachinableError):
 
 class NotMountedError(StoreError, FileNotFoundError):
     """The run's files are not present on this machine."""
+
+
+class CopyConflict(StoreError):
+    """A store holds a complete copy of the run whose digest differs from this copy's."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        uuid: str | None = None,
+        store: str | None = None,
+        conflicts: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(message, uuid=uuid, store=store)
+        #: uuid -> (the store's digest, this copy's digest)
+        self.conflicts = dict(conflicts or {})
 
 
 class EvictionRefused(StoreError):

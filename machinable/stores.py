@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import aware as _aware
 from machinable.catalog.models import Availability, Remote
 from machinable.context import Context, active
-from machinable.errors import EvictionRefused, NotMountedError, StoreError
+from machinable.errors import CopyConflict, EvictionRefused, NotMountedError, StoreError
 from machinable.record import SENTINEL
 
 if TYPE_CHECKING:
@@ -90,10 +89,22 @@ class RemoteStore(Context):
         fs, root = self._fs()
         return transfer.push_runs(items, fs, root, progress=progress)
 
-    def fetch(self, items: list[tuple[str, Path]], *, progress: bool = False) -> dict[str, transfer.TransferResult]:
-        """Download runs to local directories that do not exist yet, verified."""
+    def fetch(
+        self,
+        items: list[tuple[str, Path]],
+        *,
+        progress: bool = False,
+        digests: dict[str, str | None] | None = None,
+    ) -> dict[str, transfer.TransferResult]:
+        """Download runs to local directories that do not exist yet, verified; a copy
+        whose digest is not the one ``digests`` names for its run is refused."""
         fs, root = self._fs()
-        return transfer.fetch_runs(items, fs, root, progress=progress)
+        return transfer.fetch_runs(items, fs, root, progress=progress, digests=digests)
+
+    def manifest(self, uuid: str) -> dict | None:
+        """The store's manifest of a run, read now; None if it has no complete copy."""
+        fs, root = self._fs()
+        return transfer.read_manifest(fs, root, uuid)
 
     def verify(self, uuid: str, expected_manifest: dict | None = None) -> transfer.RemoteState:
         """Check the store's copy of a run by checksum."""
@@ -276,10 +287,38 @@ def push(index: Index, store: RemoteStore, runs: list[tuple[str, Path]], *, prog
         results = store.push(runs, progress=enabled(progress))
     except transfer.TransferError as error:
         _record_results(index, remote_id, error.results)
-        record_copies(index, remote_id, {uuid: {"state": "partial"} for uuid in error.problems})
+        _record_digests(index, error.results)
+        record_copies(
+            index,
+            remote_id,
+            {uuid: {"state": "partial"} for uuid in error.problems if uuid not in error.conflicts},
+        )
+        if error.conflicts:
+            # The store's copy is complete, with other content: known as a conflict, and
+            # this copy's digest is recorded only where the index had none.
+            record_copies(
+                index,
+                remote_id,
+                {uuid: {"state": "conflict", "checksum": theirs} for uuid, (theirs, _) in error.conflicts.items()},
+            )
+            for uuid, (_, ours) in error.conflicts.items():
+                index.set_digest(uuid, ours, only_if_unset=True)
+            raise CopyConflict(
+                f"{error} (see `machinable whereis UUID`; README, 'Trust', says how to resolve it)",
+                uuid=error.uuid,
+                store=store.uri,
+                conflicts=error.conflicts,
+            ) from error
         raise
     _record_results(index, remote_id, results)
+    _record_digests(index, results)
     return results
+
+
+def _record_digests(index: Index, results: dict[str, transfer.TransferResult]) -> None:
+    """A verified copy of the local content: that is the run's digest now."""
+    for uuid, result in results.items():
+        index.set_digest(uuid, result.checksum)
 
 
 def _record_results(index: Index, remote_id: int, results: dict[str, transfer.TransferResult]) -> None:
@@ -337,10 +376,13 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
     index = run.index
     dest = run._default_directory()
     problems: list[str] = []
+    expected = index.digest(run.uuid)
     for candidate in candidate_stores(index, run.uuid, store):
         try:  # a store that cannot be opened here (unknown protocol) must not stop the others
             remote_id = register(index, candidate)
-            result = candidate.fetch([(run.uuid, dest)], progress=enabled(progress))[run.uuid]
+            result = candidate.fetch(
+                [(run.uuid, dest)], progress=enabled(progress), digests={run.uuid: expected}
+            )[run.uuid]
         except (StoreError, OSError) as exc:
             problems.append(f"{candidate._name or candidate.url}: {exc}")
             continue
@@ -349,6 +391,7 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
             index.ingest_directory(dest)
         else:
             index.add_location(run.uuid, dest)
+        index.set_digest(run.uuid, result.checksum, only_if_unset=True)
         return dest
     detail = "; ".join(problems) if problems else "no store is known to hold it"
     raise NotMountedError(
@@ -380,7 +423,9 @@ def fetch_many(
         try:
             remote_id = register(index, candidate)
             results = candidate.fetch(
-                [(run.uuid, run._default_directory()) for run in members], progress=enabled(progress)
+                [(run.uuid, run._default_directory()) for run in members],
+                progress=enabled(progress),
+                digests={run.uuid: index.digest(run.uuid) for run in members},
             )
         except transfer.TransferError as error:
             results = error.results
@@ -394,6 +439,7 @@ def fetch_many(
                     index.ingest_directory(dest)
                 else:
                     index.add_location(run.uuid, dest)
+                index.set_digest(run.uuid, results[run.uuid].checksum, only_if_unset=True)
                 done[run.uuid] = dest
     for run in wanted:
         if run.uuid not in done:
@@ -402,7 +448,15 @@ def fetch_many(
 
 
 def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
-    """Delete the local copy once another copy is verified (within ``max_age``, or now)."""
+    """Delete the local copy once a store holds a copy with the same digest.
+
+    Checked now, at the moment of eviction: each candidate store's manifest is read
+    again (its digest must equal the local copy's), and a copy last verified longer
+    ago than ``max_age`` is re-verified file by file. The directory must be a record
+    of this run directly under the storage root; it leaves in one rename.
+    """
+    from machinable.record import removal_problem, remove_record
+
     directory = run.local_directory()
     if not os.path.isfile(os.path.join(directory, SENTINEL)):
         raise NotMountedError(f"run {run.uuid} has no local copy to evict", uuid=run.uuid)
@@ -410,6 +464,10 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
         raise EvictionRefused(
             f"run {run.uuid} is not finished; only finished runs can be evicted", uuid=run.uuid
         )
+    root = run._default_directory().parent
+    problem = removal_problem(directory, run.uuid, root)
+    if problem is not None:
+        raise EvictionRefused(f"refusing to evict run {run.uuid}: {problem}", uuid=run.uuid)
     index = run.index
     manifest = transfer.build_manifest(directory)
     if manifest.get("skipped"):
@@ -418,60 +476,63 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
             f"({', '.join(manifest['skipped'])}); a store copy would not hold them",
             uuid=run.uuid,
         )
-    checksum = transfer.manifest_checksum(manifest)
+    digest = transfer.manifest_digest(manifest)
     now = datetime.now(timezone.utc)
+    recent = {
+        copy.url: copy.verified_at
+        for copy in copies(index, run.uuid)
+        if copy.state == "present" and copy.checksum == digest and copy.verified_at is not None
+    }
     verified_copy = None
-    for copy in copies(index, run.uuid):
-        if (
-            copy.state == "present"
-            and copy.checksum == checksum
-            and copy.verified_at is not None
-            and now - copy.verified_at <= max_age
-        ):
-            verified_copy = copy
-            break
-    unreachable: list[str] = []
-    if verified_copy is None:
-        for candidate in candidate_stores(index, run.uuid):
-            try:
-                remote_id = register(index, candidate)
+    notes: list[str] = []
+    for candidate in candidate_stores(index, run.uuid):
+        try:
+            remote_id = register(index, candidate)
+            verified_at = recent.get(candidate.uri)
+            if verified_at is not None and now - verified_at <= max_age:
+                # verified recently: the manifest, read again now, must still say so
+                remote = candidate.manifest(run.uuid)
+                theirs = transfer.manifest_digest(remote) if remote is not None else None
+                state = transfer.RemoteState(
+                    "present" if theirs == digest else ("conflict" if theirs else "partial"),
+                    size=manifest["size"],
+                    checksum=theirs,
+                    verified_at=verified_at,
+                )
+            else:
                 state = candidate.verify(run.uuid, manifest)
-            except (StoreError, OSError) as exc:
-                unreachable.append(f"{candidate._name or candidate.url} could not be checked ({exc})")
-                continue
-            record_copies(
-                index,
-                remote_id,
-                {
-                    run.uuid: {
-                        "state": state.state,
-                        "size": state.size,
-                        "checksum": state.checksum,
-                        "verified_at": state.verified_at,
-                    }
-                },
-            )
-            if state.state == "present" and state.checksum == checksum:
-                verified_copy = Copy(candidate.name, candidate.uri, "present", state.size, checksum, state.verified_at)
-                break
+        except (StoreError, OSError) as exc:
+            notes.append(f"{candidate._name or candidate.url} could not be checked ({exc})")
+            continue
+        record_copies(
+            index,
+            remote_id,
+            {
+                run.uuid: {
+                    "state": state.state,
+                    "size": state.size,
+                    "checksum": state.checksum,
+                    "verified_at": state.verified_at,
+                }
+            },
+        )
+        if state.state == "present" and state.checksum == digest:
+            verified_copy = Copy(candidate.name, candidate.uri, "present", state.size, digest, state.verified_at)
+            break
+        if state.checksum and state.checksum != digest:
+            notes.append(f"{candidate.name} holds digest {state.checksum}")
     if verified_copy is None:
-        hint = f" ({'; '.join(unreachable)}; connect it with its options to re-verify)" if unreachable else ""
+        hint = f" ({'; '.join(notes)})" if notes else ""
         raise EvictionRefused(
-            f"refusing to evict run {run.uuid}: no other copy with the same content is verified{hint}. "
-            f"Make one first with `machinable push {run.uuid} --to <store URL>` (or run.push(store))",
+            f"refusing to evict run {run.uuid}: no store holds a verified copy with its digest "
+            f"{digest}{hint}. Make one first with `machinable push {run.uuid} --to <store URL>` "
+            "(or run.push(store))",
             uuid=run.uuid,
         )
-    _remove_tree(directory)
+    index.set_digest(run.uuid, digest)
+    remove_record(directory, run.uuid, root)
     index.drop_location(run.uuid, directory)
     return directory
-
-
-def _remove_tree(directory: Path) -> None:
-    """Delete a run directory without following any link inside it."""
-    if directory.is_symlink():
-        directory.unlink()
-        return
-    shutil.rmtree(directory)
 
 
 def whereis(run: Interface | RunRef) -> list[Copy]:
@@ -479,8 +540,15 @@ def whereis(run: Interface | RunRef) -> list[Copy]:
     directory = run.local_directory()
     here = os.path.isfile(os.path.join(directory, SENTINEL))
     size = _tree_size(directory) if here else None
-    local = Copy("local", str(directory), "present" if here else "evicted", size)
-    return [local, *copies(run.index, run.uuid)]
+    recorded = run.index.digest(run.uuid)
+    local = Copy("local", str(directory), "present" if here else "evicted", size, recorded)
+    found = [
+        replace(copy, state="conflict")
+        if copy.state == "present" and recorded and copy.checksum and copy.checksum != recorded
+        else copy
+        for copy in copies(run.index, run.uuid)
+    ]
+    return [local, *found]
 
 
 def _tree_size(directory: Path) -> int:

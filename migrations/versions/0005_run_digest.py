@@ -1,7 +1,8 @@
 """A run's content digest: sha256 of its manifest, recorded when first computed.
 
 Nullable: a run gets its digest when it is first pushed, evicted or verified with
-checksums (DESIGN.md, "Copies and their content").
+checksums (DESIGN.md, "Copies and their content"). ``availability.checksum`` holds each
+store copy's digest from now on.
 
 Revision ID: 0005
 Revises: 0003
@@ -21,6 +22,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("digest", sa.String(length=64), nullable=True))
+    # availability.checksum now holds a copy's digest; what older versions stored there
+    # (a checksum that covered the status markers too) would read as a conflict.
+    op.execute("UPDATE availability SET checksum = NULL")
 
 
 def downgrade() -> None:
