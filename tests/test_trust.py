@@ -485,3 +485,34 @@ def test_a_read_only_index_is_refused_before_computing(project: Path, read_only_
     line = one_line_error(invoke("get", "optimize", "lr=0.9", "--launch", ok=False), "does not accept writes")
     assert "Traceback" not in line
     assert len(calls(project)) == 1
+
+
+def test_verify_reports_a_symlinked_run_directory(sqlite_project: Path, tmp_path: Path) -> None:
+    run, directory = _launched(sqlite_project)
+    elsewhere = tmp_path / "elsewhere" / run.uuid
+    elsewhere.parent.mkdir()
+    directory.rename(elsewhere)
+    directory.symlink_to(elsewhere)
+    result = invoke("verify", ok=False)
+    assert f"symlinked run directory: {directory}" in result.stdout
+    assert result.exit_code == 1
+
+
+def test_verify_and_gc_never_truncate_through_a_linked_lock(sqlite_project: Path, tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    started, directory = _launched(sqlite_project, 0.3)
+    (directory / "finished_at").unlink()  # looks like a run still computing
+    Index.get().reindex(full=True)
+    lock = sqlite_project / "storage" / LOCKS_DIR / f"{started.uuid}.lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(target)
+    result = invoke("verify", ok=False)
+    assert "unsafe lock" in result.stdout
+    assert target.read_text() == VICTIM_TEXT
+    # a stale lock (its run is gone) that is a link: gc removes the link, not the target
+    gone = get("optimize", {"lr": 0.8})
+    stale = sqlite_project / "storage" / LOCKS_DIR / f"{gone.uuid}.lock"
+    stale.symlink_to(target)
+    invoke("gc", "--yes")
+    assert not os.path.lexists(stale)
+    assert target.read_text() == VICTIM_TEXT
