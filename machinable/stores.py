@@ -14,6 +14,7 @@ methods ``push``, ``fetch``, ``verify``, ``delete``, ``headers`` and ``read`` (a
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -294,15 +295,13 @@ def push(index: Index, store: RemoteStore, runs: list[tuple[str, Path]], *, prog
             {uuid: {"state": "partial"} for uuid in error.problems if uuid not in error.conflicts},
         )
         if error.conflicts:
-            # The store's copy is complete, with other content: known as a conflict, and
-            # this copy's digest is recorded only where the index had none.
+            # The store's copy is complete, with other content: known as a conflict. The
+            # local digest is not recorded, so that pulling the store's copy stays possible.
             record_copies(
                 index,
                 remote_id,
                 {uuid: {"state": "conflict", "checksum": theirs} for uuid, (theirs, _) in error.conflicts.items()},
             )
-            for uuid, (_, ours) in error.conflicts.items():
-                index.set_digest(uuid, ours, only_if_unset=True)
             raise CopyConflict(
                 f"{error} (see `machinable whereis UUID`; README, 'Trust', says how to resolve it)",
                 uuid=error.uuid,
@@ -367,6 +366,36 @@ def candidate_stores(index: Index, uuid: str, store: RemoteStore | str | None = 
     return found
 
 
+def _fetch_checked(
+    store: RemoteStore, items: list[tuple[str, Path]], digests: dict[str, str | None], progress: bool
+) -> dict[str, transfer.TransferResult]:
+    """``store.fetch`` that lands only copies with the recorded digests.
+
+    The built-in backend checks the digest before downloading. A custom backend whose
+    ``fetch`` predates the ``digests`` argument is checked after landing: a copy with
+    other content is moved out of the storage again and refused.
+    """
+    if "digests" in inspect.signature(store.fetch).parameters:
+        return store.fetch(items, progress=progress, digests=digests)
+    from machinable.record import remove_record
+
+    results = store.fetch(items, progress=progress)
+    for uuid, dest in items:
+        expected = digests.get(uuid)
+        if uuid not in results or expected is None:
+            continue
+        landed = transfer.manifest_digest(transfer.build_manifest(dest))
+        if landed != expected:
+            remove_record(dest, uuid, Path(dest).parent)
+            raise StoreError(
+                f"{store.name} delivered run {uuid} with digest {landed}, but the index recorded "
+                f"digest {expected}: refused",
+                uuid=uuid,
+                store=store.uri,
+            )
+    return results
+
+
 def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
     """Bring a run's directory here from a store with a verified copy."""
     from machinable.progress import enabled
@@ -380,9 +409,9 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
     for candidate in candidate_stores(index, run.uuid, store):
         try:  # a store that cannot be opened here (unknown protocol) must not stop the others
             remote_id = register(index, candidate)
-            result = candidate.fetch(
-                [(run.uuid, dest)], progress=enabled(progress), digests={run.uuid: expected}
-            )[run.uuid]
+            result = _fetch_checked(candidate, [(run.uuid, dest)], {run.uuid: expected}, enabled(progress))[
+                run.uuid
+            ]
         except (StoreError, OSError) as exc:
             problems.append(f"{candidate._name or candidate.url}: {exc}")
             continue
@@ -422,10 +451,11 @@ def fetch_many(
     for candidate, members in groups.values():
         try:
             remote_id = register(index, candidate)
-            results = candidate.fetch(
+            results = _fetch_checked(
+                candidate,
                 [(run.uuid, run._default_directory()) for run in members],
-                progress=enabled(progress),
-                digests={run.uuid: index.digest(run.uuid) for run in members},
+                {run.uuid: index.digest(run.uuid) for run in members},
+                enabled(progress),
             )
         except transfer.TransferError as error:
             results = error.results
@@ -489,17 +519,23 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
         try:
             remote_id = register(index, candidate)
             verified_at = recent.get(candidate.uri)
+            state = None
             if verified_at is not None and now - verified_at <= max_age:
                 # verified recently: the manifest, read again now, must still say so
-                remote = candidate.manifest(run.uuid)
-                theirs = transfer.manifest_digest(remote) if remote is not None else None
-                state = transfer.RemoteState(
-                    "present" if theirs == digest else ("conflict" if theirs else "partial"),
-                    size=manifest["size"],
-                    checksum=theirs,
-                    verified_at=verified_at,
-                )
-            else:
+                # (a custom backend without manifests is verified in full instead)
+                try:
+                    remote = candidate.manifest(run.uuid)
+                except (StoreError, NotImplementedError):
+                    remote = None
+                if remote is not None:
+                    theirs = transfer.manifest_digest(remote)
+                    state = transfer.RemoteState(
+                        "present" if theirs == digest else "conflict",
+                        size=manifest["size"],
+                        checksum=theirs,
+                        verified_at=verified_at,
+                    )
+            if state is None:
                 state = candidate.verify(run.uuid, manifest)
         except (StoreError, OSError) as exc:
             notes.append(f"{candidate._name or candidate.url} could not be checked ({exc})")

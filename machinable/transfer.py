@@ -194,6 +194,7 @@ def _scan(directory: Path) -> tuple[dict, dict[str, Path]]:
         "skipped": sorted(skipped),
         "size": sum(entry["size"] for entry in files.values()),
         "checksum": manifest_checksum({"files": files}),
+        "digest": manifest_digest({"files": files}),
     }
     return manifest, {rel: sources[rel] for rel in files}
 

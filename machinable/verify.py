@@ -209,9 +209,9 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
         }
         from machinable.stores import AVAILABILITY, REMOTES
 
-        conflicts: dict[str, list[tuple[str, str]]] = {}
-        for run_uuid, store, theirs in conn.execute(
-            select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.checksum)
+        conflicts: dict[str, list[tuple[str, str, str]]] = {}
+        for run_uuid, store, state, theirs in conn.execute(
+            select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.state, AVAILABILITY.c.checksum)
             .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
             .where(
                 AVAILABILITY.c.run_uuid.in_(names),
@@ -219,7 +219,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 AVAILABILITY.c.checksum.is_not(None),
             )
         ):
-            conflicts.setdefault(run_uuid, []).append((store, theirs))
+            conflicts.setdefault(run_uuid, []).append((store, state, theirs))
         stored: set[str] = set()
         if checksums:  # one query per batch, not one per run, for who has a store copy
             stored = set(
@@ -260,10 +260,11 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                     note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
             except UnsafeFileError as exc:
                 note(name, "unsafe lock", f"{exc}; remove it")
-        if row is not None and row["digest"] is not None:
-            for store, theirs in conflicts.get(name, []):
-                if theirs != row["digest"]:
-                    note(name, "conflicting copy", f"{store} holds digest {theirs}, the run's digest is {row['digest']}")
+        for store, state, theirs in conflicts.get(name, []):
+            recorded = row["digest"] if row is not None else None
+            if state == "conflict" or (recorded is not None and theirs != recorded):
+                ours = f"the run's digest is {recorded}" if recorded else "the local copy differs"
+                note(name, "conflicting copy", f"{store} holds digest {theirs}; {ours}")
         if checksums and row is not None:
             _check_digest(index, directory, name, row["digest"], note)
         if checksums:

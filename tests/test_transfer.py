@@ -143,7 +143,7 @@ def test_push_then_present_with_matching_checksum(store: Store, storage: Path) -
     for run in runs:
         manifest = build_manifest(run)
         result = results[run.name]
-        assert result.state == "present" and result.checksum == manifest["checksum"]
+        assert result.state == "present" and result.checksum == manifest["digest"]
         assert result.size == sum(e["size"] for e in manifest["files"].values())
         assert result.verified_at is not None and result.verified_at.tzinfo is not None
         state = verify_remote(store.fs, store.root, run.name)
@@ -171,12 +171,12 @@ def test_fetch_back_byte_for_byte(store: Store, storage: Path, tmp_path: Path) -
         [(run.name, elsewhere / run.name) for run in runs[:2]], store.fs, store.root
     )
     single = fetch_run(store.fs, store.root, runs[2].name, elsewhere / runs[2].name)
-    assert single.state == "present" and single.checksum == build_manifest(runs[2])["checksum"]
+    assert single.state == "present" and single.checksum == build_manifest(runs[2])["digest"]
     for run in runs:
         assert tree(elsewhere / run.name) == tree(run)
         assert not (elsewhere / run.name / MANIFEST_NAME).exists()
         assert build_manifest(elsewhere / run.name)["checksum"] == build_manifest(run)["checksum"]
-    assert results[runs[0].name].checksum == build_manifest(runs[0])["checksum"]
+    assert results[runs[0].name].checksum == build_manifest(runs[0])["digest"]
     assert not [p for p in elsewhere.iterdir() if ".partial-" in p.name]
     with pytest.raises(FileExistsError):
         fetch_run(store.fs, store.root, runs[0].name, elsewhere / runs[0].name)
@@ -294,7 +294,7 @@ def test_repush_skips_unchanged_runs_and_updates_changed_ones(
     assert len(calls) == 1 and all(f"/{changed.name}/" in p for p in calls[0])
     assert (
         result[changed.name].checksum
-        == build_manifest(changed)["checksum"]
+        == build_manifest(changed)["digest"]
         != first[changed.name].checksum
     )
     state = verify_remote(store.fs, store.root, changed.name)
@@ -475,7 +475,7 @@ def test_interrupted_push_is_never_present_and_a_retry_completes_it(
     assert len(headers) == len(runs) and all(has for _, _, has in headers)
     for run in runs[:: len(runs) // 10]:
         state = verify_remote(fs, root, run.name)
-        assert state.state == "present" and state.checksum == build_manifest(run)["checksum"]
+        assert state.state == "present" and state.checksum == build_manifest(run)["digest"]
 
 
 def test_interrupted_fetch_leaves_nothing_and_a_retry_completes_it(
