@@ -631,8 +631,9 @@ def push_runs(
             reference = claimed[uuid]["files"] if uuid in claimed else manifests[uuid]["files"]
             found, extra = _file_problems(fs, run_path, reference, listings[uuid])
             if not found:
-                if uuid not in claimed:
-                    extras += [_join(run_path, rel) for rel in extra]
+                # files outside the copy's manifest (stale uploads, intruders) are no part
+                # of its content: removing them repairs the copy, never changes its digest
+                extras += [_join(run_path, rel) for rel in extra]
                 verified[uuid] = _now()
                 problems.pop(uuid, None)
             elif uuid in claimed and attempt == 0:

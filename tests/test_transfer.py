@@ -19,6 +19,7 @@ from machinable.errors import StoreError
 from machinable.transfer import (
     MANIFEST_NAME,
     RemoteState,
+    TransferError,
     TransferResult,
     build_manifest,
     delete_remote,
@@ -286,22 +287,28 @@ def test_repush_skips_unchanged_runs_and_updates_changed_ones(
     assert calls == []
     assert {u: r.checksum for u, r in again.items()} == {u: r.checksum for u, r in first.items()}
 
+    # a status marker is no part of the digest: the complete copy is kept as it is
+    touched = runs[0]
+    (touched / "updated_at").write_text("now")
+    kept = push(store, touched)
+    assert calls == [] and kept[touched.name].checksum == first[touched.name].checksum
+
+    # other content under the same uuid: refused as a conflict, the store unchanged
     changed = runs[1]
-    (changed / "updated_at").write_text("now")
+    before = {p: store.fs.cat_file(p) for p in store.fs.find(store.path(changed.name))}
     (changed / "data" / "deep" / "notes.txt").unlink()
     (changed / "glob[0]*.txt").unlink()
-    result = push(store, *runs)
-    assert len(calls) == 1 and all(f"/{changed.name}/" in p for p in calls[0])
-    assert (
-        result[changed.name].checksum
-        == build_manifest(changed)["digest"]
-        != first[changed.name].checksum
-    )
-    state = verify_remote(store.fs, store.root, changed.name)
-    assert state.state == "present" and state.checksum == result[changed.name].checksum
-    # the files deleted locally are gone from the store too
-    names = {p.rsplit(f"{changed.name}/", 1)[1] for p in store.fs.find(store.path(changed.name))}
-    assert names == set(build_manifest(changed)["files"]) | {MANIFEST_NAME}
+    with pytest.raises(TransferError) as refused:
+        push(store, *runs)
+    assert set(refused.value.conflicts) == {changed.name}
+    theirs, ours = refused.value.conflicts[changed.name]
+    assert theirs == first[changed.name].checksum and ours == build_manifest(changed)["digest"]
+    assert set(refused.value.results) == {runs[0].name, runs[2].name}
+    assert calls == []
+    store.fs.invalidate_cache()
+    assert {p: store.fs.cat_file(p) for p in store.fs.find(store.path(changed.name))} == before
+    state = verify_remote(store.fs, store.root, changed.name, build_manifest(changed))
+    assert state.state == "conflict" and state.checksum == theirs
 
 
 def test_missing_and_delete(store: Store, storage: Path) -> None:
