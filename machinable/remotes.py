@@ -207,7 +207,7 @@ def _write_lock(project_dir: Path, data: Mapping[str, Mapping[str, str]]) -> Non
     _atomic_write(path, text.encode("utf-8"), prefix=".remotes.lock.")
 
 
-def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: bool) -> None:
+def _record_lock(project_dir: Path, name: str, source: str, sha256: str, *, replace: bool) -> None:
     """Add (or, with ``replace``, overwrite) the lock entry for ``name``.
 
     The read-modify-write runs under a file lock so that processes fetching
@@ -275,7 +275,7 @@ def _atomic_symlink(path: Path, target: str) -> None:
 # --------------------------------------------------------------------------- fetching
 
 
-def _download(
+def _download_url(
     url: str, *, name: str, source: str, timeout: float, deadline: float, max_bytes: int
 ) -> bytes:
     """GET ``url`` and return the complete body, or raise ``RemoteError``.
@@ -462,11 +462,11 @@ def fetch_remote(
                 name=name,
                 source=source,
             )
-        _record(project_dir, name, source, digest, replace=False)
+        _record_lock(project_dir, name, source, digest, replace=False)
         return FetchedRemote(name, redact(source), path, digest, fetched=False)
 
     if src.scheme == "url":
-        data = _download(
+        data = _download_url(
             src.target,
             name=name,
             source=source,
@@ -503,7 +503,7 @@ def fetch_remote(
         raise RemoteError(
             f"remote {name!r}: cannot write {path}: {e}", name=name, source=source
         ) from e
-    _record(project_dir, name, source, digest, replace=True)
+    _record_lock(project_dir, name, source, digest, replace=True)
     return FetchedRemote(name, redact(source), path, digest, fetched=True)
 
 

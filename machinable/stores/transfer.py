@@ -25,27 +25,33 @@ import posixpath
 import re
 import secrets
 import shutil
-import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.callbacks import Callback, NoOpCallback
 
 from machinable.errors import StoreError
 from machinable.locks import FileLock
-from machinable.record import ID_FILE, MARKERS, MODEL_FILE, SENTINEL
+from machinable.progress import transfer_callback
+from machinable.record import SENTINEL
+from machinable.stores.manifest import (
+    CHUNK,
+    MANIFEST_NAME,
+    hash_file,
+    header_problems,
+    manifest_bytes,
+    manifest_digest,
+    manifest_problems,
+    now,
+    scan_directory,
+)
 
-MANIFEST_NAME = ".manifest.json"
-MANIFEST_FORMAT = 1
 PARTIAL_MARKER = ".partial-"
 LOCK_NAME = ".machinable-transfer.lock"
 
-_CHUNK = 1 << 20
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 _GLOB = re.compile(r"[*?\[]")
@@ -120,7 +126,7 @@ def _normalize_root(fs: fsspec.AbstractFileSystem, root: str) -> str:
     return stripped
 
 
-def _join(root: str, *parts: str) -> str:
+def join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts) if root else posixpath.join(*parts)
 
 
@@ -128,195 +134,6 @@ def _check_uuid(uuid: str) -> str:
     if not isinstance(uuid, str) or not _NAME.fullmatch(uuid) or uuid in (".", ".."):
         raise StoreError(f"{uuid!r} is not a valid run directory name", uuid=str(uuid))
     return uuid
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-# -- manifests --------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> tuple[int, str, str]:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest(), md5.hexdigest()
-
-
-def _scan(directory: Path) -> tuple[dict, dict[str, Path]]:
-    """Build the manifest of a run directory and map each relpath to the file to read."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"run directory {directory} does not exist")
-    real_root = os.path.realpath(directory)
-    files: dict[str, dict] = {}
-    sources: dict[str, Path] = {}
-    skipped: list[str] = []
-    def vanished(error: OSError) -> None:  # a directory evicted or moved during the scan
-        raise FileNotFoundError(f"run directory {directory} vanished during the scan") from error
-
-    for current, dirnames, filenames in os.walk(directory, onerror=vanished, followlinks=False):
-        rel_dir = os.path.relpath(current, directory)
-        for name in list(dirnames):
-            if os.path.islink(os.path.join(current, name)):
-                # never descend into a linked directory (cycles, escapes, duplicates)
-                skipped.append(_relpath(rel_dir, name))
-                dirnames.remove(name)
-        for name in filenames:
-            rel = _relpath(rel_dir, name)
-            if rel == MANIFEST_NAME:
-                skipped.append(rel)
-                continue
-            full = os.path.join(current, name)
-            source = full
-            mode = os.lstat(full).st_mode
-            if stat.S_ISLNK(mode):
-                target = os.path.realpath(full)
-                inside = os.path.commonpath([real_root, target]) == real_root
-                if not inside or not os.path.isfile(target) or os.path.islink(target):
-                    skipped.append(rel)
-                    continue
-                source = target
-            elif not stat.S_ISREG(mode):
-                skipped.append(rel)
-                continue
-            size, sha, md5 = _hash_file(Path(source))
-            files[rel] = {"size": size, "sha256": sha, "md5": md5}
-            sources[rel] = Path(source)
-    files = dict(sorted(files.items()))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "files": files,
-        "skipped": sorted(skipped),
-        "size": sum(entry["size"] for entry in files.values()),
-        "checksum": manifest_checksum({"files": files}),
-        "digest": manifest_digest({"files": files}),
-    }
-    return manifest, {rel: sources[rel] for rel in files}
-
-
-def _relpath(rel_dir: str, name: str) -> str:
-    return name if rel_dir == "." else Path(rel_dir, name).as_posix()
-
-
-def build_manifest(directory: Path) -> dict:
-    """Checksum every regular file of a run directory; linked files outside it are skipped."""
-    return _scan(directory)[0]
-
-
-def manifest_checksum(manifest: dict) -> str:
-    """Return the run's content checksum: sha256 of the canonical JSON of the files map."""
-    files = manifest["files"] if "files" in manifest else manifest
-    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """The run's content digest: sha256 of the sorted (path, size, sha256) entries of
-    every file except the status markers (they change without the content changing)."""
-    files = manifest["files"] if "files" in manifest else manifest
-    entries = sorted(
-        [rel, entry["size"], entry["sha256"]] for rel, entry in files.items() if rel not in MARKERS
-    )
-    canonical = json.dumps(entries, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-HEADER_FILES = (SENTINEL, ID_FILE, MODEL_FILE)
-
-
-def header_problems(manifest: dict) -> list[str]:
-    """A copy without its headers is no copy of a run: say which are not in the record."""
-    return [
-        f"{name} is not a regular file inside the run directory (a link outside it?)"
-        for name in HEADER_FILES
-        if name not in manifest["files"]
-    ]
-
-
-def _manifest_problems(manifest: Any) -> list[str]:
-    """Say what is wrong with a manifest read from a store (it is untrusted input)."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return ["manifest has no files map"]
-    problems = []
-    for rel, entry in manifest["files"].items():
-        if not _safe_relpath(rel):
-            problems.append(f"manifest names an unsafe path {rel!r}")
-        elif (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
-            problems.append(f"manifest entry for {rel!r} is malformed")
-    if not problems and manifest.get("checksum") != manifest_checksum(manifest):
-        problems.append("manifest checksum does not match its files")
-    return problems
-
-
-def _safe_relpath(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
-        return False
-    parts = rel.split("/")
-    return all(p not in ("", ".", "..") for p in parts) and rel != MANIFEST_NAME
-
-
-def _manifest_bytes(uuid: str, manifest: dict) -> bytes:
-    document = {
-        "format": MANIFEST_FORMAT,
-        "uuid": uuid,
-        "checksum": manifest_checksum(manifest),
-        "digest": manifest_digest(manifest),
-        "size": sum(entry["size"] for entry in manifest["files"].values()),
-        "files": manifest["files"],
-        "skipped": manifest.get("skipped", []),
-        "written_at": _now().isoformat(),
-    }
-    return json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
-
-
-# -- progress ---------------------------------------------------------------------------
-
-
-class _RichCallback(Callback):
-    """An fsspec callback that drives one task of a rich progress bar."""
-
-    def __init__(self, progress: Any, task: Any) -> None:
-        super().__init__()
-        self._progress = progress
-        self._task = task
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self._progress.update(self._task, total=self.size, completed=self.value)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callback]:
-    """Yield a callback showing a progress bar when enabled and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield NoOpCallback()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        yield _RichCallback(bar, bar.add_task(description, total=None))
 
 
 # -- remote listing and checks -----------------------------------------------------------
@@ -352,7 +169,7 @@ def _list_runs(
 ) -> dict[str, dict[str, dict]]:
     """List each run directory once: {uuid: {relpath: info}} (files only, fresh)."""
     uuids = list(dict.fromkeys(uuids))
-    paths = {uuid: _join(root, uuid) for uuid in uuids}
+    paths = {uuid: join(root, uuid) for uuid in uuids}
     for path in paths.values():
         fs.invalidate_cache(path)
     if whole_root:
@@ -410,7 +227,7 @@ def _list_runs(
     return out
 
 
-def _read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
     """Read many small files in one batched call; a missing file reads as None."""
     if not paths:
         return {}
@@ -438,7 +255,7 @@ def _parse_manifest(data: bytes | None) -> tuple[dict | None, list[str]]:
         manifest = json.loads(data)
     except ValueError:
         return None, ["manifest is not valid JSON"]
-    problems = _manifest_problems(manifest)
+    problems = manifest_problems(manifest)
     return (manifest if not problems else None), problems
 
 
@@ -459,7 +276,7 @@ def _info_md5(info: dict) -> str | None:
 def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     sha = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             sha.update(chunk)
     return sha.hexdigest()
 
@@ -481,7 +298,7 @@ def _file_problems(
             continue
         # no cheap checksum (or an ETag that is not a plain md5): read it back
         try:
-            digest = _remote_sha256(fs, _join(run_path, rel))
+            digest = _remote_sha256(fs, join(run_path, rel))
         except FileNotFoundError:
             problems.append(f"{rel}: missing")
             continue
@@ -501,12 +318,12 @@ def verify_remote(
     """
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         return RemoteState(state="missing", problems=["no copy in the store"])
-    manifest_path = _join(run_path, MANIFEST_NAME)
-    remote, problems = _parse_manifest(_read_many(fs, [manifest_path])[manifest_path])
+    manifest_path = join(run_path, MANIFEST_NAME)
+    remote, problems = _parse_manifest(read_many(fs, [manifest_path])[manifest_path])
     if remote is None:
         return RemoteState("partial", problems=problems)
     digest = manifest_digest(remote)
@@ -520,18 +337,18 @@ def verify_remote(
             "conflict",
             size=size,
             checksum=digest,
-            verified_at=_now(),
+            verified_at=now(),
             problems=[f"the store's copy has digest {digest}, this copy {manifest_digest(expected_manifest)}"],
         )
-    return RemoteState("present", size=size, checksum=digest, verified_at=_now())
+    return RemoteState("present", size=size, checksum=digest, verified_at=now())
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> dict | None:
     """The store's manifest of a run, read now (None when missing or unreadable)."""
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    path = _join(root, uuid, MANIFEST_NAME)
-    manifest, _ = _parse_manifest(_read_many(fs, [path])[path])
+    path = join(root, uuid, MANIFEST_NAME)
+    manifest, _ = _parse_manifest(read_many(fs, [path])[path])
     return manifest
 
 
@@ -563,7 +380,7 @@ def push_runs(
     scanned: dict[str, tuple[dict, dict[str, Path]]] = {}
     for uuid in uuids:
         try:
-            scanned[uuid] = _scan(sources[uuid])
+            scanned[uuid] = scan_directory(sources[uuid])
         except FileNotFoundError:
             continue  # evicted or moved since it was listed: nothing to push
         missing = header_problems(scanned[uuid][0])
@@ -572,7 +389,7 @@ def push_runs(
     uuids = [uuid for uuid in uuids if uuid in scanned and uuid not in problems]
     manifests = {uuid: scanned[uuid][0] for uuid in uuids}
     digests = {uuid: manifest_digest(manifests[uuid]) for uuid in uuids}
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in uuids}
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in uuids}
 
     files = sum(len(manifest["files"]) for manifest in manifests.values())
     whole_root = _use_root_listing(fs, root, len(uuids), files)
@@ -582,7 +399,7 @@ def push_runs(
     if whole_root:
         before = _list_runs(fs, root, uuids, whole_root=True)
         claimants = [manifest_paths[uuid] for uuid in uuids if MANIFEST_NAME in before[uuid]]
-        existing = dict.fromkeys(manifest_paths.values()) | _read_many(fs, claimants)
+        existing = dict.fromkeys(manifest_paths.values()) | read_many(fs, claimants)
         # files an interrupted push already landed intact (by ETag) need not go again
         for uuid in uuids:
             landed[uuid] = {
@@ -593,7 +410,7 @@ def push_runs(
                 and _info_md5(info) == entry["md5"]
             }
     else:
-        existing = _read_many(fs, list(manifest_paths.values()))
+        existing = read_many(fs, list(manifest_paths.values()))
     claimed: dict[str, dict] = {}
     conflicts: dict[str, tuple[str, str]] = {}
     stale: list[str] = []
@@ -626,15 +443,15 @@ def push_runs(
         retry: list[str] = []
         extras: list[str] = []
         for uuid in check:
-            run_path = _join(root, uuid)
+            run_path = join(root, uuid)
             # a claimed copy is checked against its own manifest, and never changed
             reference = claimed[uuid]["files"] if uuid in claimed else manifests[uuid]["files"]
             found, extra = _file_problems(fs, run_path, reference, listings[uuid])
             if not found:
                 # files outside the copy's manifest (stale uploads, intruders) are no part
                 # of its content: removing them repairs the copy, never changes its digest
-                extras += [_join(run_path, rel) for rel in extra]
-                verified[uuid] = _now()
+                extras += [join(run_path, rel) for rel in extra]
+                verified[uuid] = now()
                 problems.pop(uuid, None)
             elif uuid in claimed and attempt == 0:
                 # the store claimed this content but does not hold it: upload it again
@@ -649,7 +466,7 @@ def push_runs(
             break
 
     fresh = {
-        manifest_paths[uuid]: _manifest_bytes(uuid, manifests[uuid])
+        manifest_paths[uuid]: manifest_bytes(uuid, manifests[uuid])
         for uuid in uuids
         if uuid in verified and uuid not in claimed
     }
@@ -736,14 +553,14 @@ def _upload(
             if rel in skip.get(uuid, ()):
                 continue
             local.append(os.fspath(source))
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
     if not local:
         return
     if not _is_async(fs):
         # object stores need no directories; file-like ones do
         for parent in sorted({posixpath.dirname(path) for path in remote}):
             fs.makedirs(parent, exist_ok=True)
-    with _progress(progress, f"push {len(uuids)} run(s)") as callback:
+    with transfer_callback(progress, f"push {len(uuids)} run(s)") as callback:
         try:
             fs.put(local, remote, callback=callback)
         except FileNotFoundError:
@@ -796,8 +613,8 @@ def fetch_runs(
         if os.path.lexists(dest):
             raise FileExistsError(f"cannot fetch run {uuid}: {dest} already exists")
 
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in dests}
-    raw = _read_many(fs, list(manifest_paths.values()))
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in dests}
+    raw = read_many(fs, list(manifest_paths.values()))
     manifests: dict[str, dict] = {}
     for uuid in dests:
         manifest, problems = _parse_manifest(raw[manifest_paths[uuid]])
@@ -829,7 +646,7 @@ def fetch_runs(
         try:
             for uuid, dest in dests.items():
                 staging[uuid] = _make_partial(dest.parent, uuid)
-            _download(fs, root, manifests, staging, progress)
+            _download_runs(fs, root, manifests, staging, progress)
             return _land(uri, manifests, staging, dests)
         finally:
             for tmp in staging.values():
@@ -860,7 +677,7 @@ def _make_partial(parent: Path, uuid: str) -> Path:
             continue
 
 
-def _download(
+def _download_runs(
     fs: fsspec.AbstractFileSystem,
     root: str,
     manifests: dict[str, dict],
@@ -872,13 +689,13 @@ def _download(
     local: list[str] = []
     for uuid, manifest in manifests.items():
         for rel in manifest["files"]:
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
             target = staging[uuid].joinpath(*rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             local.append(os.fspath(target))
     if not remote:
         return
-    with _progress(progress, f"fetch {len(manifests)} run(s)") as callback:
+    with transfer_callback(progress, f"fetch {len(manifests)} run(s)") as callback:
         try:
             fs.get(remote, local, callback=callback)
         except FileNotFoundError as exc:
@@ -903,7 +720,7 @@ def _land(
         for rel, entry in manifest["files"].items():
             path = staging[uuid].joinpath(*rel.split("/"))
             try:
-                size, sha, _ = _hash_file(path)
+                size, sha, _ = hash_file(path)
             except FileNotFoundError:
                 found.append(f"{rel}: not downloaded")
                 continue
@@ -921,7 +738,7 @@ def _land(
             state="present",
             size=sum(e["size"] for e in manifest["files"].values()),
             checksum=manifest_digest(manifest),
-            verified_at=_now(),
+            verified_at=now(),
         )
     if problems:
         detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
@@ -961,7 +778,7 @@ def list_remote_headers(
             headers[parts[0]] = name
         elif parts[1] == MANIFEST_NAME:
             manifests.add(parts[0])
-    contents = _read_many(fs, [headers[uuid] for uuid in sorted(headers)])
+    contents = read_many(fs, [headers[uuid] for uuid in sorted(headers)])
     for uuid in sorted(headers):
         data = contents.get(headers[uuid])
         if data is None:
@@ -981,11 +798,11 @@ def delete_remote(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> None:
     """Delete a run's copy from a store, manifest first so no half-deleted copy looks present."""
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         raise FileNotFoundError(f"{store_uri(fs, root)} holds no copy of run {uuid}")
     if MANIFEST_NAME in listing:
-        fs.rm_file(_join(run_path, MANIFEST_NAME))
+        fs.rm_file(join(run_path, MANIFEST_NAME))
     fs.rm(run_path, recursive=True)
     fs.invalidate_cache(run_path)

@@ -16,16 +16,20 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
+from machinable.catalog.engine import retry_busy
+from machinable.catalog.index import LOCATIONS, RUNS, Index
+from machinable.catalog.rows import read_markers, row_values
 from machinable.errors import MachinableError, RecordError, StoreError, UnsafeFileError
+from machinable.locks import is_held
 from machinable.progress import track
-from machinable.record import atomic_write, is_uuid, read_record, status_of
-
-if TYPE_CHECKING:
-    from machinable.catalog.index import Index
+from machinable.record import LOCKS_DIR, atomic_write, is_uuid, read_record, status_of
+from machinable.storage import Storage
+from machinable.stores import AVAILABILITY, REMOTES, copies, resolve_store
+from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_digest
 
 CHECKPOINT = ".machinable-verify.json"
 CHECKPOINT_EVERY = 1000
@@ -99,8 +103,6 @@ def verify(
     progress: bool | None = None,
 ) -> VerifyReport:
     """Compare the index with the directories of a storage; optionally repair."""
-    from machinable.catalog.index import LOCATIONS
-    from machinable.storage import Storage
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     report = VerifyReport(storage=str(root))
@@ -194,7 +196,6 @@ def verify(
 
 
 def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
-    from machinable.catalog.index import LOCATIONS, RUNS, read_markers, row_values
 
     with index.engine.connect() as conn:
         rows = {
@@ -207,8 +208,6 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
             )
         }
-        from machinable.stores import AVAILABILITY, REMOTES
-
         conflicts: dict[str, list[tuple[str, str, str]]] = {}
         for run_uuid, store, state, theirs in conn.execute(
             select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.state, AVAILABILITY.c.checksum)
@@ -274,9 +273,6 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
 
 def _dead(directory: Path) -> bool:
     """No process holds the run's launch lock (a linked lock file is an UnsafeFileError)."""
-    from machinable.locks import is_held
-    from machinable.record import LOCKS_DIR
-
     path = directory.parent / LOCKS_DIR / f"{directory.name}.lock"
     if not path.parent.is_dir():
         return True
@@ -285,8 +281,6 @@ def _dead(directory: Path) -> bool:
 
 def _check_digest(index: Index, directory: Path, uuid: str, recorded: str | None, note: Any) -> None:
     """Compute the local copy's digest: record it when first computed, else compare."""
-    from machinable.transfer import build_manifest, manifest_digest
-
     try:
         digest = manifest_digest(build_manifest(directory))
     except FileNotFoundError:
@@ -299,8 +293,6 @@ def _check_digest(index: Index, directory: Path, uuid: str, recorded: str | None
 
 def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool:
     """Compare local files with the manifest of a verified store copy; False if none."""
-    from machinable.stores import copies, resolve_store
-    from machinable.transfer import MANIFEST_NAME
 
     for copy in copies(index, uuid):
         if copy.state != "present":
@@ -327,11 +319,7 @@ def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool
 
 def _drop_missing(index: Index, uuid: str, directory: str) -> None:
     """Forget a gone directory; drop the run too when no copy exists anywhere."""
-    from sqlalchemy import delete
 
-    from machinable.catalog.engine import retry_busy
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:

@@ -1,260 +1,56 @@
-"""Remote stores: mirror runs to any fsspec filesystem, evict safely, fetch back.
+"""What runs do with stores: push, mirror, fetch, evict, whereis.
 
-``RemoteStore(url, **storage_options)`` is a context: every run that finishes inside it
-is also pushed to the store. The index's ``remotes`` and ``availability`` tables record
-which store holds which run, in which state (present, partial, missing), with its size,
-content checksum and when that was last verified; they can be rebuilt by listing the
-stores. Credentials come from the environment or fsspec's configuration and are never
-written to the index or to a record.
-
-A backend that fsspec lacks subclasses ``RemoteStore`` and overrides the protocol
-methods ``push``, ``fetch``, ``verify``, ``delete``, ``headers`` and ``read`` (and
-``uri`` when it has no fsspec URL).
+A run is a ``RunRef``: its uuid, the index that knows it and the storage directory it
+belongs in. Nothing here imports user code or knows about ``Interface``; the user's
+``run.push()``/``fetch()``/``evict()`` build a ``RunRef`` and call these functions, as
+the CLI does for runs it knows by uuid alone.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import case, func, select
-from sqlalchemy.dialects import postgresql, sqlite
-
-from machinable import transfer
-from machinable.catalog.engine import retry_busy
-from machinable.catalog.index import aware as _aware
-from machinable.catalog.models import Availability, Remote
-from machinable.context import Context, active
 from machinable.errors import CopyConflict, EvictionRefused, NotMountedError, StoreError
-from machinable.record import SENTINEL
+from machinable.progress import enabled
+from machinable.record import SENTINEL, removal_problem, remove_record
+from machinable.stores import transfer
+from machinable.stores.availability import Copy, copies, known_stores, record_copies, register
+from machinable.stores.manifest import build_manifest, manifest_digest
+from machinable.stores.protocol import RemoteStore
 
 if TYPE_CHECKING:
     from machinable.catalog.index import Index
-    from machinable.interface import Interface
 
-REMOTES = Remote.__table__
-AVAILABILITY = Availability.__table__
 VERIFY_WINDOW = timedelta(hours=24)
-
-
-class RemoteStore(Context):
-    """A remote store for run data: an fsspec URL plus storage options."""
-
-    def __init__(self, url: str, *, name: str | None = None, **storage_options: Any):
-        if not isinstance(url, str) or not url:
-            raise StoreError(f"a remote store needs a URL, not {url!r}")
-        self.url = url
-        self._name = name
-        self.storage_options = storage_options
-        self._opened: tuple[Any, str] | None = None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.uri!r})"
-
-    @classmethod
-    def connected(cls) -> list[RemoteStore]:
-        """The stores connected as contexts, outermost first."""
-        return active(RemoteStore)
-
-    def _fs(self) -> tuple[Any, str]:
-        if self._opened is None:
-            try:
-                # A fresh filesystem object per store: fsspec's instance cache would hand
-                # back one made earlier with other credentials or environment.
-                options = {"skip_instance_cache": True, **self.storage_options}
-                self._opened = transfer.open_store(self.url, **options)
-            except (ImportError, ValueError) as exc:
-                raise StoreError(f"cannot open store {self.url!r}: {exc}", store=self.url) from exc
-        return self._opened
-
-    @property
-    def uri(self) -> str:
-        """Canonical URI of the store (protocol and root; never options or credentials)."""
-        fs, root = self._fs()
-        return transfer.store_uri(fs, root)
-
-    @property
-    def name(self) -> str:
-        return self._name or self.uri
-
-    # The protocol a custom backend implements.
-
-    def push(self, items: list[tuple[str, Path]], *, progress: bool = False) -> dict[str, transfer.TransferResult]:
-        """Copy run directories into the store, verified; returns each run's copy."""
-        fs, root = self._fs()
-        return transfer.push_runs(items, fs, root, progress=progress)
-
-    def fetch(
-        self,
-        items: list[tuple[str, Path]],
-        *,
-        progress: bool = False,
-        digests: dict[str, str | None] | None = None,
-    ) -> dict[str, transfer.TransferResult]:
-        """Download runs to local directories that do not exist yet, verified; a copy
-        whose digest is not the one ``digests`` names for its run is refused."""
-        fs, root = self._fs()
-        return transfer.fetch_runs(items, fs, root, progress=progress, digests=digests)
-
-    def manifest(self, uuid: str) -> dict | None:
-        """The store's manifest of a run, read now; None if it has no complete copy."""
-        fs, root = self._fs()
-        return transfer.read_manifest(fs, root, uuid)
-
-    def verify(self, uuid: str, expected_manifest: dict | None = None) -> transfer.RemoteState:
-        """Check the store's copy of a run by checksum."""
-        fs, root = self._fs()
-        return transfer.verify_remote(fs, root, uuid, expected_manifest)
-
-    def delete(self, uuid: str) -> None:
-        fs, root = self._fs()
-        transfer.delete_remote(fs, root, uuid)
-
-    def headers(self) -> Iterator[tuple[str, dict, bool]]:
-        """(uuid, id.json, complete) for every run in the store."""
-        fs, root = self._fs()
-        return transfer.list_remote_headers(fs, root)
-
-    def read(self, uuid: str, names: list[str]) -> dict[str, bytes | None]:
-        """Small files of one run's copy (headers, markers); missing ones read as None."""
-        fs, root = self._fs()
-        paths = {name: transfer._join(root, uuid, name) for name in names}
-        got = transfer._read_many(fs, list(paths.values()))
-        return {name: got[path] for name, path in paths.items()}
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One known copy of a run: local or in a store."""
-
-    store: str
-    url: str
-    state: str
-    size: int | None = None
-    checksum: str | None = None
-    verified_at: datetime | None = None
 
 
 @dataclass
 class RunRef:
-    """A run known by uuid alone (the CLI's view): no user code is imported."""
+    """A run known by uuid: the index that knows it and the storage it belongs in."""
 
     uuid: str
     index: Index
     storage: Path
 
-    def _default_directory(self) -> Path:
+    def default_directory(self) -> Path:
+        """Where the run is written in its storage: ``<storage>/<uuid>``."""
         return self.storage / self.uuid
 
     def local_directory(self) -> Path:
+        """The run's directory here: where it is stored, or where it will be."""
+        default = self.default_directory()
+        if os.path.isfile(os.path.join(default, SENTINEL)):
+            return default
         found = self.index.local_directory(self.uuid)
-        return found if found is not None else self._default_directory()
+        return found if found is not None else default
 
     def is_mounted(self) -> bool:
         return os.path.isfile(os.path.join(self.local_directory(), SENTINEL))
-
-
-# Index bookkeeping.
-
-
-def _insert(index: Index, table: Any) -> Any:
-    return postgresql.insert(table) if index.dialect == "postgresql" else sqlite.insert(table)
-
-
-def register(index: Index, store: RemoteStore) -> int:
-    """The store's id in the index's ``remotes`` table (added on first use)."""
-    uri, name = store.uri, store.name
-
-    def write() -> int:
-        with index.engine.execution_options(machinable_write=True).begin() as conn:
-            found = conn.execute(select(REMOTES.c.id, REMOTES.c.name).where(REMOTES.c.url == uri)).first()
-            if found is not None:
-                return int(found[0])
-            clash = conn.execute(select(REMOTES.c.url).where(REMOTES.c.name == name)).scalar()
-            if clash is not None:
-                raise StoreError(
-                    f"a store named {name!r} is already registered for {clash}; pick another name",
-                    store=uri,
-                )
-            return int(
-                conn.execute(
-                    REMOTES.insert().values(name=name, url=uri, created_at=datetime.now(timezone.utc))
-                ).inserted_primary_key[0]
-            )
-
-    return retry_busy(write)
-
-
-def record_copies(index: Index, remote_id: int, states: dict[str, dict[str, Any]]) -> None:
-    """Upsert availability rows: {uuid: {state, size, checksum, verified_at}}."""
-    if not states:
-        return
-    rows = [
-        {
-            "run_uuid": uuid,
-            "remote_id": remote_id,
-            "state": values["state"],
-            "size": values.get("size"),
-            "checksum": values.get("checksum"),
-            "verified_at": values.get("verified_at"),
-        }
-        for uuid, values in states.items()
-    ]
-
-    def write() -> None:
-        with index.engine.execution_options(machinable_write=True).begin() as conn:
-            stmt = _insert(index, AVAILABILITY)
-            # A listing says "present" without checksums: keep what an earlier
-            # verification learned, unless the copy is no longer present.
-            keep = {
-                k: case(
-                    (stmt.excluded.state == "present", func.coalesce(stmt.excluded[k], AVAILABILITY.c[k])),
-                    else_=stmt.excluded[k],
-                )
-                for k in ("size", "checksum", "verified_at")
-            }
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[AVAILABILITY.c.run_uuid, AVAILABILITY.c.remote_id],
-                set_={"state": stmt.excluded.state, **keep},
-            )
-            for start in range(0, len(rows), 2000):
-                conn.execute(stmt, rows[start : start + 2000])
-
-    retry_busy(write)
-
-
-def copies(index: Index, uuid: str) -> list[Copy]:
-    """Every store copy of a run the index knows of, most recently verified first."""
-    with index.engine.connect() as conn:
-        rows = conn.execute(
-            select(
-                REMOTES.c.name,
-                REMOTES.c.url,
-                AVAILABILITY.c.state,
-                AVAILABILITY.c.size,
-                AVAILABILITY.c.checksum,
-                AVAILABILITY.c.verified_at,
-            )
-            .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
-            .where(AVAILABILITY.c.run_uuid == uuid)
-        ).all()
-    found = [
-        Copy(name, url, state, size, checksum, _aware(verified))
-        for name, url, state, size, checksum, verified in rows
-    ]
-    epoch = datetime.min.replace(tzinfo=timezone.utc)
-    return sorted(found, key=lambda c: (c.state != "present", -(c.verified_at or epoch).timestamp()))
-
-
-def known_stores(index: Index) -> list[tuple[str, str]]:
-    with index.engine.connect() as conn:
-        return [(name, url) for name, url in conn.execute(select(REMOTES.c.name, REMOTES.c.url).order_by(REMOTES.c.id))]
 
 
 def resolve_store(index: Index, spec: RemoteStore | str) -> RemoteStore:
@@ -281,8 +77,6 @@ def resolve_store(index: Index, spec: RemoteStore | str) -> RemoteStore:
 
 def push(index: Index, store: RemoteStore, runs: list[tuple[str, Path]], *, progress: bool | None = None) -> dict[str, transfer.TransferResult]:
     """Push local run directories to a store and record the verified copies."""
-    from machinable.progress import enabled
-
     remote_id = register(index, store)
     try:
         results = store.push(runs, progress=enabled(progress))
@@ -336,7 +130,7 @@ def _record_results(index: Index, remote_id: int, results: dict[str, transfer.Tr
     )
 
 
-def mirror(run: Interface | RunRef, directory: Path) -> None:
+def mirror(run: RunRef, directory: Path) -> None:
     """Push a just-finished run to every connected store (mirror-on-commit)."""
     for store in RemoteStore.connected():
         try:
@@ -377,14 +171,12 @@ def _fetch_checked(
     """
     if "digests" in inspect.signature(store.fetch).parameters:
         return store.fetch(items, progress=progress, digests=digests)
-    from machinable.record import remove_record
-
     results = store.fetch(items, progress=progress)
     for uuid, dest in items:
         expected = digests.get(uuid)
         if uuid not in results or expected is None:
             continue
-        landed = transfer.manifest_digest(transfer.build_manifest(dest))
+        landed = manifest_digest(build_manifest(dest))
         if landed != expected:
             remove_record(dest, uuid, Path(dest).parent)
             raise StoreError(
@@ -396,14 +188,13 @@ def _fetch_checked(
     return results
 
 
-def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
+def fetch(run: RunRef, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
     """Bring a run's directory here from a store with a verified copy."""
-    from machinable.progress import enabled
 
     if run.is_mounted():
         return run.local_directory()
     index = run.index
-    dest = run._default_directory()
+    dest = run.default_directory()
     problems: list[str] = []
     expected = index.digest(run.uuid)
     for candidate in candidate_stores(index, run.uuid, store):
@@ -431,18 +222,17 @@ def fetch(run: Interface | RunRef, store: RemoteStore | str | None = None, *, pr
 
 
 def fetch_many(
-    runs: list[Interface | RunRef], store: RemoteStore | str | None = None, *, progress: bool | None = None
+    runs: list[RunRef], store: RemoteStore | str | None = None, *, progress: bool | None = None
 ) -> dict[str, Path]:
     """Fetch many evicted runs: one bulk transfer per store, then one run at a time
     (trying every store that may hold it) for whatever the bulk pass did not bring."""
-    from machinable.progress import enabled
 
     wanted = [run for run in runs if not run.is_mounted()]
     done: dict[str, Path] = {}
     if not wanted:
         return done
     index = wanted[0].index
-    groups: dict[str, tuple[RemoteStore, list[Interface | RunRef]]] = {}
+    groups: dict[str, tuple[RemoteStore, list[RunRef]]] = {}
     for run in wanted:
         candidates = candidate_stores(index, run.uuid, store)
         if candidates:
@@ -453,7 +243,7 @@ def fetch_many(
             remote_id = register(index, candidate)
             results = _fetch_checked(
                 candidate,
-                [(run.uuid, run._default_directory()) for run in members],
+                [(run.uuid, run.default_directory()) for run in members],
                 {run.uuid: index.digest(run.uuid) for run in members},
                 enabled(progress),
             )
@@ -464,7 +254,7 @@ def fetch_many(
         _record_results(index, remote_id, results)
         for run in members:
             if run.uuid in results:
-                dest = run._default_directory()
+                dest = run.default_directory()
                 if index.status(run.uuid) is None:
                     index.ingest_directory(dest)
                 else:
@@ -477,7 +267,7 @@ def fetch_many(
     return done
 
 
-def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
+def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
     """Delete the local copy once a store holds a copy with the same digest.
 
     Checked now, at the moment of eviction: each candidate store's manifest is read
@@ -485,8 +275,6 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
     ago than ``max_age`` is re-verified file by file. The directory must be a record
     of this run directly under the storage root; it leaves in one rename.
     """
-    from machinable.record import removal_problem, remove_record
-
     directory = run.local_directory()
     if not os.path.isfile(os.path.join(directory, SENTINEL)):
         raise NotMountedError(f"run {run.uuid} has no local copy to evict", uuid=run.uuid)
@@ -494,19 +282,19 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
         raise EvictionRefused(
             f"run {run.uuid} is not finished; only finished runs can be evicted", uuid=run.uuid
         )
-    root = run._default_directory().parent
+    root = run.default_directory().parent
     problem = removal_problem(directory, run.uuid, root)
     if problem is not None:
         raise EvictionRefused(f"refusing to evict run {run.uuid}: {problem}", uuid=run.uuid)
     index = run.index
-    manifest = transfer.build_manifest(directory)
+    manifest = build_manifest(directory)
     if manifest.get("skipped"):
         raise EvictionRefused(
             f"run {run.uuid} has links that point outside its directory "
             f"({', '.join(manifest['skipped'])}); a store copy would not hold them",
             uuid=run.uuid,
         )
-    digest = transfer.manifest_digest(manifest)
+    digest = manifest_digest(manifest)
     now = datetime.now(timezone.utc)
     recent = {
         copy.url: copy.verified_at
@@ -528,7 +316,7 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
                 except (StoreError, NotImplementedError):
                     remote = None
                 if remote is not None:
-                    theirs = transfer.manifest_digest(remote)
+                    theirs = manifest_digest(remote)
                     state = transfer.RemoteState(
                         "present" if theirs == digest else "conflict",
                         size=manifest["size"],
@@ -571,7 +359,7 @@ def evict(run: Interface | RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Pat
     return directory
 
 
-def whereis(run: Interface | RunRef) -> list[Copy]:
+def whereis(run: RunRef) -> list[Copy]:
     """Every known copy of a run: the local one first, then each store's."""
     directory = run.local_directory()
     here = os.path.isfile(os.path.join(directory, SENTINEL))
@@ -598,44 +386,3 @@ def _tree_size(directory: Path) -> int:
     return total
 
 
-def reindex_store(index: Index, store: RemoteStore) -> dict[str, int]:
-    """Rebuild the availability rows of one store by listing its id.json headers.
-
-    Runs the index does not know yet are added from the store's model.json and markers
-    (without a local location: they are evicted here until fetched).
-    """
-    from machinable.catalog.index import row_values
-    from machinable.record import MODEL_FILE, parse_timestamp, validate_headers
-
-    remote_id = register(index, store)
-    listed = list(store.headers())
-    unknown = [uuid for uuid, _, _ in listed if index.status(uuid) is None]
-    headers = {uuid: header for uuid, header, _ in listed}
-    added = 0
-    rows = []
-    for uuid in unknown:
-        names = [MODEL_FILE, "started_at", "finished_at", "failed_at", "updated_at"]
-        raw = store.read(uuid, names)
-        try:
-            model = json.loads(raw[MODEL_FILE] or b"null")
-        except ValueError:
-            continue
-        if validate_headers(headers[uuid], model, uuid):
-            continue
-        markers = {
-            name: parse_timestamp(raw[name].decode("utf-8", "replace"))
-            for name in names[1:]
-            if raw.get(name) is not None
-        }
-        rows.append(row_values(headers[uuid], model, markers))
-    if rows:
-        index.add_rows(rows)
-        added = len(rows)
-    valid = {row["uuid"] for row in rows} | {uuid for uuid, _, _ in listed if uuid not in unknown}
-    states = {
-        uuid: {"state": "present" if complete else "partial"}
-        for uuid, _, complete in listed
-        if uuid in valid
-    }
-    record_copies(index, remote_id, states)
-    return {"listed": len(listed), "added": added, "present": sum(1 for s in states.values() if s["state"] == "present")}

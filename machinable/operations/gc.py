@@ -14,16 +14,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, select
 
 from machinable.catalog.engine import retry_busy
-from machinable.errors import MachinableError, StoreError
+from machinable.catalog.index import LOCATIONS, RUNS, Index
+from machinable.errors import LockTimeout, MachinableError, StoreError, UnsafeFileError
+from machinable.locks import FileLock
 from machinable.record import LOCKS_DIR, TRASH_PREFIX, is_uuid, remove_record
-
-if TYPE_CHECKING:
-    from machinable.catalog.index import Index
+from machinable.storage import Storage
+from machinable.stores import AVAILABILITY, REMOTES, known_stores, resolve_store
 
 _TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.partial-")
@@ -52,9 +53,6 @@ def collect(
     failed: bool = False,
 ) -> list[Garbage]:
     """List what nothing needs; nothing is deleted here."""
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.storage import Storage
-    from machinable.stores import AVAILABILITY, REMOTES
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     if storage is not None and not root.is_dir():
@@ -108,7 +106,6 @@ def collect(
                     found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_lock(p, d)))
 
     if stores:
-        from machinable.stores import known_stores, resolve_store
 
         for _name, url in known_stores(index):
             try:
@@ -133,8 +130,6 @@ def _old(path: str) -> bool:
 
 def _drop_lock(path: str, run_dir: Path) -> None:
     """Delete a launch lock whose run directory is gone, unless a launch took it since."""
-    from machinable.errors import LockTimeout, UnsafeFileError
-    from machinable.locks import FileLock
 
     if run_dir.is_dir() or not os.path.lexists(path):
         return  # a launch created the directory since the listing, or it is gone
@@ -170,8 +165,6 @@ def run(items: list[Garbage]) -> list[Garbage]:
 
 
 def _drop_row(index: Index, uuid: str) -> None:
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -188,7 +181,6 @@ def _drop_row(index: Index, uuid: str) -> None:
 
 
 def _drop_availability(index: Index, row_id: int) -> None:
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -198,7 +190,6 @@ def _drop_availability(index: Index, row_id: int) -> None:
 
 
 def _drop_failed(index: Index, uuid: str, directory: str, root: Path) -> None:
-    from machinable.catalog.index import RUNS
 
     if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
         return  # relaunched and finished since the listing: keep it
