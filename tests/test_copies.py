@@ -158,36 +158,37 @@ def two_checkouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_backend
     return a, b, uuid
 
 
-def _store_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, tuple[str, ...]]:
-    if request.param == "file":
-        return (tmp_path / "store").as_uri(), ()
-    url, options = request.getfixturevalue("s3_store_url")
-    client = options["client_kwargs"]
-    return url, (
-        "-o", f"key={options['key']}", "-o", f"secret={options['secret']}",
-        "-o", f'client_kwargs={{"endpoint_url": "{client["endpoint_url"]}", "region_name": "us-east-1"}}',
-    )
-
-
 @pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, tuple[str, ...]]:
-    return _store_url(request, tmp_path)
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A store URL; S3's credentials come from the environment, as DESIGN.md says they do."""
+    if request.param == "file":
+        return (tmp_path / "store").as_uri()
+    server = request.getfixturevalue("s3_server")
+    url, options = request.getfixturevalue("s3_store_url")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": options["key"],
+        "AWS_SECRET_ACCESS_KEY": options["secret"],
+        "AWS_ENDPOINT_URL_S3": server.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return url
 
 
 @pytest.mark.parametrize("index_backend", ["sqlite"], indirect=True)
-def test_a_second_checkout_cannot_replace_a_pushed_copy(two_checkouts, store) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_checkout_cannot_replace_a_pushed_copy(two_checkouts, store: str) -> None:  # type: ignore[no-untyped-def]
     a, b, uuid = two_checkouts
-    url, options = store
+    url = store
     mine = _weights(a, uuid)
-    _in(a, "push", uuid, "--to", url, *options)
+    _in(a, "push", uuid, "--to", url)
     _in(a, "evict", uuid)
-    refused = _in(b, "push", uuid, "--to", url, *options, ok=False)
+    refused = _in(b, "push", uuid, "--to", url, ok=False)
     assert refused.exit_code != 0 and "Traceback" not in refused.stderr
     line = refused.stderr.strip()
     assert "conflict" in line and uuid in line
     digests = [word for word in line.replace(",", " ").replace(";", " ").split() if len(word) >= 12]
     assert len(set(digests)) >= 2  # both digests are named
-    _in(a, "pull", uuid, *(("--from", url, *options) if options else ()))
+    _in(a, "pull", uuid)
     assert _weights(a, uuid) == mine
 
 
