@@ -19,6 +19,10 @@ from pathlib import Path
 
 import requests
 
+from machinable import get
+
+from conftest import write_module
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -75,3 +79,26 @@ def running_server(*args: str, cwd: Path | None = None, env: dict[str, str] | No
                 process.kill()
                 process.wait(timeout=10)
         handle.close()
+
+
+TRACK = """
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Track(Interface):
+    class Config(BaseModel):
+        lr: float = 0.1
+        steps: int = 20
+
+    def __call__(self):
+        rows = [{"step": i, "loss": 1 / (1 + self.config.lr * i)} for i in range(self.config.steps)]
+        self.save_file("log.jsonl", rows)
+        self.save_file("result.json", {"loss": rows[-1]["loss"]})
+        self.save_file("notes/readme.txt", "lr " + str(self.config.lr))
+"""
+
+
+def launch_tracks(project: Path, lrs: list[float]) -> list[str]:
+    write_module(project, "track", TRACK)
+    return [get("track", {"lr": lr}).launch().uuid for lr in lrs]

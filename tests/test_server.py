@@ -13,35 +13,13 @@ import requests
 
 from machinable import Index, get
 
-from catalogserver import running_server
+from catalogserver import TRACK, launch_tracks, running_server
 from conftest import invoke, one_line_error, write_module
-
-TRACK = """
-from pydantic import BaseModel
-from machinable import Interface
-
-
-class Track(Interface):
-    class Config(BaseModel):
-        lr: float = 0.1
-        steps: int = 20
-
-    def __call__(self):
-        rows = [{"step": i, "loss": 1 / (1 + self.config.lr * i)} for i in range(self.config.steps)]
-        self.save_file("log.jsonl", rows)
-        self.save_file("result.json", {"loss": rows[-1]["loss"]})
-        self.save_file("notes/readme.txt", "lr " + str(self.config.lr))
-"""
 
 RUN_KEYS = {
     "uuid", "module", "config", "version", "predicate", "status",
     "created_at", "started_at", "finished_at", "digest", "copies",
 }
-
-
-def launch_tracks(project: Path, lrs: list[float]) -> list[str]:
-    write_module(project, "track", TRACK)
-    return [get("track", {"lr": lr}).launch().uuid for lr in lrs]
 
 
 def raw_get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
