@@ -20,7 +20,13 @@ from pydantic_core import to_jsonable_python
 
 from machinable.catalog.index import Index, RunRecord, row_values
 from machinable.context import active
-from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
+from machinable.errors import (
+    ConfigError,
+    MachinableError,
+    NotMountedError,
+    ReadOnlyCatalog,
+    RecordError,
+)
 from machinable.identity import (
     canonical_config,
     check_finite,
@@ -301,6 +307,12 @@ class Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
             return self
+        if self._index.read_only:
+            raise ReadOnlyCatalog(
+                f"run {self.uuid} ({self.module}) is not in {self._index!r}, a read-only remote "
+                "catalog: it cannot be launched from here",
+                url=self._index.resolved_url,
+            )
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
@@ -389,6 +401,8 @@ class Interface:
 
     def load_file(self, name: str, default: Any = None) -> Any:
         """Read a file of the run back, or ``default`` if it does not exist."""
+        if self._index.read_only and not self.is_mounted():
+            return self._index.load_file(self.uuid, name, default)  # type: ignore[attr-defined]
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
