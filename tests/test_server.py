@@ -319,3 +319,49 @@ def test_serve_without_flags_serves_the_current_project(project: Path) -> None:
             "projects": [{"name": "study", "runs": 1}]
         }
         assert requests.get(server.url("/openapi.json"), timeout=10).json()["paths"]
+
+
+def test_readme_serving_section_runs_as_written(tmp_path: Path) -> None:
+    """The README's serve command, token file and analysis example, against a real server."""
+    import re
+    import shlex
+    import shutil
+
+    from machinable import Project
+
+    from conftest import REPO, run_python
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Serving a catalog")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", section, re.S | re.M)
+    (command,) = [body for lang, body in blocks if lang == "bash"]
+    token_file = next(body for lang, body in blocks if lang == "text" and "projects it reaches" in body)
+    (analysis,) = [body for lang, body in blocks if lang == "py"]
+
+    root = tmp_path / "lab"
+    for name in ("my-study", "laptop/my-study"):
+        (root.parent / name if name.startswith("laptop") else root / name).mkdir(parents=True)
+    study, laptop = root / "my-study", tmp_path / "laptop" / "my-study"
+    for folder in (study, laptop):
+        shutil.copy(REPO / "example" / "optimize.py", folder / "optimize.py")
+    with Project(study), Index(study / ".machinable.sqlite"):
+        for lr in (0.1, 0.2, 0.5):
+            get("optimize", {"lr": lr}).launch()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_file)
+    args = shlex.split(command.strip())[2:]  # after "machinable serve"
+    args = [{"/srv/lab": str(root), "/etc/machinable/tokens": str(tokens), "0.0.0.0": "127.0.0.1"}.get(a, a) for a in args]
+    port = args.index("--port")
+    del args[port : port + 2]  # running_server picks a free port
+    first_token = token_file.splitlines()[1].split()[0]
+    with running_server(*args) as server:
+        env = {
+            "MACHINABLE_INDEX": server.url("/api/v1/projects/my-study"),
+            "MACHINABLE_TOKEN": first_token,
+            "MACHINABLE_CACHE": str(tmp_path / "cache"),
+        }
+        result = run_python(analysis, laptop, env)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("0.2 ") and lines[1].startswith("0.5 ") and lines[2] == "3"
+    assert not (laptop / "storage").exists()

@@ -12,6 +12,8 @@ const LOG_BYTES = 8 * 1024 * 1024;
 const MAX_POINTS = 2000;
 const COLORS = ["#0b62c4", "#d1495b", "#2e933c", "#edae49", "#6f42c1", "#00798c", "#e07a5f", "#3d405b"];
 const SVG = "http://www.w3.org/2000/svg";
+// Keys that count progress: the default x axis when a log has one.
+const X_KEYS = ["step", "global_step", "iteration", "iter", "epoch", "batch", "time"];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -324,7 +326,8 @@ function numericKeys(series) {
 function chartBlock(series, params, base) {
   const keys = numericKeys(series);
   if (!keys.length) return el("p", { class: "muted", id: "chart-empty", text: "This log has no numeric values to chart." });
-  const xKey = params.get("x") && keys.includes(params.get("x")) ? params.get("x") : keys.includes("step") ? "step" : "";
+  const counter = X_KEYS.find((key) => keys.includes(key)) || "";
+  const xKey = params.has("x") && (params.get("x") === "" || keys.includes(params.get("x"))) ? params.get("x") : counter;
   const yChoices = keys.filter((key) => key !== xKey);
   const yKey = params.get("y") && yChoices.includes(params.get("y")) ? params.get("y") : yChoices[0] || keys[0];
   const pick = (name, value, choices, blank) => {
