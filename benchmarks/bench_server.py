@@ -234,12 +234,23 @@ def main() -> None:
                 samples = timed(lambda i, p=params: client.get(runs_path("bench", **p)), 30)
                 cells.append(f"offset {offset}: {statistics.median(samples) * 1000:.1f} ms")
             print(f"page of 100, order_by {order or 'uuid (default)'}: " + ", ".join(cells))
-        whole = time.perf_counter()
-        pages = 0
-        for offset in range(0, args.runs, 1000):
-            client.get(runs_path("bench", limit=1000, offset=offset))
-            pages += 1
-        print(f"every run, 1000 a page: {pages} pages in {time.perf_counter() - whole:.2f} s")
+        # Every run, 1000 a page: by offset, and by the cursor each page returns.
+        for order in (None, ORDER):
+            extra = {"order_by": order} if order else {}
+            by_offset = timed(
+                lambda i, e=extra: client.get(runs_path("bench", limit=1000, offset=i * 1000, **e)), args.runs // 1000
+            )
+            cursor: list[str | None] = [None]
+
+            def by_cursor(i: int, e=extra, cursor=cursor) -> None:
+                params = {"limit": 1000, **e, **({"after": cursor[0]} if cursor[0] else {})}
+                cursor[0] = json.loads(client.get(runs_path("bench", **params)))["next"]
+
+            keyset = timed(by_cursor, args.runs // 1000)
+            for label, samples in (("offset", by_offset), ("cursor", keyset)):
+                print(f"every run by {label}, order_by {order or 'uuid'}: {len(samples)} pages in {sum(samples):.2f} s; "
+                      f"first 5 pages {statistics.median(samples[:5]) * 1000:.1f} ms, "
+                      f"last 5 {statistics.median(samples[-5:]) * 1000:.1f} ms a page")
     finally:
         if process is not None:
             process.terminate()

@@ -87,14 +87,17 @@ def test_analysis_code_reads_a_served_catalog(project: Path, tmp_path: Path) -> 
     assert gone.returncode != 0 and "RemoteCatalogError: cannot reach the catalog" in gone.stderr
 
 
-def test_remote_search_matches_local_search(project: Path) -> None:
-    launch_tracks(project, [0.1, 0.2, 0.3, 0.4])
+def test_remote_search_matches_local_search(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machinable.catalog import remote as remote_module
+
+    launch_tracks(project, [0.1, 0.2, 0.3, 0.4, 0.5])
+    monkeypatch.setattr(remote_module, "PAGE", 2)  # several pages, continued by cursor
     local = Index.get()
     expressions = [
         None,
         "config.lr >= 0.2 and config.lr < 0.4",
         {"config.lr": 0.3},
-        Field("config.lr").isin([0.1, 0.4]),
+        Field("config.lr").isin([0.1, 0.4, 0.5]),
         Field("config.lr").isin([]),
         ~(Field("config.lr") > 0.25) | (Field("module") == "track") & (Field("status") != "failed"),
         Field("status") == "it's \"quoted\" \\ and ünïcode",
@@ -108,9 +111,10 @@ def test_remote_search_matches_local_search(project: Path) -> None:
             expected = [r.uuid for r in local.search(expr, order_by="config.lr desc")]
             assert [r.uuid for r in remote.search(expr, order_by="config.lr desc")] == expected, expr
             assert remote.count(expr) == len(expected), expr
-        assert [r.uuid for r in remote.search(order_by="config.lr", limit=2, offset=1)] == [
-            r.uuid for r in local.search(order_by="config.lr", limit=2, offset=1)
-        ]
+        for limit, offset in ((2, 1), (3, 1), (None, 2), (5, 0)):
+            assert [r.uuid for r in remote.search(order_by="config.lr", limit=limit, offset=offset)] == [
+                r.uuid for r in local.search(order_by="config.lr", limit=limit, offset=offset)
+            ], (limit, offset)
         with pytest.raises(QueryError, match="unexpected end"):
             remote.search("config.lr >")
         with pytest.raises(ReadOnlyCatalog):

@@ -115,30 +115,49 @@ def test_runs_launched_while_serving_appear(project: Path) -> None:
 
 def test_paging_covers_every_run_once(project: Path) -> None:
     launch_tracks(project, [0.1])
-    # 250 more rows, as a store reindex would add them (no directories).
+    # 250 more rows, as a store reindex would add them (no directories); every seventh has
+    # no lr at all, and lrs repeat, so sorting meets nulls and ties.
     template = Index.get().find(get("track", {"lr": 0.1}).uuid)
     assert template is not None
     rows = []
     for i in range(250):
         row = {k: v for k, v in template.__dict__.items() if k != "directories"}
-        row.update(uuid=f"{i:032x}", config_key=f"{i:032x}", config={"lr": i / 1000, "steps": 20})
+        config = {"steps": 20} if i % 7 == 0 else {"lr": (i % 40) / 100, "steps": 20}
+        row.update(uuid=f"{i:032x}", config_key=f"{i:032x}", config=config, status=("failed", "finished")[i % 3 > 0])
         rows.append(row)
     Index.get().add_rows(rows)
+    url = "/api/v1/projects/study/runs"
     with running_server("--project", str(project)) as server:
-        seen: list[str] = []
-        offset = 0
-        while True:
-            page = requests.get(
-                server.url("/api/v1/projects/study/runs"),
-                params={"order_by": "-config.lr", "limit": 100, "offset": offset},
-                timeout=10,
-            ).json()
-            assert page["count"] == 251
-            seen += [run["uuid"] for run in page["runs"]]
-            if len(page["runs"]) < 100:
-                break
-            offset += 100
-        assert len(seen) == len(set(seen)) == 251
+        for order in (None, "-config.lr", "config.lr", "status desc", "-created_at"):
+            params = {"order_by": order} if order else {}
+            whole = requests.get(server.url(url), params={**params, "limit": 1000}, timeout=10).json()
+            expected = [run["uuid"] for run in whole["runs"]]
+            assert len(expected) == len(set(expected)) == whole["count"] == 251
+            assert whole["next"] is None
+            by_offset: list[str] = []
+            by_cursor: list[str] = []
+            cursor = None
+            for offset in range(0, 300, 60):
+                page = requests.get(server.url(url), params={**params, "limit": 60, "offset": offset}, timeout=10).json()
+                assert page["count"] == 251
+                by_offset += [run["uuid"] for run in page["runs"]]
+                page = requests.get(
+                    server.url(url), params={**params, "limit": 60, **({"after": cursor} if cursor else {})}, timeout=10
+                ).json()
+                by_cursor += [run["uuid"] for run in page["runs"]]
+                cursor = page["next"]
+            assert by_offset == expected, order
+            assert by_cursor == expected, order
+            assert cursor is None
+        where = {"where": "config.lr >= 0.2", "order_by": "-config.lr", "limit": 50}
+        first = requests.get(server.url(url), params=where, timeout=10).json()
+        foreign = requests.get(server.url(url), params={"after": first["next"], "limit": 50}, timeout=10)
+        assert foreign.status_code == 400 and "another where/order_by" in foreign.json()["detail"]
+        for bad in ("xyz", "e30", first["next"][:-3]):
+            answer = requests.get(server.url(url), params={**where, "after": bad}, timeout=10)
+            assert answer.status_code == 400 and "after" in answer.json()["detail"], bad
+        both = requests.get(server.url(url), params={**where, "after": first["next"], "offset": 5}, timeout=10)
+        assert both.status_code == 400
         # A run known only from a store has no files here: a clear 404, not a crash.
         status, body = raw_get(server.base, f"/api/v1/projects/study/runs/{0:032x}/files")
         assert status == 404 and "not present on this server" in body["detail"]

@@ -247,8 +247,14 @@ class RemoteIndex(Index):
             parts.append(f"predicate.{key} = {literal(value, 'predicate.' + key)}")
         return " and ".join(parts) or None
 
-    def _page(self, where: str | None, order_by: Any, limit: int, offset: int) -> tuple[list[RunRecord], int]:
-        params: dict[str, Any] = {"limit": limit, "offset": offset}
+    def _page(
+        self, where: str | None, order_by: Any, limit: int, offset: int, after: str | None = None
+    ) -> tuple[list[RunRecord], int, str | None]:
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        elif offset:
+            params["offset"] = offset
         if where:
             params["where"] = where
         if order_by:
@@ -257,7 +263,10 @@ class RemoteIndex(Index):
                 raise QueryError("a remote catalog orders by one field at a time")
         answer = self._json("/runs", params)
         try:
-            return [self._record(run) for run in answer["runs"]], int(answer["count"])
+            cursor = answer.get("next")
+            if cursor is not None and not isinstance(cursor, str):
+                raise TypeError("next is not a string")
+            return [self._record(run) for run in answer["runs"]], int(answer["count"]), cursor
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteCatalogError(f"the catalog at {self.url} sent a malformed page: {exc}", url=self.url) from exc
 
@@ -279,11 +288,14 @@ class RemoteIndex(Index):
             raise QueryError("limit and offset must not be negative")
         text = self._where(where, project, module, predicate)
         found: list[RunRecord] = []
+        cursor = None
+        # The first page may skip ``offset`` runs; the next ones continue from the
+        # server's cursor, which costs the same however deep the page is.
         while limit is None or len(found) < limit:
             size = PAGE if limit is None else min(PAGE, limit - len(found))
-            page, total = self._page(text, order_by, size, offset + len(found))
+            page, _, cursor = self._page(text, order_by, size, offset, cursor)
             found.extend(page)
-            if len(page) < size or offset + len(found) >= total:
+            if cursor is None or len(page) < size:
                 break
         return found
 

@@ -6,16 +6,22 @@ server keeps nothing between requests, so runs launched meanwhile show up at onc
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import Column, and_, false, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql import operators
 
 from machinable.catalog.engine import get_engine, sqlite_path
 from machinable.catalog.index import aware
 from machinable.catalog.models import Availability, Location, Remote, Run
 from machinable.catalog.query import as_expr, compile_expr, order_clause
+from machinable.errors import QueryError
 from machinable.record import SENTINEL
 from machinable.server.config import ServedProject
 
@@ -67,27 +73,115 @@ def count_runs(project: ServedProject, where: str | None = None) -> int:
 
 
 def list_runs(
-    project: ServedProject, where: str | None, order_by: str | None, limit: int, offset: int
-) -> tuple[list[dict[str, Any]], int]:
-    """One page of runs (as RUN objects) and the number of all matching runs."""
+    project: ServedProject,
+    where: str | None,
+    order_by: str | None,
+    limit: int,
+    offset: int,
+    after: str | None = None,
+) -> tuple[list[dict[str, Any]], int, str | None]:
+    """One page of runs (as RUN objects), the number of all matching runs, and the
+    cursor of the next page (None after the last).
+
+    ``after`` (a cursor from the previous page) continues where that page ended with a
+    keyset condition on the sort keys, so a page deep in the result costs what the
+    first one does; ``offset`` skips rows, which costs more the further it goes.
+    """
     if not has_index(project):
-        return [], 0
+        return [], 0, None
     engine = get_engine(project.index_url)
+    dialect = engine.dialect.name
     conditions = _conditions(project, where)
-    order = order_clause(order_by, engine.dialect.name)
-    statement = select(*COLUMNS).order_by(*order).limit(limit).offset(offset)
+    keys = _keys(order_clause(order_by, dialect))
+    statement = select(*COLUMNS, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
+    statement = statement.order_by(*(expr.desc() if desc else expr.asc() for expr, desc in keys))
     counting = select(func.count()).select_from(RUNS)
     if conditions:
-        statement = statement.where(and_(*conditions))
         counting = counting.where(and_(*conditions))
+    page_conditions = list(conditions)
+    if after is not None:
+        values = _decode_cursor(after, where, order_by, len(keys))
+        page_conditions.append(_beyond(keys, values, dialect))
+    if page_conditions:
+        statement = statement.where(and_(*page_conditions))
+    statement = statement.limit(limit).offset(offset)
     with engine.connect() as conn:
         rows = conn.execute(statement).mappings().all()
-        if offset == 0 and len(rows) < limit:
+        if after is None and offset == 0 and len(rows) < limit:
             total = len(rows)
         else:
             total = int(conn.execute(counting).scalar() or 0)
         copies = _copies(conn, [row["uuid"] for row in rows])
-    return [_run(row, copies.get(row["uuid"], [])) for row in rows], total
+    cursor = None
+    if rows and len(rows) == limit:
+        cursor = _encode_cursor(where, order_by, [rows[-1][f"_k{i}"] for i in range(len(keys))])
+    return [_run(row, copies.get(row["uuid"], [])) for row in rows], total, cursor
+
+
+def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
+    """(expression, descending) of each ORDER BY clause (uuid last, as order_clause adds it)."""
+    return [(clause.element, clause.modifier is operators.desc_op) for clause in clauses]
+
+
+def _bind(expr: Any, value: Any, dialect: str) -> Any:
+    if dialect == "postgresql" and not isinstance(expr, Column):
+        return literal(value, JSONB)  # a config or predicate path: compare as jsonb
+    return value
+
+
+def _same(expr: Any, value: Any, dialect: str) -> Any:
+    return expr.is_(None) if value is None else expr == _bind(expr, value, dialect)
+
+
+def _past(expr: Any, descending: bool, value: Any, dialect: str) -> Any:
+    """Rows that sort after ``value`` on this key. NULLs sort first on SQLite and last on
+    PostgreSQL (ascending), the other way round descending."""
+    nulls_first = (dialect == "sqlite") != descending
+    if value is None:
+        return expr.is_not(None) if nulls_first else false()
+    beyond = expr < _bind(expr, value, dialect) if descending else expr > _bind(expr, value, dialect)
+    return beyond if nulls_first else or_(beyond, expr.is_(None))
+
+
+def _beyond(keys: list[tuple[Any, bool]], values: list[Any], dialect: str) -> Any:
+    options = []
+    for i, (expr, descending) in enumerate(keys):
+        equal = [_same(keys[j][0], values[j], dialect) for j in range(i)]
+        options.append(and_(*equal, _past(expr, descending, values[i], dialect)))
+    return or_(*options)
+
+
+def _cursor_value(value: Any) -> Any:
+    return {"t": aware(value).isoformat()} if isinstance(value, datetime) else value  # type: ignore[union-attr]
+
+
+def _encode_cursor(where: str | None, order_by: str | None, values: list[Any]) -> str:
+    data = json.dumps({"w": where or "", "o": order_by or "", "v": [_cursor_value(v) for v in values]})
+    return base64.urlsafe_b64encode(data.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(cursor: str, where: str | None, order_by: str | None, size: int) -> list[Any]:
+    """The sort-key values a cursor holds, checked against the request it continues."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        values = data["v"]
+        matches = data["w"] == (where or "") and data["o"] == (order_by or "")
+    except (ValueError, binascii.Error, KeyError, TypeError) as exc:
+        raise QueryError("after: not a cursor from this API (use the 'next' of the previous page)") from exc
+    if not matches:
+        raise QueryError("after: the cursor belongs to another where/order_by; start again without it")
+    if not isinstance(values, list) or len(values) != size:
+        raise QueryError("after: not a cursor from this API (use the 'next' of the previous page)")
+    decoded = []
+    for value in values:
+        if isinstance(value, dict) and set(value) == {"t"}:
+            try:
+                value = datetime.fromisoformat(str(value["t"]))
+            except ValueError as exc:
+                raise QueryError("after: the cursor holds an invalid time") from exc
+        decoded.append(value)
+    return decoded
 
 
 def get_run(project: ServedProject, uuid: str) -> dict[str, Any] | None:

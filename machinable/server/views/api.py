@@ -98,14 +98,26 @@ def router(config: ServerConfig) -> APIRouter:
         order_by: str | None = None,
         limit: int = DEFAULT_LIMIT,
         offset: int = 0,
+        after: str | None = None,
     ) -> Any:
-        """Runs matching ``where``, ordered by ``order_by`` (``machinable ls`` syntax), one page."""
+        """Runs matching ``where``, ordered by ``order_by`` (``machinable ls`` syntax), one page.
+
+        ``next`` in the answer is a cursor: pass it as ``after`` (instead of an offset) to
+        get the following page at the same cost however deep it is.
+        """
         served_project = served(request, project)
         _page(limit, offset, MAX_LIMIT)
-        page, total = queries.list_runs(
-            served_project, _bounded("where", where), _bounded("order_by", order_by), limit, offset
+        if after and offset:
+            raise HTTPException(400, "give either offset or after, not both")
+        page, total, cursor = queries.list_runs(
+            served_project,
+            _bounded("where", where),
+            _bounded("order_by", order_by),
+            limit,
+            offset,
+            _bounded("after", after),
         )
-        return JSONResponse({"runs": page, "count": total, "limit": limit, "offset": offset})
+        return JSONResponse({"runs": page, "count": total, "limit": limit, "offset": offset, "next": cursor})
 
     @api.get("/projects/{project}/runs/{uuid}")
     def run(request: Request, project: str, uuid: str) -> Any:
