@@ -35,8 +35,11 @@ def raw_get(base: str, path: str, headers: dict[str, str] | None = None) -> tupl
     return response.status, json.loads(body) if body.startswith(b"{") else {"raw": body}
 
 
-def test_api_serves_projects_runs_files(project: Path) -> None:
+def test_api_serves_projects_runs_files(project: Path, tmp_path: Path) -> None:
     uuids = launch_tracks(project, [0.1, 0.2, 0.3, 0.4])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    get("track", {"lr": 0.1}).push(f"file://{archive}")
     with running_server("--project", str(project)) as server:
         listed = requests.get(server.url("/api/v1/projects"), timeout=10).json()
         assert listed == {"projects": [{"name": "study", "runs": 4}]}
@@ -57,9 +60,14 @@ def test_api_serves_projects_runs_files(project: Path) -> None:
         assert detail["config"] == {"lr": 0.1, "steps": 20} and detail["status"] == "finished"
         assert detail["version"] == [{"lr": 0.1}] and detail["predicate"] == {}
         assert detail["finished_at"] >= detail["started_at"] >= detail["created_at"][:10]
-        local = detail["copies"][0]
+        local, stored = detail["copies"]
         assert local["store"] == "local" and local["state"] == "present"
         assert local["url"] == str(get("track", {"lr": 0.1}).local_directory())
+        assert stored["url"] == f"file://{archive}" and stored["state"] == "present"
+        assert stored["size"] > 0 and stored["verified_at"][:4] == detail["finished_at"][:4]
+        listed = {run["uuid"]: run for run in requests.get(server.url("/api/v1/projects/study/runs"), timeout=10).json()["runs"]}
+        assert listed[uuids[0]]["copies"] == detail["copies"]
+        assert len(listed[uuids[1]]["copies"]) == 1
 
         files = requests.get(server.url(f"/api/v1/projects/study/runs/{uuids[0]}/files"), timeout=10).json()
         paths = {item["path"]: item["size"] for item in files["files"]}

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, and_, false, func, literal, or_, select
+from sqlalchemy import (
+    Column,
+    and_,
+    bindparam,
+    false,
+    func,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import operators
 
@@ -44,9 +57,14 @@ COLUMNS = [
 ]
 
 
+@functools.lru_cache(maxsize=1024)
+def _index_file(url: str) -> Path | None:
+    return sqlite_path(url)
+
+
 def has_index(project: ServedProject) -> bool:
     """False for a project whose own SQLite index was never created (the server never creates one)."""
-    path = sqlite_path(project.index_url)
+    path = _index_file(project.index_url)
     return path is None or path.is_file()
 
 
@@ -184,19 +202,69 @@ def _decode_cursor(cursor: str, where: str | None, order_by: str | None, size: i
     return decoded
 
 
+# One run and its copies: built once (building a statement costs more than running it).
+_RUN = select(*COLUMNS).where(RUNS.c.uuid == bindparam("uuid"))
+_SCOPED_RUN = _RUN.where(RUNS.c.project == bindparam("project"))
+_COPIES = (
+    select(
+        LOCATIONS.c.run_uuid,
+        literal_column("'local'").label("store"),
+        LOCATIONS.c.directory.label("url"),
+        null().label("state"),
+        null().label("size"),
+        null().label("checksum"),
+        null().label("verified_at"),
+        literal_column("0").label("kind"),
+        LOCATIONS.c.id.label("position"),
+    )
+    .where(LOCATIONS.c.run_uuid == bindparam("uuid"))
+    .union_all(
+        select(
+            AVAILABILITY.c.run_uuid,
+            REMOTES.c.name,
+            REMOTES.c.url,
+            AVAILABILITY.c.state,
+            AVAILABILITY.c.size,
+            AVAILABILITY.c.checksum,
+            AVAILABILITY.c.verified_at,
+            literal_column("1"),
+            AVAILABILITY.c.id,
+        )
+        .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
+        .where(AVAILABILITY.c.run_uuid == bindparam("uuid"))
+    )
+)
+
+
 def get_run(project: ServedProject, uuid: str) -> dict[str, Any] | None:
     if not has_index(project) or not _looks_like_uuid(uuid):
         return None
     engine = get_engine(project.index_url)
-    statement = select(*COLUMNS).where(RUNS.c.uuid == uuid)
-    if project.scope is not None:
-        statement = statement.where(RUNS.c.project == project.scope)
     with engine.connect() as conn:
-        row = conn.execute(statement).mappings().first()
+        if project.scope is not None:
+            row = conn.execute(_SCOPED_RUN, {"uuid": uuid, "project": project.scope}).mappings().first()
+        else:
+            row = conn.execute(_RUN, {"uuid": uuid}).mappings().first()
         if row is None:
             return None
-        copies = _copies(conn, [uuid])
-    return _run(row, copies.get(uuid, []))
+        copies = [
+            _copy(store, url, state, size, checksum, verified, kind)
+            for _, store, url, state, size, checksum, verified, kind, _ in sorted(
+                conn.execute(_COPIES, {"uuid": uuid}), key=lambda r: (r[7], r[8])
+            )
+        ]
+    return _run(row, copies)
+
+
+def _copy(store: str, url: str, state: Any, size: Any, checksum: Any, verified: Any, kind: Any) -> dict[str, Any]:
+    if int(kind) == 0:
+        present = os.path.isfile(os.path.join(url, SENTINEL))
+        return {"store": "local", "url": url, "state": "present" if present else "evicted",
+                "size": None, "checksum": None, "verified_at": None}
+    if isinstance(verified, str):  # SQLite hands back text through a UNION
+        verified = datetime.fromisoformat(verified)
+    return {"store": store, "url": url, "state": state, "size": size, "checksum": checksum,
+            "verified_at": _time(verified)}
 
 
 def run_directory(project: ServedProject, uuid: str) -> str | None:
