@@ -264,6 +264,16 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
+def test_without_tokens_only_loopback_host_names_are_answered(lab_server) -> None:
+    for host in ("127.0.0.1", f"127.0.0.1:{urlsplit(lab_server.base).port}", "localhost:1", "[::1]:8000"):
+        status, _ = raw_get(lab_server.base, "/api/v1/projects", headers={"Host": host})
+        assert status == 200, host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "192.168.1.5"):
+        for path in ("/api/v1/projects", "/"):
+            status, body = raw_get(lab_server.base, path, headers={"Host": host})
+            assert status == 400 and "127.0.0.1 or localhost" in body["detail"], host
+
+
 def test_projects_outside_a_root_are_not_served(lab_server) -> None:
     listed = requests.get(lab_server.url("/api/v1/projects"), timeout=10).json()
     assert [p["name"] for p in listed["projects"]] == ["alpha", "beta"]

@@ -72,15 +72,40 @@ async def _reply(send: Any, status: int, detail: str, extra: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(scope: dict[str, Any]) -> str:
+    """The host part of the request's Host header, lower-case, without port or brackets."""
+    for key, value in scope.get("headers", ()):
+        if key == b"host":
+            text = value.decode("latin-1").strip().lower()
+            if text.startswith("["):
+                return text[1:].partition("]")[0]
+            return text.rpartition(":")[0] if text.count(":") == 1 else text
+    return ""
+
+
 class Gate:
-    """ASGI middleware: authenticate ``/api/`` requests, refuse unsafe project names."""
+    """ASGI middleware: authenticate ``/api/`` requests, refuse unsafe project names.
+
+    Without tokens the server listens on loopback only, and answers only requests whose
+    Host header names the loopback: a web page elsewhere cannot use DNS rebinding to make
+    a browser read the catalog.
+    """
 
     def __init__(self, app: Any, config: ServerConfig):
         self.app = app
         self.tokens = Tokens(config.tokens) if config.tokens is not None else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.tokens is None and host_name(scope) not in LOOPBACK_NAMES:
+            await _reply(send, 400, "this catalog answers only requests to 127.0.0.1 or localhost (no token file)")
+            return
+        if not scope["path"].startswith("/api/"):
             await self.app(scope, receive, send)
             return
         if self.tokens is not None:
