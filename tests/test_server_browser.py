@@ -110,6 +110,9 @@ def test_browse_search_open_a_run_and_chart_its_log(project: Path, browser) -> N
         page.wait_for_selector("#chart g.series")
         assert page.locator("#chart g.series").count() == 2
         assert page.locator("#chart circle.point").count() == 40
+        # The legend names each run by the config values that differ between them.
+        expect(page.locator(".legend")).to_contain_text("lr=0.1")
+        expect(page.locator(".legend")).to_contain_text("lr=0.3")
         shared = page.url
         assert "compare=" in shared
 

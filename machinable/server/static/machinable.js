@@ -348,8 +348,19 @@ function chartBlock(series, params, base) {
 function legend(series) {
   return el("div", { class: "legend" }, series.map((s, i) => {
     const swatch = svg("svg", { width: 12, height: 12, class: "swatch" }, svg("rect", { width: 12, height: 12, fill: COLORS[i % COLORS.length] }));
-    return el("span", { class: "mono" }, swatch, s.uuid.slice(0, 12));
+    return el("span", { class: "mono", title: s.uuid }, swatch, s.label || s.uuid.slice(0, 12));
   }));
+}
+
+// Name each run in a legend by the config values that differ between the runs shown.
+function labelByDifferences(series, details) {
+  const flat = details.map((run) => (run ? flatten(run.config, "", {}) : {}));
+  const keys = [...new Set(flat.flatMap((row) => Object.keys(row)))].filter((key) =>
+    new Set(flat.map((row) => JSON.stringify(row[key]))).size > 1);
+  series.forEach((s, i) => {
+    const parts = keys.slice(0, 4).map((key) => `${key}=${show(flat[i][key])}`);
+    s.label = parts.length ? `${s.uuid.slice(0, 8)} ${parts.join(" ")}` : s.uuid.slice(0, 12);
+  });
 }
 
 function ticks(low, high, count) {
@@ -435,7 +446,11 @@ async function compareView(params) {
   }
   const select = el("select", { name: "file", "aria-label": "log" }, logs.map((path) => el("option", { value: path, selected: path === file, text: path })));
   select.addEventListener("change", () => go({ project, compare: uuids.join(","), file: select.value }));
-  const series = await loadSeries(project, uuids, file);
+  const [series, details] = await Promise.all([
+    loadSeries(project, uuids, file),
+    Promise.all(uuids.map((uuid) => apiJSON(`/projects/${encodeURIComponent(project)}/runs/${uuid}`).catch(() => null))),
+  ]);
+  labelByDifferences(series, details);
   setMain(heading, runs, el("div", { class: "controls" }, el("label", {}, "log ", select)),
     chartBlock(series, params, { project, compare: uuids.join(","), file }));
 }
