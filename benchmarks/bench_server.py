@@ -236,34 +236,41 @@ def main() -> None:
         elapsed = time.monotonic() - began
         print(f"run detail, 8 concurrent clients: {sum(done) / elapsed:.0f} requests/s ({sum(done)} in {elapsed:.1f} s)")
 
-        # Paging through everything: does a page cost more deep in the result?
-        for order in (None, ORDER):
-            cells = []
-            for fraction in (0.0, 0.25, 0.5, 0.75, 0.999):
-                offset = int((args.runs - 100) * fraction)
-                params = {"limit": 100, "offset": offset}
-                if order:
-                    params["order_by"] = order
-                samples = timed(lambda i, p=params: client.get(runs_path("bench", **p)), 30)
-                cells.append(f"offset {offset}: {statistics.median(samples) * 1000:.1f} ms")
-            print(f"page of 100, order_by {order or 'uuid (default)'}: " + ", ".join(cells))
-        # Every run, 1000 a page: by offset, and by the cursor each page returns.
-        for order in (None, ORDER):
+        # Deep pages: by offset, and by the cursor of the row just before (limit=1 at
+        # offset-1 returns it), for the default order and a config-path order.
+        for order, repeat in ((None, 10), (ORDER, 3)):
             extra = {"order_by": order} if order else {}
-            by_offset = timed(
-                lambda i, e=extra: client.get(runs_path("bench", limit=1000, offset=i * 1000, **e)), args.runs // 1000
-            )
-            cursor: list[str | None] = [None]
+            cells = []
+            for fraction in (0.0, 0.5, 0.999):
+                offset = int((args.runs - 100) * fraction)
+                by_offset = timed(lambda i, o=offset, e=extra: client.get(runs_path("bench", limit=100, offset=o, **e)), repeat)
+                if offset:
+                    before = json.loads(client.get(runs_path("bench", limit=1, offset=offset - 1, **extra)))["next"]
+                    by_cursor = timed(
+                        lambda i, c=before, e=extra: client.get(runs_path("bench", limit=100, after=c, **e)), repeat
+                    )
+                else:
+                    by_cursor = by_offset
+                cells.append(
+                    f"at {offset}: offset {statistics.median(by_offset) * 1000:.1f} ms, "
+                    f"cursor {statistics.median(by_cursor) * 1000:.1f} ms"
+                )
+            print(f"page of 100, order_by {order or 'uuid (default)'}: " + "; ".join(cells))
 
-            def by_cursor(i: int, e=extra, cursor=cursor) -> None:
-                params = {"limit": 1000, **e, **({"after": cursor[0]} if cursor[0] else {})}
-                cursor[0] = json.loads(client.get(runs_path("bench", **params)))["next"]
+        # Every run, 1000 a page, in the default order: by offset, and by each page's cursor.
+        pages = args.runs // 1000
+        by_offset = timed(lambda i: client.get(runs_path("bench", limit=1000, offset=i * 1000)), pages)
+        cursor: list[str | None] = [None]
 
-            keyset = timed(by_cursor, args.runs // 1000)
-            for label, samples in (("offset", by_offset), ("cursor", keyset)):
-                print(f"every run by {label}, order_by {order or 'uuid'}: {len(samples)} pages in {sum(samples):.2f} s; "
-                      f"first 5 pages {statistics.median(samples[:5]) * 1000:.1f} ms, "
-                      f"last 5 {statistics.median(samples[-5:]) * 1000:.1f} ms a page")
+        def by_cursor(i: int) -> None:
+            params = {"limit": 1000, **({"after": cursor[0]} if cursor[0] else {})}
+            cursor[0] = json.loads(client.get(runs_path("bench", **params)))["next"]
+
+        keyset = timed(by_cursor, pages)
+        for label, samples in (("offset", by_offset), ("cursor", keyset)):
+            print(f"every run by {label}: {len(samples)} pages in {sum(samples):.2f} s; "
+                  f"first 5 pages {statistics.median(samples[:5]) * 1000:.1f} ms, "
+                  f"last 5 {statistics.median(samples[-5:]) * 1000:.1f} ms a page")
     finally:
         if process is not None:
             process.terminate()
