@@ -7,6 +7,7 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     MachinableError
     ├── ConfigError              a config failed validation or cannot be hashed
     ├── ModuleResolutionError    a module name does not resolve to an Interface
+    ├── ProjectNotFound          the named project directory does not exist
     ├── RecordError              a record directory is unreadable or inconsistent
     │   └── IdentityCollision    two different runs claim one uuid
     ├── PathEscapeError          a file name points outside the run directory
@@ -45,6 +46,14 @@ class ModuleResolutionError(MachinableError, LookupError):
     def __init__(self, message: str, *, module: str | None = None) -> None:
         super().__init__(message)
         self.module = module
+
+
+class ProjectNotFound(MachinableError, FileNotFoundError):
+    """The named project directory does not exist."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RecordError(MachinableError):
@@ -97,6 +106,10 @@ class ReadOnlyCatalog(RemoteCatalogError):
 
 class QueryError(MachinableError, ValueError):
     """A search expression is malformed or names an unknown field."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class StoreError(MachinableError):

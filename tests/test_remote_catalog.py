@@ -115,7 +115,7 @@ def test_remote_search_matches_local_search(project: Path, monkeypatch: pytest.M
             assert [r.uuid for r in remote.search(order_by="config.lr", limit=limit, offset=offset)] == [
                 r.uuid for r in local.search(order_by="config.lr", limit=limit, offset=offset)
             ], (limit, offset)
-        with pytest.raises(QueryError, match="unexpected end"):
+        with pytest.raises(QueryError, match="expected a value at the end"):
             remote.search("config.lr >")
         with pytest.raises(ReadOnlyCatalog):
             remote.reindex()

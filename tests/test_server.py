@@ -91,7 +91,7 @@ def test_api_errors_are_one_line_json(project: Path) -> None:
     (uuid,) = launch_tracks(project, [0.1])
     base = "/api/v1/projects/study"
     cases = {
-        f"{base}/runs?where=config.lr%20%3E": (400, "unexpected end"),
+        f"{base}/runs?where=config.lr%20%3E": (400, "expected a value at the end"),
         f"{base}/runs?where=nonsense.x%20%3D%201": (400, "unknown field"),
         f"{base}/runs?order_by=config.lr%20sideways": (400, "cannot order by"),
         f"{base}/runs?limit=1001": (400, "at most 1000"),

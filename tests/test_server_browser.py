@@ -78,7 +78,7 @@ def test_browse_search_open_a_run_and_chart_its_log(project: Path, browser) -> N
         page.fill("input[name=where]", "config.lr >")
         page.click("form.search button")
         page.wait_for_selector("#search-error")
-        assert "unexpected end" in page.inner_text("#search-error")
+        assert "expected a value at the end" in page.inner_text("#search-error")
 
         # A run's page: config, copies, files, and its .jsonl log charted point by point.
         page.goto(server.url(f"/?project=study&run={uuids[0]}"))

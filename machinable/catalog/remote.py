@@ -24,8 +24,9 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from machinable.catalog.index import Index, RunRecord
+from machinable.catalog.index import Index
 from machinable.catalog.query import And, Compare, Expr, Not, Or, as_expr, check_field
+from machinable.catalog.rows import RunRecord
 from machinable.errors import QueryError, ReadOnlyCatalog, RemoteCatalogError
 from machinable.identity import predicate_key
 from machinable.record import decode_file, safe_path
@@ -367,8 +368,8 @@ class RemoteIndex(Index):
     def _read_only(self, *_: Any, **__: Any) -> NoReturn:
         raise ReadOnlyCatalog(f"{self.url} is a remote catalog, read-only: runs cannot be recorded through it", url=self.url)
 
-    record = add_location = drop_location = add_rows = ingest_directory = _read_only  # type: ignore[assignment]
-    reindex = verify = add_search_index = drop_search_index = _read_only  # type: ignore[assignment]
+    add_run = add_location = drop_location = add_rows = ingest_directory = _read_only  # type: ignore[assignment]
+    reindex = add_search_index = drop_search_index = _read_only  # type: ignore[assignment]
 
 
 def _time(value: Any) -> datetime | None:

@@ -31,9 +31,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import operators
 
 from machinable.catalog.engine import get_engine, sqlite_path
-from machinable.catalog.index import aware
 from machinable.catalog.models import Availability, Location, Remote, Run
 from machinable.catalog.query import as_expr, compile_expr, order_clause
+from machinable.catalog.rows import aware
 from machinable.errors import QueryError
 from machinable.record import SENTINEL
 from machinable.server.config import ServedProject
