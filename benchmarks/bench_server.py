@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--postgres", default="postgresql+psycopg://root@127.0.0.1:5432/test")
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--detail-only", action="store_true", help="measure run detail and throughput only")
     parser.add_argument("--page-samples", type=int, default=50, help="samples of the filtered page")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the 8-client throughput run")
     args = parser.parse_args()
@@ -189,6 +190,8 @@ def main() -> None:
             client.get(page)
 
         http_detail = timed(lambda i: client.get(detail.format(picks[i])), args.samples)
+        if args.detail_only:
+            args.page_samples = 1
         http_page = timed(lambda i: client.get(page), args.page_samples)
         unfiltered = timed(lambda i: client.get(runs_path("bench", limit=100)), args.page_samples)
 
@@ -236,6 +239,8 @@ def main() -> None:
         elapsed = time.monotonic() - began
         print(f"run detail, 8 concurrent clients: {sum(done) / elapsed:.0f} requests/s ({sum(done)} in {elapsed:.1f} s)")
 
+        if args.detail_only:
+            return
         # Deep pages: by offset, and by the cursor of the row just before (limit=1 at
         # offset-1 returns it), for the default order and a config-path order.
         for order, repeat in ((None, 10), (ORDER, 3)):

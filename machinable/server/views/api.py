@@ -120,8 +120,10 @@ def router(config: ServerConfig) -> APIRouter:
         return JSONResponse({"runs": page, "count": total, "limit": limit, "offset": offset, "next": cursor})
 
     @api.get("/projects/{project}/runs/{uuid}")
-    def run(request: Request, project: str, uuid: str) -> Any:
+    async def run(request: Request, project: str, uuid: str) -> Any:
         """One run: config, status, times, digest, and every copy the index knows."""
+        # Two primary-key reads: answered on the event loop, which costs less than the
+        # hand-off to a worker thread. Pages and files, which can take longer, use the pool.
         found = queries.get_run(served(request, project), uuid)
         if found is None:
             raise HTTPException(404, f"no run {uuid[:64]!r} in project {project!r}")
