@@ -8,6 +8,7 @@ it once into ``<storage>/<uuid>/`` and records it in the index.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -28,7 +29,7 @@ from machinable.identity import (
     config_key,
     predicate_key,
 )
-from machinable.project import Project
+from machinable.project import Project, interface_classes, primary_class
 from machinable.record import (
     ERROR_FILE,
     SENTINEL,
@@ -84,7 +85,14 @@ class Interface:
 
     @classmethod
     def _module_name(cls) -> str:
-        return cls.__machinable_module__ or cls.__module__.rsplit(".", 1)[-1]
+        # Only the class's own name counts: a subclass never inherits its parent's (it
+        # would share the parent's runs).
+        own = cls.__dict__.get("__machinable_module__")
+        if own:
+            return own
+        name = module_name_of(cls)
+        cls.__machinable_module__ = name
+        return name
 
     @classmethod
     def make(
@@ -475,6 +483,27 @@ def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
         return fallback
+
+
+def module_name_of(cls: type[Interface]) -> str:
+    """The module name of a class not resolved by name (passed to ``get()`` directly).
+
+    A project module's dotted path inside its project, else the last part of its Python
+    module; ``module:Class`` when the module defines other Interfaces and this one is
+    not the one the module's name stands for.
+    """
+    path = cls.__module__
+    prefix, _, rest = path.partition(".")
+    if prefix.startswith("_machinable_") and rest:
+        path = rest
+    else:
+        path = path.rsplit(".", 1)[-1]
+    mod = sys.modules.get(cls.__module__)
+    classes = interface_classes(mod) if mod is not None else [cls]
+    if cls not in classes or primary_class(classes, path) is cls:
+        return path
+    qualname = cls.__qualname__ if "<" not in cls.__qualname__ else cls.__name__
+    return f"{path}:{qualname}"
 
 
 def get(
