@@ -17,6 +17,9 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     │   ├── NotMountedError      the run's files are not present locally
     │   └── EvictionRefused      no other verified copy exists
     └── RemoteError              a shareable module could not be fetched or trusted
+
+    IdentityWarning (a UserWarning)  runs that differ only in non-identifying fields
+                                     would share one uuid
 """
 
 from __future__ import annotations
@@ -108,3 +111,7 @@ class RemoteError(MachinableError):
         super().__init__(message)
         self.name = name
         self.source = source
+
+
+class IdentityWarning(UserWarning):
+    """Runs that differ only in non-identifying fields would share one uuid."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -103,6 +104,41 @@ def canonical_config(config: BaseModel) -> dict[str, Any]:
                 pass
         out[name] = encoded
     check_finite(out)
+    return out
+
+
+def non_identifying_values(config: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of non-identifying fields that hold a value other than their default.
+
+    Runs that differ only in these share one uuid unless a predicate separates them.
+    """
+    found: list[str] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if not is_identifying(field):
+            if field.is_required():
+                found.append(prefix + name)
+                continue
+            default = field.get_default(call_default_factory=True, validated_data={})
+            try:
+                same = canonical_json(_jsonable(default)) == canonical_json(_jsonable(value))
+            except ConfigError:
+                same = False
+            if not same:
+                found.append(prefix + name)
+        elif isinstance(value, BaseModel):
+            found.extend(non_identifying_values(value, f"{prefix}{name}."))
+    return found
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` merged into a copy of ``base``; nested dicts merge, anything else is replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 

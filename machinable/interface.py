@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -21,12 +22,20 @@ from pydantic_core import to_jsonable_python
 
 from machinable.catalog.index import Index, RunRecord, row_values
 from machinable.context import active
-from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
+from machinable.errors import (
+    ConfigError,
+    IdentityWarning,
+    MachinableError,
+    NotMountedError,
+    RecordError,
+)
 from machinable.identity import (
     canonical_config,
     check_finite,
     compute_uuid,
     config_key,
+    deep_merge,
+    non_identifying_values,
     predicate_key,
 )
 from machinable.project import Project, interface_classes, primary_class
@@ -168,6 +177,17 @@ class Interface:
             run._predicate_key = predicate_key(predicate)
         except ConfigError as exc:
             raise ConfigError(f"module {module!r}: {exc}", module=module) from exc
+        if not predicate:
+            hidden = non_identifying_values(config)
+            if hidden:
+                warnings.warn(
+                    f"module {module!r}: {', '.join(hidden)} is not identifying and differs from "
+                    "its default, but no predicate separates runs (no Scope, empty "
+                    "on_compute_predicate()): runs that differ only there share uuid "
+                    f"{run.uuid}",
+                    IdentityWarning,
+                    stacklevel=3,  # the caller of get()
+                )
         return run
 
     @classmethod
@@ -544,6 +564,8 @@ def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
         )
     out = []
     for item in items:
+        if item is None:  # as in machinable 5.x: [base, None] is [base]
+            continue
         if not isinstance(item, Mapping):
             raise ConfigError(
                 f"config for module {module!r} must be a dict, not {type(item).__name__}: {item!r}",
@@ -604,20 +626,10 @@ def expand_dotted(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
-    if model.model_config.get("extra") == "allow":
-        return []
+    # A model that allows or ignores extras says so itself; its nested models still count.
+    lenient = model.model_config.get("extra") in ("allow", "ignore")
     fields: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         fields[name] = info
@@ -627,7 +639,8 @@ def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = 
     for key, value in data.items():
         info = fields.get(key)
         if info is None:
-            bad.append(prefix + key)
+            if not lenient:
+                bad.append(prefix + key)
             continue
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
@@ -642,8 +655,9 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
     ``Optional``, unions, lists and dicts.
     """
     if isinstance(value, BaseModel):
-        if not isinstance(data, Mapping) or type(value).model_config.get("extra") == "allow":
+        if not isinstance(data, Mapping):
             return []
+        lenient = type(value).model_config.get("extra") in ("allow", "ignore")
         names: dict[str, str] = {}
         for name, info in type(value).model_fields.items():
             names[name] = name
@@ -653,7 +667,8 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
         for key, item in data.items():
             where = f"{path}.{key}" if path else str(key)
             if key not in names:
-                bad.append(where)
+                if not lenient:
+                    bad.append(where)
             else:
                 bad.extend(dropped_keys(getattr(value, names[key]), item, where))
         return bad

@@ -58,8 +58,12 @@ class Project(Context):
         """Return the project's name; by default its directory's name."""
         return None
 
-    def on_resolve_remotes(self) -> dict[str, str]:
-        """Return ``{module name: source}`` of shareable modules this project uses."""
+    def on_resolve_remotes(self) -> dict[str, str | list[str]]:
+        """Return ``{module name: source}`` of shareable modules this project uses.
+
+        An entry may be a list: its first item is the source, the others name further
+        declared remotes that the module needs; they are fetched with it.
+        """
         return {}
 
     # Derived from the provider.
@@ -86,8 +90,19 @@ class Project(Context):
         return name
 
     def remotes(self) -> dict[str, str]:
-        provider = self.provider
-        return dict(provider.on_resolve_remotes() or {})
+        """``{name: source}`` of the declared remotes."""
+        return self._remote_declaration()[0]
+
+    def remote_dependencies(self, names: list[str]) -> list[str]:
+        """``names`` with every declared remote they depend on (transitively), dependencies first."""
+        from machinable.remotes import with_dependencies
+
+        return with_dependencies(names, self._remote_declaration()[1])
+
+    def _remote_declaration(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        from machinable.remotes import split_declaration
+
+        return split_declaration(dict(self.provider.on_resolve_remotes() or {}))
 
     @property
     def index_path(self) -> Path:
@@ -249,14 +264,15 @@ def _remote_file(project: Project, module: str) -> Path | None:
     from machinable import remotes as remote_fetch
     from machinable.settings import remote_timeout
 
-    source = remotes[module]
-    cached = remote_fetch.remote_path(project.path, module)
-    if "#" not in source and cached.is_file():
-        return cached  # already fetched and nothing pinned: no lock, no hashing
-    fetched = remote_fetch.fetch_remote(
-        project.path, module, remotes[module], timeout=remote_timeout()
-    )
-    return fetched.path
+    path = None
+    for name in project.remote_dependencies([module]):  # what it depends on comes first
+        source = remotes[name]
+        cached = remote_fetch.remote_path(project.path, name)
+        if "#" not in source and cached.is_file():
+            path = cached  # already fetched and nothing pinned: no lock, no hashing
+        else:
+            path = remote_fetch.fetch_remote(project.path, name, source, timeout=remote_timeout()).path
+    return path
 
 
 def package_name(root: Path) -> str:
