@@ -515,6 +515,25 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
         click.echo(f"{verb} {item.name} from {item.source}\n  -> {item.path}\n  sha256 {item.sha256}")
 
 
+@cli.command("import")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option(
+    "--live-window",
+    type=click.FloatRange(min=0),
+    default=90.0,
+    show_default=True,
+    help="Seconds: an unfinished run whose heartbeat is younger may still be running and is skipped.",
+)
+@click.pass_obj
+def import_command(obj: dict[str, Any], source: str, live_window: float) -> None:
+    """Import the runs of a machinable 5.x storage folder SOURCE (it is only read)."""
+    from machinable.operations.upstream import import_storage
+
+    with _contexts(obj):
+        report = import_storage(source, progress=_progress(obj), live_window=live_window)
+    click.echo(str(report))
+
+
 @cli.command("version")
 def version_command() -> None:
     """Print machinable's version."""

@@ -111,8 +111,14 @@ class Interface:
         project: Project | None = None,
         storage: Storage | None = None,
         index: Index | None = None,
+        predicate: Mapping[str, Any] | None = None,
     ) -> Interface:
-        """Validate a config and name the run it describes (nothing is written)."""
+        """Validate a config and name the run it describes (nothing is written).
+
+        ``predicate``, when given, is the run's predicate as it is (an imported run keeps
+        the one it was computed under); otherwise the active scopes and
+        ``on_compute_predicate()`` make it.
+        """
         project = project or Project.get()
         module = cls._module_name()
         versions = normalize_version(version, module)
@@ -162,12 +168,15 @@ class Interface:
         run._full = full
         run._canonical = canonical_config(config)
         run._record_cache = None
-        predicate = {}
-        for scope in active(Scope):
-            predicate.update(scope.predicate)
-        own = run.on_compute_predicate()
-        if own:
-            predicate.update(own)
+        if predicate is not None:
+            predicate = dict(predicate)
+        else:
+            predicate = {}
+            for scope in active(Scope):
+                predicate.update(scope.predicate)
+            own = run.on_compute_predicate()
+            if own:
+                predicate.update(own)
         try:
             check_finite(predicate, "predicate")
             run.predicate = predicate

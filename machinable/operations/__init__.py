@@ -1,0 +1,1 @@
+"""Whole-catalog passes built on the layers below: verify, gc, import."""
