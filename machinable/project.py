@@ -186,15 +186,19 @@ def resolve_interface(project: Project, module: str) -> type[Interface] | type[C
     return cls
 
 
+def is_interface(obj: object) -> bool:
+    """An Interface subclass (told by the attribute Interface declares, so that this
+    module need not import the interface module, which imports it)."""
+    return inspect.isclass(obj) and hasattr(obj, "__machinable_module__")
+
+
 def interface_classes(mod: ModuleType) -> list[type]:
     """The Interface and context classes that ``mod`` itself defines, in source order."""
-    from machinable.interface import Interface
-
     return [
         obj
         for obj in vars(mod).values()
         if inspect.isclass(obj)
-        and issubclass(obj, (Interface, Context))
+        and (is_interface(obj) or issubclass(obj, Context))
         and not issubclass(obj, Project)
         and obj.__module__ == mod.__name__
     ]
@@ -210,8 +214,6 @@ def primary_class(classes: list[type], module: str) -> type | None:
 
 
 def _resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
-    from machinable.interface import Interface
-
     validate_module_name(module)
     path, qualname = split_module(module)
     file = module_file(project, path)
@@ -235,7 +237,7 @@ def _resolve_interface(project: Project, module: str) -> type[Interface] | type[
     # one the module's name, the others "module:Class". A subclass must never inherit
     # its parent's name, or it would share the parent's runs.
     for item in classes:
-        if issubclass(item, Interface):
+        if is_interface(item):
             item.__machinable_module__ = path if item is primary else f"{path}:{item.__qualname__}"
     if qualname is not None:
         named = [c for c in classes if c.__qualname__ == qualname]

@@ -410,3 +410,43 @@ def test_files_from_the_source_are_data_and_links_and_fifos_outside_runs_are_not
     sgd = get("train", {"lr": 0.5, "opt": {"name": "sgd"}})
     assert (sgd.local_directory() / "state.p").read_bytes() == (_sgd(source) / "state.p").read_bytes()
     assert not marker.exists()  # copied as bytes, never unpickled
+
+
+def _many_runs(storage: Path, target: Path, count: int) -> None:
+    """A 5.x storage of ``count`` finished runs: one real run, cloned with other configs."""
+    template = _sgd(storage)
+    for number in range(count):
+        uuid = f"clone{number:07d}"
+        clone = target / f"{number:024x}" / template.name
+        shutil.copytree(template, clone, symlinks=True)
+        header = json.loads((clone / "id.json").read_text())
+        model = json.loads((clone / "model.json").read_text())
+        header["uuid"] = model["uuid"] = uuid
+        model["config"]["steps"] = 1000 + number
+        (clone / "id.json").write_text(json.dumps(header))
+        (clone / "model.json").write_text(json.dumps(model))
+
+
+def test_progress_shows_on_a_terminal_and_never_when_quiet_or_piped(
+    sqlite_project: Path, upstream_storage: Path, tmp_path: Path
+) -> None:
+    from test_stores import run_in_terminal
+
+    write_module(sqlite_project, "train", OUR_TRAIN)
+    source = tmp_path / "many"
+    _many_runs(upstream_storage, source, 220)
+    env = {k: v for k, v in os.environ.items() if k != "MACHINABLE_QUIET"}
+    env.update(TERM="xterm-256color", COLUMNS="100")
+
+    code, out, err = run_in_terminal(["--quiet", "import", str(source)], sqlite_project, env)
+    assert code == 0 and err == b""
+    assert out.startswith(f"{source}: 220 imported")
+    code, out, err = run_in_terminal(["import", str(source)], sqlite_project, env)
+    assert code == 0 and out.startswith(f"{source}: 0 imported, 220 already here")
+    assert b"import" in err and b"220" in err  # the bar and its count, on the terminal
+    piped = subprocess.run(
+        [sys.executable, "-m", "machinable", "import", str(source)],
+        cwd=sqlite_project, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert len(get("train").all()) == 220
