@@ -450,3 +450,22 @@ def test_progress_shows_on_a_terminal_and_never_when_quiet_or_piped(
     )
     assert piped.returncode == 0 and piped.stderr == ""
     assert len(get("train").all()) == 220
+
+
+def test_the_readme_import_commands_run(ours: Path, upstream_storage: Path) -> None:
+    import shlex
+
+    from test_docs import BLOCK, section
+
+    lines = [
+        line.split("#")[0].strip()
+        for language, body in BLOCK.findall(section("Coming from machinable 5.x"))
+        if language == "bash"
+        for line in body.splitlines()
+        if line.startswith("machinable ")
+    ]
+    assert len(lines) == 2
+    for line in lines:
+        invoke(*shlex.split(line.replace("../old-study/storage", str(upstream_storage)))[1:])
+    assert get("train", {"lr": 0.5, "opt": {"name": "sgd"}}).cached()
+    assert get("train", {"fail": True}).status() == "failed"
