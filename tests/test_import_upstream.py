@@ -469,3 +469,26 @@ def test_the_readme_import_commands_run(ours: Path, upstream_storage: Path) -> N
         invoke(*shlex.split(line.replace("../old-study/storage", str(upstream_storage)))[1:])
     assert get("train", {"lr": 0.5, "opt": {"name": "sgd"}}).cached()
     assert get("train", {"fail": True}).status() == "failed"
+
+
+def test_a_module_file_inside_the_imported_folder_is_never_imported(
+    sqlite_project: Path, upstream_storage: Path, tmp_path: Path
+) -> None:
+    """A 5.x folder copied into the project cannot name its own .py files as modules."""
+    write_module(sqlite_project, "train", OUR_TRAIN)
+    source = sqlite_project / "old" / "storage"
+    shutil.copytree(upstream_storage, source, symlinks=True)
+    marker = tmp_path / "IMPORTED"
+    (source / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from machinable import Interface\n\n\nclass Evil(Interface):\n    pass\n"
+    )
+    bad = _sgd(source)
+    model = (bad / "model.json").read_text().replace('"module": "train"', '"module": "old.storage.evil"', 1)
+    (bad / "model.json").write_text(model)
+
+    report = import_storage(source, live_window=0)
+    reasons = dict(report.skipped)
+    assert "inside the imported folder" in reasons[bad.relative_to(source).as_posix()]
+    assert not marker.exists()
+    assert len(report.imported) == FINISHED

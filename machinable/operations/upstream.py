@@ -36,7 +36,7 @@ from machinable.errors import ConfigError, MachinableError
 from machinable.identity import check_finite
 from machinable.interface import Interface
 from machinable.progress import track
-from machinable.project import Project
+from machinable.project import Project, module_file, validate_module_name
 from machinable.record import (
     ERROR_FILE,
     MODEL_FILE,
@@ -414,6 +414,14 @@ def import_run(
     found: UpstreamRun, source_root: Path, *, project: Project, storage: Path, index: Index
 ) -> tuple[str, bool]:
     """Write one run's record (or find it already there); returns (uuid, written)."""
+    try:
+        validate_module_name(found.model.module)
+    except MachinableError as exc:
+        raise Skip(str(exc)) from None
+    file = module_file(project, found.model.module)
+    if file is not None and _inside(source_root, file):
+        # a source folder inside the project must not smuggle code in by naming its own files
+        raise Skip(f"module {found.model.module!r} is a file inside the imported folder; it is never imported")
     try:
         cls = project.resolve(found.model.module)
     except MachinableError as exc:
