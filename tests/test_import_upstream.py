@@ -492,3 +492,25 @@ def test_a_module_file_inside_the_imported_folder_is_never_imported(
     assert "inside the imported folder" in reasons[bad.relative_to(source).as_posix()]
     assert not marker.exists()
     assert len(report.imported) == FINISHED
+
+
+def test_two_imports_at_once_write_each_run_once(sqlite_project: Path, upstream_storage: Path) -> None:
+    write_module(sqlite_project, "train", OUR_TRAIN)
+    command = [sys.executable, "-m", "machinable", "import", str(upstream_storage), "--live-window", "0"]
+    processes = [
+        subprocess.Popen(command, cwd=sqlite_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    counts = []
+    for out, err in outputs:
+        assert "Traceback" not in err
+        head = out.splitlines()[0]
+        imported, here = (int(part.split()[0]) for part in head.split(": ", 1)[1].split(", ")[:2])
+        assert imported + here == FINISHED + 1, head
+        counts.append(imported)
+    assert sum(counts) == FINISHED + 1  # every run written by exactly one of them
+    records = [p for p in (sqlite_project / "storage").iterdir() if p.name != ".locks"]
+    assert len(records) == FINISHED + 1 and not any(p.name.startswith(".import-") for p in records)
+    assert len(table_rows("runs")) == FINISHED + 1
