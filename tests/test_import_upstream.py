@@ -512,5 +512,35 @@ def test_two_imports_at_once_write_each_run_once(sqlite_project: Path, upstream_
         counts.append(imported)
     assert sum(counts) == FINISHED + 1  # every run written by exactly one of them
     records = [p for p in (sqlite_project / "storage").iterdir() if p.name != ".locks"]
-    assert len(records) == FINISHED + 1 and not any(p.name.startswith(".import-") for p in records)
+    assert len(records) == FINISHED + 1 and not any(".partial-" in p.name for p in records)
     assert len(table_rows("runs")) == FINISHED + 1
+
+
+def test_a_killed_import_leaves_no_half_record_and_a_second_one_completes(
+    sqlite_project: Path, upstream_storage: Path, tmp_path: Path
+) -> None:
+    from conftest import kill_when
+
+    write_module(sqlite_project, "train", OUR_TRAIN)
+    source = tmp_path / "many"
+    _many_runs(upstream_storage, source, 220)
+    storage = sqlite_project / "storage"
+
+    def records() -> list[Path]:
+        return [p for p in storage.iterdir() if len(p.name) == 32] if storage.is_dir() else []
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "machinable", "import", str(source)],
+        cwd=sqlite_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    kill_when(process, lambda: len(records()) >= 20, "import")
+    done = records()
+    assert 20 <= len(done) < 220
+    for record in done:  # every record there is whole: renamed into place only when complete
+        names = {p.name for p in record.iterdir()}
+        assert {".machinable", "id.json", "model.json", "finished_at", "result.json", "upstream"} <= names
+
+    report = import_storage(source)
+    assert len(report.imported) + len(report.unchanged) == 220 and report.skipped == []
+    assert len(records()) == 220
+    assert len(get("train").all()) == 220

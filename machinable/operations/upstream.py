@@ -464,7 +464,9 @@ def import_run(
         "status": found.status,
         "path": found.path.relative_to(source_root).as_posix(),
     }
-    scratch = storage / f".import-{run.uuid}-{os.getpid()}-{os.urandom(4).hex()}"
+    # Named like an interrupted fetch's directory, so that `machinable gc` collects what a
+    # killed import leaves behind.
+    scratch = storage / f".{run.uuid}.partial-import-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         write_record(scratch, header, model)
         for entry in found.files:
