@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -129,17 +128,6 @@ def non_identifying_values(config: BaseModel, prefix: str = "") -> list[str]:
         elif isinstance(value, BaseModel):
             found.extend(non_identifying_values(value, f"{prefix}{name}."))
     return found
-
-
-def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``update`` merged into a copy of ``base``; nested dicts merge, anything else is replaced."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def check_finite(value: Any, path: str = "config") -> None:

@@ -16,40 +16,51 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
-import filelock
-from pydantic import BaseModel, ValidationError
-from pydantic_core import to_jsonable_python
+from pydantic import BaseModel
 
-from machinable.catalog.index import Index, RunRecord, row_values
-from machinable.context import active
+from machinable.catalog.index import Index
+from machinable.catalog.rows import RunRecord, row_values
+from machinable.code import fingerprint, module_file, warn_if_changed
+from machinable.config import (
+    deep_merge,
+    expand_dotted,
+    normalize_version,
+    revalidate,
+    validate_config,
+)
+from machinable.context import Context, active
 from machinable.errors import (
     ConfigError,
     IdentityWarning,
     MachinableError,
     NotMountedError,
     RecordError,
+    UnsafeFileError,
 )
 from machinable.identity import (
     canonical_config,
     check_finite,
     compute_uuid,
     config_key,
-    deep_merge,
     non_identifying_values,
     predicate_key,
 )
+from machinable.locks import FileLock, is_held, open_regular
 from machinable.project import Project, interface_classes, primary_class
 from machinable.record import (
     ERROR_FILE,
+    MODEL_FILE,
     SENTINEL,
     atomic_write,
     clear,
     decode_file,
+    dump_json,
     encode_file,
     id_header,
     launch_lock,
     mark,
     now,
+    read_json,
     safe_path,
     status_of,
     timestamp,
@@ -57,7 +68,17 @@ from machinable.record import (
 )
 from machinable.scope import Scope
 from machinable.storage import Storage
-from machinable.stores import RemoteStore
+from machinable.stores import (
+    VERIFY_WINDOW,
+    RemoteStore,
+    RunRef,
+    evict,
+    fetch,
+    mirror,
+    push,
+    resolve_store,
+    whereis,
+)
 
 
 class _EmptyConfig(BaseModel):
@@ -71,6 +92,7 @@ class Interface:
     __machinable_module__: ClassVar[str | None] = None
 
     config: BaseModel
+    config_error: str | None  # set on a stored run whose config no longer validates
     uuid: str
     module: str
     version: list[dict[str, Any]]
@@ -121,45 +143,10 @@ class Interface:
         """
         project = project or Project.get()
         module = cls._module_name()
-        versions = normalize_version(version, module)
-        check_depth(versions, module)
-        merged: dict[str, Any] = {}
-        for item in versions:
-            merged = deep_merge(merged, expand_dotted(item))
-        config_cls = cls._config_class()
-        unknown = unknown_keys(config_cls, merged)
-        if unknown:
-            known = ", ".join(config_cls.model_fields) or "none"
-            raise ConfigError(
-                f"unknown config key(s) for module {module!r}: {', '.join(unknown)} "
-                f"(known: {known})",
-                module=module,
-            )
-        try:
-            config = config_cls.model_validate(merged)
-        except ValidationError as exc:
-            raise ConfigError(f"invalid config for module {module!r}: {_describe(exc)}", module=module) from exc
-        dropped = dropped_keys(config, merged)
-        if dropped:
-            raise ConfigError(
-                f"unknown config key(s) for module {module!r}: {', '.join(dropped)}", module=module
-            )
-        try:
-            full = config.model_dump(mode="json")
-            # What the user passed is recorded in model.json too: as JSON (numpy values
-            # as their Python values), checked here rather than failing in launch().
-            recorded = to_jsonable_python(versions, fallback=_version_value)
-        except (ValueError, TypeError) as exc:  # pydantic's serialization errors, bad UTF-8
-            raise ConfigError(
-                f"config for module {module!r} is not JSON-serializable: {exc}", module=module
-            ) from exc
-        try:
-            check_finite(full)
-            check_finite(recorded, "version")
-        except ConfigError as exc:
-            raise ConfigError(f"invalid config for module {module!r}: {exc}", module=module) from exc
+        config, full, recorded = validate_config(cls._config_class(), version, module)
         run = cls.__new__(cls)
         run.config = config
+        run.config_error = None
         run.module = module
         run.version = recorded
         run._project = project
@@ -202,7 +189,19 @@ class Interface:
     @classmethod
     def _from_record(cls, record: RunRecord, *, project: Project, storage: Path, index: Index) -> Interface:
         run = cls.__new__(cls)
-        run.config = cls._config_class().model_validate(record.config)
+        config, run.config_error = revalidate(cls._config_class(), record.config, cls._module_name())
+        if config is not None:
+            run.config = config
+            run._full = run.config.model_dump(mode="json")
+            # The canonical config is recomputed from the validated config because
+            # PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
+            run._canonical = canonical_config(run.config)
+        else:
+            # The module's Config changed since this run was stored: keep the run
+            # listable with its raw config (unvalidated) and say what no longer fits.
+            run.config = cls._config_class().model_construct(**record.config)
+            run._full = dict(record.config)
+            run._canonical = dict(record.canonical)
         run.module = record.module
         run.version = record.version
         run.predicate = record.predicate
@@ -211,17 +210,20 @@ class Interface:
         run._project_name = record.project
         run._storage = storage
         run._index = index
-        run._full = run.config.model_dump(mode="json")
-        # The identity keys come from the row as written (strings survive every
-        # backend); the canonical config is recomputed from the validated config
-        # because PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
-        run._canonical = canonical_config(run.config)
+        # The identity keys come from the row as written (strings survive every backend).
         run._config_key = record.config_key
         run._predicate_key = record.predicate_key
         run._record_cache = record
         return run
 
+    @classmethod
+    def config_problem(cls, config: Any) -> str | None:
+        """Why a stored config no longer validates against this module's Config, or None."""
+        return revalidate(cls._config_class(), config, cls._module_name())[1]
+
     def __repr__(self) -> str:
+        if self.config_error:
+            return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r}, invalid config)"
         return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r})"
 
     def __eq__(self, other: object) -> bool:
@@ -249,16 +251,16 @@ class Interface:
     def index(self) -> Index:
         return self._index
 
+    def _ref(self) -> RunRef:
+        """This run as the stores know it: uuid, index, storage."""
+        return RunRef(self.uuid, self._index, self._storage)
+
     def _default_directory(self) -> Path:
         return self._storage / self.uuid
 
     def local_directory(self) -> Path:
         """The run's directory here: where it is stored, or where it will be."""
-        default = self._default_directory()
-        if os.path.isfile(os.path.join(default, SENTINEL)):
-            return default
-        found = self._index.local_directory(self.uuid)
-        return found if found is not None else default
+        return self._ref().local_directory()
 
     def is_mounted(self) -> bool:
         """True when the run's directory is present on this machine."""
@@ -283,13 +285,7 @@ class Interface:
             return on_disk
         # launch() holds the lock from started_at to finished_at; a process that dies
         # releases it. (Only a lock taken on this machine's filesystem is seen.)
-        lock = filelock.FileLock(launch_lock(directory), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            return "started"
-        lock.release()
-        return "stale"
+        return "started" if is_held(launch_lock(directory)) else "stale"
 
     def cached(self) -> bool:
         """True when the run finished and its data exists: here, in another location
@@ -332,22 +328,52 @@ class Interface:
             "predicate": self.predicate,
             "created_at": timestamp(),
         }
+        code = self._code()
+        if code is not None:
+            model["code"] = code
         return header, model
+
+    def _code(self) -> dict[str, Any] | None:
+        """The fingerprint of the code that resolves this run's module here and now."""
+        return fingerprint(module_file(type(self)), self._project.path)
+
+    def _warn_if_code_changed(self) -> None:
+        current = self._code()
+        if current is None:
+            return
+        directory = self.local_directory()
+        try:
+            recorded = read_json(directory / MODEL_FILE)
+        except (OSError, ValueError):
+            return  # evicted or unreadable: nothing to compare with here
+        if isinstance(recorded, dict):
+            warn_if_changed(recorded.get("code"), current, self.uuid, self.module)
 
     def launch(self) -> Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
+            self._warn_if_code_changed()
             return self
+        if self.config_error:
+            raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
+        self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
-        with filelock.FileLock(launch_lock(directory)):
+        with FileLock(launch_lock(directory)):
+            # Whoever wrote the record, another process may have taken the lock first
+            # and finished the run while this one waited.
+            if os.path.isfile(directory / "finished_at"):
+                self._index.ingest_directory(directory)
+                return self
             if not fresh:  # a relaunch, or another process got here first
-                if os.path.isfile(directory / "finished_at"):
-                    self._index.ingest_directory(directory)
-                    return self
                 clear(directory, "failed_at", ERROR_FILE)
-                model = _read_model(directory, model)
+                recorded = _read_model(directory, model)
+                if model.get("code") is not None and recorded.get("code") != model["code"]:
+                    # Computed again, possibly by other code than the first attempt.
+                    recorded = {**recorded, "code": model.get("code")}
+                    atomic_write(directory / MODEL_FILE, dump_json(recorded))
+                model = recorded
             markers = {"started_at": now()}
             mark(directory, "started_at", markers["started_at"])
             try:
@@ -357,24 +383,20 @@ class Interface:
                 atomic_write(directory / ERROR_FILE, "".join(traceback.format_exception(exc)))
                 mark(directory, "failed_at", failed)
                 markers.update(failed_at=failed, updated_at=failed)
-                self._index.record(row_values(header, model, markers), directory, self._storage)
+                self._index.add_run(row_values(header, model, markers), directory, self._storage)
                 raise
             finished = now()
             mark(directory, "finished_at", finished)
             markers.update(finished_at=finished, updated_at=finished)
-            self._index.record(row_values(header, model, markers), directory, self._storage)
+            self._index.add_run(row_values(header, model, markers), directory, self._storage)
         if active(RemoteStore):
-            from machinable.stores import mirror
-
-            mirror(self, directory)
+            mirror(self._ref(), directory)
         return self
 
     # Copies elsewhere.
 
     def push(self, store: RemoteStore | str, *, progress: bool | None = None) -> Interface:
         """Copy this finished run to a remote store (an instance, URL or known name)."""
-        from machinable.stores import push, resolve_store
-
         if self._index.status(self.uuid) != "finished":
             raise RecordError(f"run {self.uuid} is not finished; only finished runs are pushed")
         resolved = resolve_store(self._index, store)
@@ -383,21 +405,15 @@ class Interface:
 
     def fetch(self, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
         """Bring an evicted run back from a store with a verified copy; no-op when mounted."""
-        from machinable.stores import fetch
-
-        return fetch(self, store, progress=progress)
+        return fetch(self._ref(), store, progress=progress)
 
     def evict(self, *, max_age: timedelta | None = None) -> Path:
         """Delete the local copy, refusing unless another copy is verified."""
-        from machinable.stores import VERIFY_WINDOW, evict
-
-        return evict(self, max_age=max_age if max_age is not None else VERIFY_WINDOW)
+        return evict(self._ref(), max_age=max_age if max_age is not None else VERIFY_WINDOW)
 
     def availability(self) -> list[Any]:
         """Every known copy: local (present or evicted) and each store's state."""
-        from machinable.stores import whereis
-
-        return whereis(self)
+        return whereis(self._ref())
 
     # Files.
 
@@ -424,16 +440,31 @@ class Interface:
         atomic_write(path, encode_file(path, data))
         return path
 
-    def load_file(self, name: str, default: Any = None) -> Any:
-        """Read a file of the run back, or ``default`` if it does not exist."""
+    def load_file(self, name: str, default: Any = None, *, allow_pickle: bool = False) -> Any:
+        """Read a file of the run back, or ``default`` if it does not exist.
+
+        A ``.p`` file is unpickled only when this user's key signed it (every pickle
+        ``save_file`` writes is signed) or with ``allow_pickle=True``: unpickling a
+        collaborator's file would run whatever code it carries.
+        """
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except (FileNotFoundError, IsADirectoryError):
+            # A FIFO or a device among a collaborator's files is refused, never read.
+            fd = open_regular(path, follow=True)
+        except FileNotFoundError:
+            if not os.path.isfile(os.path.join(directory, SENTINEL)):
+                # Evicted (or moved away) between the check above and the open: the
+                # directory leaves in one rename, so its sentinel tells.
+                return self.load_file(name, default, allow_pickle=allow_pickle)
             return default
-        return decode_file(path, raw)
+        except UnsafeFileError as exc:
+            if os.path.isdir(path):
+                return default
+            raise UnsafeFileError(f"run {self.uuid}: cannot load {name!r}: {exc}", path=path) from exc
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read()
+        return decode_file(path, raw, allow_pickle=allow_pickle)
 
     # Collections.
 
@@ -506,8 +537,6 @@ def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
-    from machinable.record import MODEL_FILE, read_json
-
     try:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
@@ -549,7 +578,7 @@ def get(
         cls = module
     elif isinstance(module, str):
         cls = project.resolve(module)
-        if not issubclass(cls, Interface):
+        if issubclass(cls, Context):
             # A context class (a Scope or RemoteStore subclass) from a project or remote
             # module: build it from the config so it can be entered with ``with``.
             items = normalize_version(version, module)
@@ -560,139 +589,3 @@ def get(
     else:
         raise MachinableError(f"get() takes a module name or an Interface class, not {module!r}")
     return cls.make(version, project=project)
-
-
-def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
-    if version is None:
-        return []
-    items = [version] if isinstance(version, Mapping) else version
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise ConfigError(
-            f"config for module {module!r} must be a dict (or a list of dicts), not {type(version).__name__}",
-            module=module,
-        )
-    out = []
-    for item in items:
-        if item is None:  # as in machinable 5.x: [base, None] is [base]
-            continue
-        if not isinstance(item, Mapping):
-            raise ConfigError(
-                f"config for module {module!r} must be a dict, not {type(item).__name__}: {item!r}",
-                module=module,
-            )
-        for key in item:
-            if not isinstance(key, str):
-                raise ConfigError(f"config keys must be strings, not {key!r}", module=module)
-        out.append(dict(item))
-    return out
-
-
-def _version_value(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
-
-
-MAX_CONFIG_DEPTH = 100
-
-
-def check_depth(versions: list[dict[str, Any]], module: str) -> None:
-    """Refuse configs nested deeper than ``MAX_CONFIG_DEPTH`` (walked without recursion)."""
-    stack: list[tuple[Any, int]] = [(item, 1) for item in versions]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(
-                f"config for module {module!r} is nested more than {MAX_CONFIG_DEPTH} levels deep",
-                module=module,
-            )
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                stack.append((item, depth + 1 + (key.count(".") if isinstance(key, str) else 0)))
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend((item, depth + 1) for item in value)
-
-
-def expand_dotted(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` becomes ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            value = expand_dotted(value)
-        parts = key.split(".")
-        target = out
-        for part in parts[:-1]:
-            existing = target.get(part)
-            if not isinstance(existing, dict):
-                existing = {}
-                target[part] = existing
-            target = existing
-        last = parts[-1]
-        if isinstance(value, dict) and isinstance(target.get(last), dict):
-            target[last] = deep_merge(target[last], value)
-        else:
-            target[last] = value
-    return out
-
-
-def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
-    # A model that allows or ignores extras says so itself; its nested models still count.
-    lenient = model.model_config.get("extra") in ("allow", "ignore")
-    fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        fields[name] = info
-        if info.alias:
-            fields[info.alias] = info
-    bad: list[str] = []
-    for key, value in data.items():
-        info = fields.get(key)
-        if info is None:
-            if not lenient:
-                bad.append(prefix + key)
-            continue
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
-            bad.extend(unknown_keys(annotation, value, f"{prefix}{key}."))
-    return bad
-
-
-def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
-    """Keys of ``data`` that validation into ``value`` ignored, wherever models nest.
-
-    Catches what ``unknown_keys`` cannot see from annotations: models inside
-    ``Optional``, unions, lists and dicts.
-    """
-    if isinstance(value, BaseModel):
-        if not isinstance(data, Mapping):
-            return []
-        lenient = type(value).model_config.get("extra") in ("allow", "ignore")
-        names: dict[str, str] = {}
-        for name, info in type(value).model_fields.items():
-            names[name] = name
-            if info.alias:
-                names[info.alias] = name
-        bad: list[str] = []
-        for key, item in data.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key not in names:
-                if not lenient:
-                    bad.append(where)
-            else:
-                bad.extend(dropped_keys(getattr(value, names[key]), item, where))
-        return bad
-    if isinstance(value, (list, tuple)) and isinstance(data, (list, tuple)) and len(value) == len(data):
-        pairs = enumerate(zip(value, data, strict=True))
-        return [k for i, (v, d) in pairs for k in dropped_keys(v, d, f"{path}[{i}]")]
-    if isinstance(value, Mapping) and isinstance(data, Mapping):
-        items = [(key, d) for key, d in data.items() if key in value]
-        return [k for key, d in items for k in dropped_keys(value[key], d, f"{path}.{key}")]
-    return []
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or "config"
-        parts.append(f"{where}: {error.get('msg')} (got {error.get('input')!r})")
-    return "; ".join(parts)

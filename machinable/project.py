@@ -19,13 +19,10 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
+from machinable import remotes as remote_fetch
 from machinable.context import Context, innermost
 from machinable.errors import ModuleResolutionError
-
-if TYPE_CHECKING:
-    from machinable.interface import Interface
 
 MODULE_NAME = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$"
@@ -95,22 +92,18 @@ class Project(Context):
 
     def remote_dependencies(self, names: list[str]) -> list[str]:
         """``names`` with every declared remote they depend on (transitively), dependencies first."""
-        from machinable.remotes import with_dependencies
-
-        return with_dependencies(names, self._remote_declaration()[1])
+        return remote_fetch.with_dependencies(names, self._remote_declaration()[1])
 
     def _remote_declaration(self) -> tuple[dict[str, str], dict[str, list[str]]]:
-        from machinable.remotes import split_declaration
-
-        return split_declaration(dict(self.provider.on_resolve_remotes() or {}))
+        return remote_fetch.split_declaration(dict(self.provider.on_resolve_remotes() or {}))
 
     @property
     def index_path(self) -> Path:
         return self.path / ".machinable.sqlite"
 
-    def resolve(self, module: str) -> type[Interface] | type[Context]:
-        """The Interface (or context class, like a Scope) that ``module`` names."""
-        return resolve_interface(self, module)
+    def resolve(self, module: str) -> type:
+        """The class that ``module`` defines: an Interface, or a context such as a Scope."""
+        return resolve_class(self, module)
 
 
 def provider_for(path: Path) -> Project:
@@ -174,34 +167,35 @@ def module_file(project: Project, module: str) -> Path | None:
     return None
 
 
-def resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
+def resolve_class(project: Project, module: str) -> type:
     # A module file is imported once per process, so its class can be remembered too:
     # get() then costs a dictionary lookup instead of file checks and a class scan.
     key = (project.path, module)
     cls = _resolved.get(key)
     if cls is None:
-        cls = _resolve_interface(project, module)
+        cls = _resolve_class(project, module)
         if module_file(project, module) is not None:  # remotes are re-checked each time
             _resolved[key] = cls
     return cls
 
 
 def is_interface(obj: object) -> bool:
-    """An Interface subclass (told by the attribute Interface declares, so that this
-    module need not import the interface module, which imports it)."""
+    """An Interface subclass, told by the marker ``Interface`` carries
+    (``__machinable_module__``), which keeps this module from importing the interface
+    layer above it."""
     return inspect.isclass(obj) and hasattr(obj, "__machinable_module__")
+
+
+def resolvable(obj: object) -> bool:
+    """Classes a module name can resolve to: contexts (not providers), and interfaces."""
+    return inspect.isclass(obj) and (
+        (issubclass(obj, Context) and not issubclass(obj, Project)) or is_interface(obj)
+    )
 
 
 def interface_classes(mod: ModuleType) -> list[type]:
     """The Interface and context classes that ``mod`` itself defines, in source order."""
-    return [
-        obj
-        for obj in vars(mod).values()
-        if inspect.isclass(obj)
-        and (is_interface(obj) or issubclass(obj, Context))
-        and not issubclass(obj, Project)
-        and obj.__module__ == mod.__name__
-    ]
+    return [obj for obj in vars(mod).values() if resolvable(obj) and obj.__module__ == mod.__name__]
 
 
 def primary_class(classes: list[type], module: str) -> type | None:
@@ -213,7 +207,7 @@ def primary_class(classes: list[type], module: str) -> type | None:
     return matching[0] if len(matching) == 1 else None
 
 
-def _resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
+def _resolve_class(project: Project, module: str) -> type:
     validate_module_name(module)
     path, qualname = split_module(module)
     file = module_file(project, path)
@@ -263,9 +257,6 @@ def _remote_file(project: Project, module: str) -> Path | None:
     remotes = project.remotes()
     if module not in remotes:
         return None
-    from machinable import remotes as remote_fetch
-    from machinable.settings import remote_timeout
-
     path = None
     for name in project.remote_dependencies([module]):  # what it depends on comes first
         source = remotes[name]
@@ -273,7 +264,7 @@ def _remote_file(project: Project, module: str) -> Path | None:
         if "#" not in source and cached.is_file():
             path = cached  # already fetched and nothing pinned: no lock, no hashing
         else:
-            path = remote_fetch.fetch_remote(project.path, name, source, timeout=remote_timeout()).path
+            path = remote_fetch.fetch_remote(project.path, name, source).path
     return path
 
 

@@ -6,9 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from machinable.config import deep_merge
 from machinable.context import Context
 from machinable.errors import ConfigError
-from machinable.identity import canonical_json, deep_merge
+from machinable.identity import canonical_json
 
 
 class Scope(Context):

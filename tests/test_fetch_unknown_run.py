@@ -24,7 +24,7 @@ def test_fetch_into_an_index_that_does_not_know_the_run(
         wanted = [get("optimize", {"lr": lr}) for lr in (0.2, 0.5)]
         assert all(Index.get().find(run.uuid) is None for run in wanted)
         if many:
-            fetched = store_api.fetch_many(wanted, RemoteStore(url))
+            fetched = store_api.fetch_many([run._ref() for run in wanted], RemoteStore(url))
             assert sorted(fetched) == sorted(run.uuid for run in wanted)
         else:
             for run in wanted:

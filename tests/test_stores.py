@@ -34,13 +34,14 @@ from machinable import stores as store_api
 from machinable.catalog.engine import sqlite_path
 from machinable.catalog.models import Availability
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
-from machinable.transfer import (
+from machinable.operations.reindex import reindex_stores
+from machinable.stores.manifest import (
     MANIFEST_NAME,
-    RemoteState,
-    TransferResult,
     build_manifest,
     manifest_checksum,
+    manifest_digest,
 )
+from machinable.stores.transfer import RemoteState, TransferResult
 
 from conftest import (
     REPO,
@@ -200,6 +201,14 @@ def s3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
 # --------------------------------------------------------------------------- helpers
 
 
+def reindex_with_stores():
+    """What `machinable reindex --remotes` does: the directories, then every store."""
+    index = Index.get()
+    report = index.reindex()
+    reindex_stores(index, report)
+    return report
+
+
 def tree(directory: Path) -> dict[str, bytes]:
     """Every regular file under a directory, by posix relpath."""
     return {
@@ -260,7 +269,7 @@ def test_mirror_on_commit_leaves_a_verified_copy(project: Path, store: StoreSpec
     state = connected.verify(run.uuid, manifest)
     assert (state.state, state.checksum, state.size) == (
         "present",
-        manifest["checksum"],
+        manifest["digest"],
         manifest["size"],
     )
     assert store.run_files(run.uuid) == tree(run.local_directory())
@@ -269,7 +278,7 @@ def test_mirror_on_commit_leaves_a_verified_copy(project: Path, store: StoreSpec
     assert (local.store, local.state, local.url) == ("local", "present", str(run.local_directory()))
     assert local.size == manifest["size"]
     assert (copy.store, copy.url, copy.state) == (connected.uri, connected.uri, "present")
-    assert (copy.size, copy.checksum) == (manifest["size"], manifest["checksum"])
+    assert (copy.size, copy.checksum) == (manifest["size"], manifest["digest"])
     assert recent(copy.verified_at)
     assert run.loss() == LOSS[0.2]
 
@@ -310,7 +319,7 @@ def test_push_then_evict_then_fetch_round_trip(project: Path, store: StoreSpec) 
     assert not evicted.is_mounted() and evicted.cached() and evicted.status() == "finished"
     local, copy = evicted.availability()
     assert (local.store, local.state) == ("local", "evicted")
-    assert (copy.state, copy.checksum) == ("present", build_manifest_of(before)["checksum"])
+    assert (copy.state, copy.checksum) == ("present", build_manifest_of(before)["digest"])
 
     # indexed metadata stays usable
     everything = get("optimize").all()
@@ -357,7 +366,7 @@ def build_manifest_of(files: dict[str, bytes]) -> dict:
         }
         for name, data in sorted(files.items())
     }
-    return {"files": listed, "checksum": manifest_checksum(listed)}
+    return {"files": listed, "checksum": manifest_checksum(listed), "digest": manifest_digest(listed)}
 
 
 def test_fetch_from_a_store_known_only_through_the_index(
@@ -566,7 +575,7 @@ def test_reindex_remotes_rebuilds_availability_after_the_index_is_lost(
 
     wipe_index(project)
     with connected:
-        report = Index.get().reindex(remotes=True)
+        report = reindex_with_stores()
     assert report.added == 1  # kept: the only run directory here
     assert report.stores == {connected.uri: {"listed": 3, "added": 2, "present": 3}}
     assert [row[2] for row in table_rows("remotes")] == [connected.uri]
@@ -598,7 +607,7 @@ def test_reindex_remotes_rebuilds_availability_after_the_index_is_lost(
         assert again.loss() == LOSS[lr]
     # a second pass with the store known only through the index changes nothing
     with connected:
-        second = Index.get().reindex(remotes=True)
+        second = reindex_with_stores()
     assert second.stores[connected.uri] == {"listed": 3, "added": 0, "present": 3}
 
 
@@ -634,11 +643,11 @@ def test_cli_push_evict_whereis_pull(project: Path, store: StoreSpec) -> None:
 
     where = invoke("whereis", run.uuid)
     lines = [line.split() for line in where.stdout.strip().splitlines()]
-    assert lines[0] == ["store", "where", "state", "size", "checksum", "verified"]
+    assert lines[0] == ["store", "where", "state", "size", "digest", "verified"]
     local, remote = lines[1:]
     assert local[:3] == ["local", str(run.local_directory()), "evicted"]
-    checksum = build_manifest_of(before)["checksum"]
-    assert remote[:5] == [uri, uri, "present", str(len(b"".join(before.values()))), checksum[:16]]
+    checksum = build_manifest_of(before)["digest"]
+    assert remote[:5] == [uri, uri, "present", str(len(b"".join(before.values()))), checksum]
     assert remote[5].startswith(datetime.now(timezone.utc).strftime("%Y-"))
     where_other = invoke("whereis", other.uuid).stdout
     assert "present" in where_other and str(other.local_directory()) in where_other
@@ -772,7 +781,7 @@ class DirectoryStore(RemoteStore):
             staging.rename(self.root / uuid)
             self._manifest(uuid).write_text(json.dumps(manifest))
             results[uuid] = TransferResult(
-                uuid, "present", manifest["size"], manifest["checksum"], datetime.now(timezone.utc)
+                uuid, "present", manifest["size"], manifest["digest"], datetime.now(timezone.utc)
             )
         return results
 
@@ -808,8 +817,9 @@ class DirectoryStore(RemoteStore):
             recorded
         ) != manifest_checksum(reference):
             return RemoteState("partial", problems=["content differs"])
+        # the protocol: a verified copy reports its content digest as its checksum
         return RemoteState(
-            "present", actual["size"], manifest_checksum(actual), datetime.now(timezone.utc)
+            "present", actual["size"], manifest_digest(actual), datetime.now(timezone.utc)
         )
 
     def delete(self, uuid):
@@ -859,7 +869,7 @@ def test_a_backend_fsspec_lacks_is_a_remote_store_subclass(project: Path, tmp_pa
     assert (copy.url, copy.state, copy.checksum) == (
         mirror.uri,
         "present",
-        build_manifest_of(before)["checksum"],
+        build_manifest_of(before)["digest"],
     )
 
     with mirror:
@@ -886,7 +896,7 @@ def test_a_backend_fsspec_lacks_is_a_remote_store_subclass(project: Path, tmp_pa
     run.evict()
     wipe_index(project)
     with mirror:
-        report = Index.get().reindex(remotes=True)
+        report = reindex_with_stores()
         assert report.stores["mirror"]["listed"] == 2
         again = get("optimize", {"lr": 0.2})
         assert not again.is_mounted() and again.cached()
@@ -1021,13 +1031,13 @@ def test_an_interrupted_push_is_never_reported_present_and_a_retry_completes(
         copy = store_copy(run, connected)
         assert (copy.state, copy.checksum) == (
             "present",
-            build_manifest(run.local_directory())["checksum"],
+            build_manifest(run.local_directory())["digest"],
         )
     assert {uuid for uuid, _, has in connected.headers() if has} == {r.uuid for r in runs}
     for run in runs[::10]:
         manifest = build_manifest(run.local_directory())
         state = connected.verify(run.uuid, manifest)
-        assert (state.state, state.checksum) == ("present", manifest["checksum"])
+        assert (state.state, state.checksum) == ("present", manifest["digest"])
 
 
 @pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)

@@ -447,6 +447,7 @@ def import_run(
         raise Skip(f"names run {run.uuid}, which already exists ({origin})")
 
     header, model = run._headers()
+    model.pop("code", None)  # 5.x's code computed it, not the code that resolves it here now
     created = _created(found.model, found.started_at or datetime.now(timezone.utc))
     model["created_at"] = timestamp(created)
     model["upstream"] = {

@@ -25,25 +25,33 @@ import posixpath
 import re
 import secrets
 import shutil
-import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.callbacks import Callback, NoOpCallback
 
 from machinable.errors import StoreError
+from machinable.locks import FileLock
+from machinable.progress import transfer_callback
+from machinable.record import SENTINEL
+from machinable.stores.manifest import (
+    CHUNK,
+    MANIFEST_NAME,
+    hash_file,
+    header_problems,
+    manifest_bytes,
+    manifest_digest,
+    manifest_problems,
+    now,
+    scan_directory,
+)
 
-MANIFEST_NAME = ".manifest.json"
-MANIFEST_FORMAT = 1
 PARTIAL_MARKER = ".partial-"
 LOCK_NAME = ".machinable-transfer.lock"
 
-_CHUNK = 1 << 20
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 _GLOB = re.compile(r"[*?\[]")
@@ -83,11 +91,14 @@ class TransferError(StoreError):
         results: dict[str, TransferResult],
         problems: dict[str, list[str]],
         store: str | None = None,
+        conflicts: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         failed = sorted(problems)
         super().__init__(message, uuid=failed[0] if len(failed) == 1 else None, store=store)
         self.results = results
         self.problems = problems
+        #: uuid -> (the store's digest, this copy's digest) for copies left untouched
+        self.conflicts = dict(conflicts or {})
 
 
 # -- stores -----------------------------------------------------------------------------
@@ -115,7 +126,7 @@ def _normalize_root(fs: fsspec.AbstractFileSystem, root: str) -> str:
     return stripped
 
 
-def _join(root: str, *parts: str) -> str:
+def join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts) if root else posixpath.join(*parts)
 
 
@@ -123,167 +134,6 @@ def _check_uuid(uuid: str) -> str:
     if not isinstance(uuid, str) or not _NAME.fullmatch(uuid) or uuid in (".", ".."):
         raise StoreError(f"{uuid!r} is not a valid run directory name", uuid=str(uuid))
     return uuid
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-# -- manifests --------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> tuple[int, str, str]:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest(), md5.hexdigest()
-
-
-def _scan(directory: Path) -> tuple[dict, dict[str, Path]]:
-    """Build the manifest of a run directory and map each relpath to the file to read."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"run directory {directory} does not exist")
-    real_root = os.path.realpath(directory)
-    files: dict[str, dict] = {}
-    sources: dict[str, Path] = {}
-    skipped: list[str] = []
-    for current, dirnames, filenames in os.walk(directory, followlinks=False):
-        rel_dir = os.path.relpath(current, directory)
-        for name in list(dirnames):
-            if os.path.islink(os.path.join(current, name)):
-                # never descend into a linked directory (cycles, escapes, duplicates)
-                skipped.append(_relpath(rel_dir, name))
-                dirnames.remove(name)
-        for name in filenames:
-            rel = _relpath(rel_dir, name)
-            if rel == MANIFEST_NAME:
-                skipped.append(rel)
-                continue
-            full = os.path.join(current, name)
-            source = full
-            mode = os.lstat(full).st_mode
-            if stat.S_ISLNK(mode):
-                target = os.path.realpath(full)
-                inside = os.path.commonpath([real_root, target]) == real_root
-                if not inside or not os.path.isfile(target) or os.path.islink(target):
-                    skipped.append(rel)
-                    continue
-                source = target
-            elif not stat.S_ISREG(mode):
-                skipped.append(rel)
-                continue
-            size, sha, md5 = _hash_file(Path(source))
-            files[rel] = {"size": size, "sha256": sha, "md5": md5}
-            sources[rel] = Path(source)
-    files = dict(sorted(files.items()))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "files": files,
-        "skipped": sorted(skipped),
-        "size": sum(entry["size"] for entry in files.values()),
-        "checksum": manifest_checksum({"files": files}),
-    }
-    return manifest, {rel: sources[rel] for rel in files}
-
-
-def _relpath(rel_dir: str, name: str) -> str:
-    return name if rel_dir == "." else Path(rel_dir, name).as_posix()
-
-
-def build_manifest(directory: Path) -> dict:
-    """Checksum every regular file of a run directory; linked files outside it are skipped."""
-    return _scan(directory)[0]
-
-
-def manifest_checksum(manifest: dict) -> str:
-    """Return the run's content checksum: sha256 of the canonical JSON of the files map."""
-    files = manifest["files"] if "files" in manifest else manifest
-    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _manifest_problems(manifest: Any) -> list[str]:
-    """Say what is wrong with a manifest read from a store (it is untrusted input)."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return ["manifest has no files map"]
-    problems = []
-    for rel, entry in manifest["files"].items():
-        if not _safe_relpath(rel):
-            problems.append(f"manifest names an unsafe path {rel!r}")
-        elif (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
-            problems.append(f"manifest entry for {rel!r} is malformed")
-    if not problems and manifest.get("checksum") != manifest_checksum(manifest):
-        problems.append("manifest checksum does not match its files")
-    return problems
-
-
-def _safe_relpath(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
-        return False
-    parts = rel.split("/")
-    return all(p not in ("", ".", "..") for p in parts) and rel != MANIFEST_NAME
-
-
-def _manifest_bytes(uuid: str, manifest: dict) -> bytes:
-    document = {
-        "format": MANIFEST_FORMAT,
-        "uuid": uuid,
-        "checksum": manifest_checksum(manifest),
-        "size": sum(entry["size"] for entry in manifest["files"].values()),
-        "files": manifest["files"],
-        "skipped": manifest.get("skipped", []),
-        "written_at": _now().isoformat(),
-    }
-    return json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
-
-
-# -- progress ---------------------------------------------------------------------------
-
-
-class _RichCallback(Callback):
-    """An fsspec callback that drives one task of a rich progress bar."""
-
-    def __init__(self, progress: Any, task: Any) -> None:
-        super().__init__()
-        self._progress = progress
-        self._task = task
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self._progress.update(self._task, total=self.size, completed=self.value)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callback]:
-    """Yield a callback showing a progress bar when enabled and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield NoOpCallback()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        yield _RichCallback(bar, bar.add_task(description, total=None))
 
 
 # -- remote listing and checks -----------------------------------------------------------
@@ -319,7 +169,7 @@ def _list_runs(
 ) -> dict[str, dict[str, dict]]:
     """List each run directory once: {uuid: {relpath: info}} (files only, fresh)."""
     uuids = list(dict.fromkeys(uuids))
-    paths = {uuid: _join(root, uuid) for uuid in uuids}
+    paths = {uuid: join(root, uuid) for uuid in uuids}
     for path in paths.values():
         fs.invalidate_cache(path)
     if whole_root:
@@ -377,7 +227,7 @@ def _list_runs(
     return out
 
 
-def _read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
     """Read many small files in one batched call; a missing file reads as None."""
     if not paths:
         return {}
@@ -405,7 +255,7 @@ def _parse_manifest(data: bytes | None) -> tuple[dict | None, list[str]]:
         manifest = json.loads(data)
     except ValueError:
         return None, ["manifest is not valid JSON"]
-    problems = _manifest_problems(manifest)
+    problems = manifest_problems(manifest)
     return (manifest if not problems else None), problems
 
 
@@ -426,7 +276,7 @@ def _info_md5(info: dict) -> str | None:
 def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     sha = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             sha.update(chunk)
     return sha.hexdigest()
 
@@ -448,7 +298,7 @@ def _file_problems(
             continue
         # no cheap checksum (or an ETag that is not a plain md5): read it back
         try:
-            digest = _remote_sha256(fs, _join(run_path, rel))
+            digest = _remote_sha256(fs, join(run_path, rel))
         except FileNotFoundError:
             problems.append(f"{rel}: missing")
             continue
@@ -461,27 +311,45 @@ def _file_problems(
 def verify_remote(
     fs: fsspec.AbstractFileSystem, root: str, uuid: str, expected_manifest: dict | None = None
 ) -> RemoteState:
-    """Check a run's copy in a store by checksum against its manifest (or an expected one)."""
+    """Check a run's copy in a store, file by file, against the store's own manifest.
+
+    ``checksum`` of the result is the copy's digest. With ``expected_manifest`` (the
+    local copy's), a complete copy with another digest is a ``conflict``.
+    """
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         return RemoteState(state="missing", problems=["no copy in the store"])
-    manifest_path = _join(run_path, MANIFEST_NAME)
-    remote, problems = _parse_manifest(_read_many(fs, [manifest_path])[manifest_path])
-    reference = expected_manifest if expected_manifest is not None else remote
-    checksum = manifest_checksum(reference) if reference is not None else None
-    size = sum(e["size"] for e in reference["files"].values()) if reference is not None else None
-    if expected_manifest is not None and remote is not None:
-        if manifest_checksum(remote) != checksum:
-            problems.append("the store's manifest describes different content")
-    if reference is not None:
-        file_problems, extras = _file_problems(fs, run_path, reference["files"], listing)
-        problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
+    manifest_path = join(run_path, MANIFEST_NAME)
+    remote, problems = _parse_manifest(read_many(fs, [manifest_path])[manifest_path])
+    if remote is None:
+        return RemoteState("partial", problems=problems)
+    digest = manifest_digest(remote)
+    size = sum(e["size"] for e in remote["files"].values())
+    file_problems, extras = _file_problems(fs, run_path, remote["files"], listing)
+    problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
     if problems:
-        return RemoteState("partial", size=size, checksum=checksum, problems=problems)
-    return RemoteState("present", size=size, checksum=checksum, verified_at=_now())
+        return RemoteState("partial", size=size, checksum=digest, problems=problems)
+    if expected_manifest is not None and manifest_digest(expected_manifest) != digest:
+        return RemoteState(
+            "conflict",
+            size=size,
+            checksum=digest,
+            verified_at=now(),
+            problems=[f"the store's copy has digest {digest}, this copy {manifest_digest(expected_manifest)}"],
+        )
+    return RemoteState("present", size=size, checksum=digest, verified_at=now())
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> dict | None:
+    """The store's manifest of a run, read now (None when missing or unreadable)."""
+    _check_uuid(uuid)
+    root = _normalize_root(fs, root)
+    path = join(root, uuid, MANIFEST_NAME)
+    manifest, _ = _parse_manifest(read_many(fs, [path])[path])
+    return manifest
 
 
 # -- push -------------------------------------------------------------------------------
@@ -495,16 +363,33 @@ def push_runs(
     progress: bool = False,
     verify: bool = True,
 ) -> dict[str, TransferResult]:
-    """Copy run directories to a store in bulk, verify them, then write their manifests."""
+    """Copy run directories to a store in bulk, verify them, then write their manifests.
+
+    A complete copy in the store (a valid manifest) is never changed: one with the same
+    digest is kept as it is, one with another digest is a conflict (``TransferError``
+    with ``conflicts``). A run whose directory vanished (evicted meanwhile) is left out
+    of the results; a run whose headers are not files inside it is refused.
+    """
     root = _normalize_root(fs, root)
     uri = store_uri(fs, root)
     uuids = [_check_uuid(uuid) for uuid, _ in items]
     if len(set(uuids)) != len(uuids):
         raise ValueError("push_runs got the same uuid twice")
-    scanned = {uuid: _scan(Path(path)) for uuid, path in items}
+    sources = {uuid: Path(path) for uuid, path in items}
+    problems: dict[str, list[str]] = {}
+    scanned: dict[str, tuple[dict, dict[str, Path]]] = {}
+    for uuid in uuids:
+        try:
+            scanned[uuid] = scan_directory(sources[uuid])
+        except FileNotFoundError:
+            continue  # evicted or moved since it was listed: nothing to push
+        missing = header_problems(scanned[uuid][0])
+        if missing:
+            problems[uuid] = missing
+    uuids = [uuid for uuid in uuids if uuid in scanned and uuid not in problems]
     manifests = {uuid: scanned[uuid][0] for uuid in uuids}
-    checksums = {uuid: manifest_checksum(manifests[uuid]) for uuid in uuids}
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in uuids}
+    digests = {uuid: manifest_digest(manifests[uuid]) for uuid in uuids}
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in uuids}
 
     files = sum(len(manifest["files"]) for manifest in manifests.values())
     whole_root = _use_root_listing(fs, root, len(uuids), files)
@@ -514,7 +399,7 @@ def push_runs(
     if whole_root:
         before = _list_runs(fs, root, uuids, whole_root=True)
         claimants = [manifest_paths[uuid] for uuid in uuids if MANIFEST_NAME in before[uuid]]
-        existing = dict.fromkeys(manifest_paths.values()) | _read_many(fs, claimants)
+        existing = dict.fromkeys(manifest_paths.values()) | read_many(fs, claimants)
         # files an interrupted push already landed intact (by ETag) need not go again
         for uuid in uuids:
             landed[uuid] = {
@@ -525,27 +410,31 @@ def push_runs(
                 and _info_md5(info) == entry["md5"]
             }
     else:
-        existing = _read_many(fs, list(manifest_paths.values()))
-    claimed: set[str] = set()
+        existing = read_many(fs, list(manifest_paths.values()))
+    claimed: dict[str, dict] = {}
+    conflicts: dict[str, tuple[str, str]] = {}
     stale: list[str] = []
     for uuid in uuids:
         data = existing[manifest_paths[uuid]]
         if data is None:
             continue
-        remote, problems = _parse_manifest(data)
-        if not problems and remote is not None and manifest_checksum(remote) == checksums[uuid]:
-            claimed.add(uuid)
+        remote, found = _parse_manifest(data)
+        if found or remote is None:
+            stale.append(uuid)  # an unreadable manifest: the copy is incomplete
+        elif manifest_digest(remote) == digests[uuid]:
+            claimed[uuid] = remote
         else:
-            stale.append(uuid)
-    # a manifest describing other content must go before any file changes under it
+            conflicts[uuid] = (manifest_digest(remote), digests[uuid])
+    uuids = [uuid for uuid in uuids if uuid not in conflicts]
+    # a manifest that cannot be read must go before any file changes under it
     _remove(fs, [manifest_paths[uuid] for uuid in stale])
 
     results: dict[str, TransferResult] = {}
-    problems: dict[str, list[str]] = {}
     to_upload = [uuid for uuid in uuids if uuid not in claimed]
     verified: dict[str, datetime | None] = {}
     for attempt in range(2):
-        _upload(fs, root, to_upload, scanned, progress, skip=landed if attempt == 0 else {})
+        to_upload = _upload_present(fs, root, to_upload, scanned, sources, progress, landed if attempt == 0 else {})
+        uuids = [uuid for uuid in uuids if uuid in to_upload or uuid in claimed or uuid in verified]
         if not verify:
             verified.update({uuid: None for uuid in uuids})
             break
@@ -554,15 +443,19 @@ def push_runs(
         retry: list[str] = []
         extras: list[str] = []
         for uuid in check:
-            run_path = _join(root, uuid)
-            found, extra = _file_problems(fs, run_path, manifests[uuid]["files"], listings[uuid])
+            run_path = join(root, uuid)
+            # a claimed copy is checked against its own manifest, and never changed
+            reference = claimed[uuid]["files"] if uuid in claimed else manifests[uuid]["files"]
+            found, extra = _file_problems(fs, run_path, reference, listings[uuid])
             if not found:
-                extras += [_join(run_path, rel) for rel in extra]
-                verified[uuid] = _now()
+                # files outside the copy's manifest (stale uploads, intruders) are no part
+                # of its content: removing them repairs the copy, never changes its digest
+                extras += [join(run_path, rel) for rel in extra]
+                verified[uuid] = now()
                 problems.pop(uuid, None)
             elif uuid in claimed and attempt == 0:
                 # the store claimed this content but does not hold it: upload it again
-                claimed.discard(uuid)
+                del claimed[uuid]
                 retry.append(uuid)
             else:
                 problems[uuid] = found
@@ -573,7 +466,7 @@ def push_runs(
             break
 
     fresh = {
-        manifest_paths[uuid]: _manifest_bytes(uuid, manifests[uuid])
+        manifest_paths[uuid]: manifest_bytes(uuid, manifests[uuid])
         for uuid in uuids
         if uuid in verified and uuid not in claimed
     }
@@ -585,19 +478,49 @@ def push_runs(
                 uuid=uuid,
                 state="present",
                 size=manifests[uuid]["size"],
-                checksum=checksums[uuid],
+                checksum=digests[uuid],
                 verified_at=verified[uuid],
             )
-    if problems:
-        detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+    if problems or conflicts:
+        lines = [
+            f"conflict: {uri} holds a complete copy of run {uuid} with digest {theirs}, "
+            f"this copy has digest {ours}; nothing in the store was changed"
+            for uuid, (theirs, ours) in sorted(conflicts.items())
+        ]
+        if problems:
+            detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+            lines.append(f"{len(problems)} run(s) could not be pushed to {uri} and verified: {detail}")
         raise TransferError(
-            f"{len(problems)} run(s) did not verify in {uri} after upload "
-            f"(were they modified during the push?): {detail}",
+            "; ".join(lines),
             results=results,
-            problems=problems,
+            problems={**problems, **{uuid: ["conflict"] for uuid in conflicts}},
             store=uri,
+            conflicts=conflicts,
         )
     return results
+
+
+def _upload_present(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    uuids: list[str],
+    scanned: dict[str, tuple[dict, dict[str, Path]]],
+    sources: dict[str, Path],
+    progress: bool,
+    skip: dict[str, set[str]],
+) -> list[str]:
+    """Upload, leaving out runs whose directory vanished meanwhile; returns the rest."""
+    while True:
+        try:
+            _upload(fs, root, uuids, scanned, progress, skip)
+            return uuids
+        except FileNotFoundError:
+            # An eviction moves a run's directory away in one rename: those runs have
+            # a verified copy elsewhere, so the push goes on without them.
+            gone = {uuid for uuid in uuids if not os.path.isfile(sources[uuid] / SENTINEL)}
+            if not gone:
+                raise
+            uuids = [uuid for uuid in uuids if uuid not in gone]
 
 
 def _remove(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -630,14 +553,14 @@ def _upload(
             if rel in skip.get(uuid, ()):
                 continue
             local.append(os.fspath(source))
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
     if not local:
         return
     if not _is_async(fs):
         # object stores need no directories; file-like ones do
         for parent in sorted({posixpath.dirname(path) for path in remote}):
             fs.makedirs(parent, exist_ok=True)
-    with _progress(progress, f"push {len(uuids)} run(s)") as callback:
+    with transfer_callback(progress, f"push {len(uuids)} run(s)") as callback:
         try:
             fs.put(local, remote, callback=callback)
         except FileNotFoundError:
@@ -673,8 +596,14 @@ def fetch_runs(
     root: str,
     *,
     progress: bool = False,
+    digests: dict[str, str | None] | None = None,
 ) -> dict[str, TransferResult]:
-    """Download many runs with one bulk get; each lands at its dest only once verified."""
+    """Download many runs with one bulk get; each lands at its dest only once verified.
+
+    ``digests`` holds the digest the index recorded for a run: a store copy whose
+    manifest describes other content is refused before anything is downloaded (its
+    files are then checked against that manifest, so the bytes match the digest).
+    """
     root = _normalize_root(fs, root)
     uri = store_uri(fs, root)
     dests = {_check_uuid(uuid): Path(dest) for uuid, dest in items}
@@ -684,14 +613,22 @@ def fetch_runs(
         if os.path.lexists(dest):
             raise FileExistsError(f"cannot fetch run {uuid}: {dest} already exists")
 
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in dests}
-    raw = _read_many(fs, list(manifest_paths.values()))
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in dests}
+    raw = read_many(fs, list(manifest_paths.values()))
     manifests: dict[str, dict] = {}
     for uuid in dests:
         manifest, problems = _parse_manifest(raw[manifest_paths[uuid]])
         if manifest is None:
             raise StoreError(
                 f"{uri} has no complete copy of run {uuid} ({'; '.join(problems)})",
+                uuid=uuid,
+                store=uri,
+            )
+        expected = (digests or {}).get(uuid)
+        if expected is not None and manifest_digest(manifest) != expected:
+            raise StoreError(
+                f"{uri} holds run {uuid} with digest {manifest_digest(manifest)}, but the index "
+                f"recorded digest {expected}: refusing a copy with other content",
                 uuid=uuid,
                 store=uri,
             )
@@ -709,7 +646,7 @@ def fetch_runs(
         try:
             for uuid, dest in dests.items():
                 staging[uuid] = _make_partial(dest.parent, uuid)
-            _download(fs, root, manifests, staging, progress)
+            _download_runs(fs, root, manifests, staging, progress)
             return _land(uri, manifests, staging, dests)
         finally:
             for tmp in staging.values():
@@ -719,9 +656,7 @@ def fetch_runs(
 @contextlib.contextmanager
 def _parent_lock(parent: Path) -> Iterator[None]:
     """Serialize fetches into one directory so a retry may reclaim leftovers safely."""
-    from filelock import FileLock
-
-    with FileLock(os.fspath(parent / LOCK_NAME)):
+    with FileLock(parent / LOCK_NAME):
         yield
 
 
@@ -742,7 +677,7 @@ def _make_partial(parent: Path, uuid: str) -> Path:
             continue
 
 
-def _download(
+def _download_runs(
     fs: fsspec.AbstractFileSystem,
     root: str,
     manifests: dict[str, dict],
@@ -754,13 +689,13 @@ def _download(
     local: list[str] = []
     for uuid, manifest in manifests.items():
         for rel in manifest["files"]:
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
             target = staging[uuid].joinpath(*rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             local.append(os.fspath(target))
     if not remote:
         return
-    with _progress(progress, f"fetch {len(manifests)} run(s)") as callback:
+    with transfer_callback(progress, f"fetch {len(manifests)} run(s)") as callback:
         try:
             fs.get(remote, local, callback=callback)
         except FileNotFoundError as exc:
@@ -785,7 +720,7 @@ def _land(
         for rel, entry in manifest["files"].items():
             path = staging[uuid].joinpath(*rel.split("/"))
             try:
-                size, sha, _ = _hash_file(path)
+                size, sha, _ = hash_file(path)
             except FileNotFoundError:
                 found.append(f"{rel}: not downloaded")
                 continue
@@ -802,8 +737,8 @@ def _land(
             uuid=uuid,
             state="present",
             size=sum(e["size"] for e in manifest["files"].values()),
-            checksum=manifest_checksum(manifest),
-            verified_at=_now(),
+            checksum=manifest_digest(manifest),
+            verified_at=now(),
         )
     if problems:
         detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
@@ -843,7 +778,7 @@ def list_remote_headers(
             headers[parts[0]] = name
         elif parts[1] == MANIFEST_NAME:
             manifests.add(parts[0])
-    contents = _read_many(fs, [headers[uuid] for uuid in sorted(headers)])
+    contents = read_many(fs, [headers[uuid] for uuid in sorted(headers)])
     for uuid in sorted(headers):
         data = contents.get(headers[uuid])
         if data is None:
@@ -863,11 +798,11 @@ def delete_remote(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> None:
     """Delete a run's copy from a store, manifest first so no half-deleted copy looks present."""
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         raise FileNotFoundError(f"{store_uri(fs, root)} holds no copy of run {uuid}")
     if MANIFEST_NAME in listing:
-        fs.rm_file(_join(run_path, MANIFEST_NAME))
+        fs.rm_file(join(run_path, MANIFEST_NAME))
     fs.rm(run_path, recursive=True)
     fs.invalidate_cache(run_path)

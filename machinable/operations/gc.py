@@ -14,16 +14,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, select
 
 from machinable.catalog.engine import retry_busy
-from machinable.errors import MachinableError, StoreError
-from machinable.record import LOCKS_DIR, is_uuid
-
-if TYPE_CHECKING:
-    from machinable.catalog.index import Index
+from machinable.catalog.index import LOCATIONS, RUNS, Index
+from machinable.errors import LockTimeout, MachinableError, StoreError, UnsafeFileError
+from machinable.locks import FileLock
+from machinable.record import LOCKS_DIR, TRASH_PREFIX, is_uuid, remove_record
+from machinable.storage import Storage
+from machinable.stores import AVAILABILITY, REMOTES, known_stores, resolve_store
 
 _TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.partial-")
@@ -52,9 +53,6 @@ def collect(
     failed: bool = False,
 ) -> list[Garbage]:
     """List what nothing needs; nothing is deleted here."""
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.storage import Storage
-    from machinable.stores import AVAILABILITY, REMOTES
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     if storage is not None and not root.is_dir():
@@ -87,12 +85,14 @@ def collect(
                 .where(RUNS.c.status == "failed", LOCATIONS.c.storage == str(root))
             ):
                 found.append(
-                    Garbage("failed run", uuid, directory, lambda u=uuid, d=directory: _drop_failed(index, u, d))
+                    Garbage("failed run", uuid, directory, lambda u=uuid, d=directory: _drop_failed(index, u, d, root))
                 )
 
     if root.is_dir():
         for entry in os.scandir(root):
-            if _PARTIAL.match(entry.name) and entry.is_dir(follow_symlinks=False) and _old(entry.path):
+            if entry.name.startswith(TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
+                found.append(Garbage("half-deleted directory", entry.path, "left by an interrupted evict or gc", lambda p=entry.path: shutil.rmtree(p)))
+            elif _PARTIAL.match(entry.name) and entry.is_dir(follow_symlinks=False) and _old(entry.path):
                 found.append(Garbage("half-fetched directory", entry.path, "left by an interrupted fetch", lambda p=entry.path: shutil.rmtree(p)))
             elif is_uuid(entry.name) and entry.is_dir(follow_symlinks=False):
                 for temp in os.scandir(entry.path):
@@ -106,7 +106,6 @@ def collect(
                     found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_lock(p, d)))
 
     if stores:
-        from machinable.stores import known_stores, resolve_store
 
         for _name, url in known_stores(index):
             try:
@@ -131,14 +130,17 @@ def _old(path: str) -> bool:
 
 def _drop_lock(path: str, run_dir: Path) -> None:
     """Delete a launch lock whose run directory is gone, unless a launch took it since."""
-    import filelock
 
-    if run_dir.is_dir() or not os.path.exists(path):
+    if run_dir.is_dir() or not os.path.lexists(path):
         return  # a launch created the directory since the listing, or it is gone
-    lock = filelock.FileLock(path, timeout=0)
+    lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
-    except filelock.Timeout:
+    except LockTimeout:
+        return
+    except UnsafeFileError:
+        if os.path.islink(path):
+            os.unlink(path)  # removes the link itself, never what it points at
         return
     try:
         if not run_dir.is_dir():
@@ -163,8 +165,6 @@ def run(items: list[Garbage]) -> list[Garbage]:
 
 
 def _drop_row(index: Index, uuid: str) -> None:
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -181,7 +181,6 @@ def _drop_row(index: Index, uuid: str) -> None:
 
 
 def _drop_availability(index: Index, row_id: int) -> None:
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -190,16 +189,14 @@ def _drop_availability(index: Index, row_id: int) -> None:
     retry_busy(write)
 
 
-def _drop_failed(index: Index, uuid: str, directory: str) -> None:
-    from machinable.catalog.index import RUNS
+def _drop_failed(index: Index, uuid: str, directory: str, root: Path) -> None:
 
     if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
         return  # relaunched and finished since the listing: keep it
     path = Path(directory)
-    if path.is_symlink():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    if os.path.lexists(path):
+        # The row may lie: only a record of this run directly under the storage goes.
+        remove_record(path, uuid, root)
     index.drop_location(uuid, path)
     _drop_lock(str(path.parent / LOCKS_DIR / f"{path.name}.lock"), path)
 
