@@ -8,7 +8,9 @@ it once into ``<storage>/<uuid>/`` and records it in the index.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +31,7 @@ from machinable.config import (
 from machinable.context import Context, active
 from machinable.errors import (
     ConfigError,
+    IdentityWarning,
     MachinableError,
     NotMountedError,
     ReadOnlyCatalog,
@@ -40,10 +43,11 @@ from machinable.identity import (
     check_finite,
     compute_uuid,
     config_key,
+    non_identifying_values,
     predicate_key,
 )
 from machinable.locks import FileLock, is_held, open_regular
-from machinable.project import Project
+from machinable.project import Project, interface_classes, primary_class
 from machinable.record import (
     ERROR_FILE,
     MODEL_FILE,
@@ -113,7 +117,14 @@ class Interface:
 
     @classmethod
     def _module_name(cls) -> str:
-        return cls.__machinable_module__ or cls.__module__.rsplit(".", 1)[-1]
+        # Only the class's own name counts: a subclass never inherits its parent's (it
+        # would share the parent's runs).
+        own = cls.__dict__.get("__machinable_module__")
+        if own:
+            return own
+        name = module_name_of(cls)
+        cls.__machinable_module__ = name
+        return name
 
     @classmethod
     def make(
@@ -123,8 +134,14 @@ class Interface:
         project: Project | None = None,
         storage: Storage | None = None,
         index: Index | None = None,
+        predicate: Mapping[str, Any] | None = None,
     ) -> Interface:
-        """Validate a config and name the run it describes (nothing is written)."""
+        """Validate a config and name the run it describes (nothing is written).
+
+        ``predicate``, when given, is the run's predicate as it is (an imported run keeps
+        the one it was computed under); otherwise the active scopes and
+        ``on_compute_predicate()`` make it.
+        """
         project = project or Project.get()
         module = cls._module_name()
         config, full, recorded = validate_config(cls._config_class(), version, module)
@@ -139,12 +156,15 @@ class Interface:
         run._full = full
         run._canonical = canonical_config(config)
         run._record_cache = None
-        predicate = {}
-        for scope in active(Scope):
-            predicate.update(scope.predicate)
-        own = run.on_compute_predicate()
-        if own:
-            predicate.update(own)
+        if predicate is not None:
+            predicate = dict(predicate)
+        else:
+            predicate = {}
+            for scope in active(Scope):
+                predicate.update(scope.predicate)
+            own = run.on_compute_predicate()
+            if own:
+                predicate.update(own)
         try:
             check_finite(predicate, "predicate")
             run.predicate = predicate
@@ -154,6 +174,17 @@ class Interface:
             run._predicate_key = predicate_key(predicate)
         except ConfigError as exc:
             raise ConfigError(f"module {module!r}: {exc}", module=module) from exc
+        if not predicate:
+            hidden = non_identifying_values(config)
+            if hidden:
+                warnings.warn(
+                    f"module {module!r}: {', '.join(hidden)} is not identifying and differs from "
+                    "its default, but no predicate separates runs (no Scope, empty "
+                    "on_compute_predicate()): runs that differ only there share uuid "
+                    f"{run.uuid}",
+                    IdentityWarning,
+                    stacklevel=3,  # the caller of get()
+                )
         return run
 
     @classmethod
@@ -519,6 +550,27 @@ def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
         return fallback
+
+
+def module_name_of(cls: type[Interface]) -> str:
+    """The module name of a class not resolved by name (passed to ``get()`` directly).
+
+    A project module's dotted path inside its project, else the last part of its Python
+    module; ``module:Class`` when the module defines other Interfaces and this one is
+    not the one the module's name stands for.
+    """
+    path = cls.__module__
+    prefix, _, rest = path.partition(".")
+    if prefix.startswith("_machinable_") and rest:
+        path = rest
+    else:
+        path = path.rsplit(".", 1)[-1]
+    mod = sys.modules.get(cls.__module__)
+    classes = interface_classes(mod) if mod is not None else [cls]
+    if cls not in classes or primary_class(classes, path) is cls:
+        return path
+    qualname = cls.__qualname__ if "<" not in cls.__qualname__ else cls.__name__
+    return f"{path}:{qualname}"
 
 
 def get(
