@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
 
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +19,18 @@ from sqlalchemy import Engine, and_, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
-from machinable.catalog.models import Location, Run
-from machinable.catalog.query import Field, as_expr, compile_expr, order_clause
+from machinable.catalog.leaves import leaf_rows, scope_key
+from machinable.catalog.models import Leaf, Location, Run
+from machinable.catalog.query import (
+    And,
+    Expr,
+    Field,
+    as_expr,
+    compile_expr,
+    first_order_numbers,
+    leaf_count,
+    plan,
+)
 from machinable.context import Context, innermost
 from machinable.errors import IdentityCollision, MachinableError, QueryError
 from machinable.progress import track
@@ -41,8 +51,12 @@ from machinable.settings import index_setting
 
 RUNS = Run.__table__
 LOCATIONS = Location.__table__
+LEAVES = Leaf.__table__
 IDENTITY_KEYS = ("project", "module", "config_key", "predicate_key")
 PAGE_SIZE = 1000
+# A leaf test that at least this many runs pass is probed run by run in uuid order
+# rather than collected first (see query.plan).
+DENSE = 2000
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,11 @@ class ReindexReport:
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
+
+
+def _scope(project: str | None, module: str | None) -> int | None:
+    """The leaves' scope key of a search within one project and module, else None."""
+    return scope_key(project, module) if project is not None and module is not None else None
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -356,6 +375,27 @@ class Index(Context):
                 return Path(directory)
         return None
 
+    def _filter(
+        self,
+        where: Any = None,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+    ) -> tuple[list[Any], Expr | None]:
+        """Column conditions (project, module) and the search expression (scope and where)."""
+        conditions = []
+        if project is not None:
+            conditions.append(RUNS.c.project == project)
+        if module is not None:
+            conditions.append(RUNS.c.module == module)
+        items = [Field(f"predicate.{key}") == value for key, value in (predicate or {}).items()]
+        expr = as_expr(where)
+        if expr is not None:
+            items.append(expr)
+        if not items:
+            return conditions, None
+        return conditions, items[0] if len(items) == 1 else And(tuple(items))
+
     def _conditions(
         self,
         where: Any = None,
@@ -363,16 +403,9 @@ class Index(Context):
         module: str | None = None,
         predicate: dict[str, Any] | None = None,
     ) -> list[Any]:
-        conditions = []
-        if project is not None:
-            conditions.append(RUNS.c.project == project)
-        if module is not None:
-            conditions.append(RUNS.c.module == module)
-        for key, value in (predicate or {}).items():
-            conditions.append(compile_expr(Field(f"predicate.{key}") == value, self.dialect))
-        expr = as_expr(where)
+        conditions, expr = self._filter(where, project, module, predicate)
         if expr is not None:
-            conditions.append(compile_expr(expr, self.dialect))
+            conditions.append(compile_expr(expr, self.dialect, _scope(project, module)))
         return conditions
 
     @property
@@ -437,17 +470,51 @@ class Index(Context):
             raise QueryError("limit and offset must not be negative")
         if limit is None and not offset and order_by is None:
             return list(self.runs(where, project=project, module=module, predicate=predicate))
+        conditions, expr = self._filter(where, project, module, predicate)
+        with self.engine.connect() as conn:
+            dense = self._dense(conn) if limit is not None else None
+            scope = _scope(project, module)
+            # Two steps: the page's uuids first (a narrow sort, index only where the
+            # database can), then the rows of that page alone.
+            uuids: list[str] = []
+            if limit is not None and first_order_numbers(expr, order_by):
+                numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
+                uuids = self._page(conn, numbers, limit, offset)
+            if limit is None or len(uuids) < limit:
+                uuids = self._page(conn, plan(expr, conditions, order_by, self.dialect, dense, scope), limit, offset)
+            return self._with_directories(conn, self._rows(conn, uuids))
+
+    @staticmethod
+    def _page(conn: Any, compiled: Any, limit: int | None, offset: int) -> list[str]:
         statement = (
-            select(RUNS)
-            .where(*self._conditions(where, project, module, predicate))
-            .order_by(*order_clause(order_by, self.dialect))
+            select(RUNS.c.uuid)
+            .select_from(compiled.source)
+            .where(*compiled.where)
+            .order_by(*compiled.order)
             .offset(offset)
         )
         if limit is not None:
             statement = statement.limit(limit)
-        with self.engine.connect() as conn:
-            rows = conn.execute(statement).mappings().all()
-            return self._with_directories(conn, rows)
+        return list(conn.execute(statement).scalars().all())
+
+    def _rows(self, conn: Any, uuids: list[str]) -> list[Any]:
+        """The ``runs`` rows of ``uuids``, in that order."""
+        found: dict[str, Any] = {}
+        for start in range(0, len(uuids), 900):
+            chunk = uuids[start : start + 900]
+            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(chunk))).mappings():
+                found[row["uuid"]] = row
+        return [found[uuid] for uuid in uuids if uuid in found]
+
+    @staticmethod
+    def _dense(conn: Any) -> Callable[[Any], bool]:
+        """Do at least DENSE leaves pass a test? Reads at most DENSE index entries."""
+
+        def dense(probe: Any) -> bool:
+            capped = probe.limit(DENSE).subquery()
+            return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
+
+        return dense
 
     def count(
         self,
@@ -458,10 +525,16 @@ class Index(Context):
         predicate: dict[str, Any] | None = None,
     ) -> int:
         """How many runs match, without loading any of them."""
-        statement = select(func.count()).select_from(RUNS)
-        conditions = self._conditions(where, project, module, predicate)
-        if conditions:
-            statement = statement.where(*conditions)
+        conditions, expr = self._filter(where, project, module, predicate)
+        scope = _scope(project, module)
+        # Within one module, or with no column conditions, the leaves alone can count.
+        statement = leaf_count(expr, scope) if not conditions or scope is not None else None
+        if statement is None:
+            statement = select(func.count()).select_from(RUNS)
+            if expr is not None:
+                conditions.append(compile_expr(expr, self.dialect, scope))
+            if conditions:
+                statement = statement.where(*conditions)
         with self.engine.connect() as conn:
             return int(conn.execute(statement).scalar() or 0)
 
@@ -505,8 +578,24 @@ class Index(Context):
             _STATEMENTS[key] = stmt
         return stmt
 
-    def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+    def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]], fresh: bool = False) -> None:
+        """Upsert run rows and replace their config leaves, in the caller's transaction.
+
+        ``fresh``: the runs are known to be new (an empty index), so there are no old
+        leaves to delete.
+        """
+        if not rows:
+            return
         conn.execute(self._statement("upsert_runs"), rows)
+        if not fresh:
+            uuids = [row["uuid"] for row in rows]
+            for start in range(0, len(uuids), 500):
+                chunk = uuids[start : start + 500]
+                conn.execute(delete(LEAVES).where(LEAVES.c.run_uuid.in_(chunk)) if len(chunk) > 1
+                             else delete(LEAVES).where(LEAVES.c.run_uuid == chunk[0]))
+        leaves = [leaf for row in rows for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])]
+        if leaves:
+            conn.execute(LEAVES.insert(), leaves)
 
     def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         conn.execute(self._statement("add_locations"), rows)
@@ -650,7 +739,7 @@ class Index(Context):
                 keep = {row["uuid"] for row in good} | unchanged
                 existing = set() if empty else self._existing(conn, [row["uuid"] for row in good])
                 for start in range(0, len(good), 5000):
-                    self._upsert_runs(conn, good[start : start + 5000])
+                    self._upsert_runs(conn, good[start : start + 5000], fresh=empty)
                 wanted = [loc for loc in locations if loc["run_uuid"] in keep]
                 for start in range(0, len(wanted), 5000):
                     self._put_locations(conn, wanted[start : start + 5000])
