@@ -57,6 +57,8 @@ PAGE_SIZE = 1000
 # A leaf test that at least this many runs pass is probed run by run in uuid order
 # rather than collected first (see query.plan).
 DENSE = 2000
+# Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
+ANALYZE_AFTER = 1000
 
 
 @dataclass(frozen=True)
@@ -667,6 +669,17 @@ class Index(Context):
                     self._upsert_runs(conn, rows[start : start + 5000])
 
         retry_busy(write)
+        self._analyze(len(rows))
+
+    def _analyze(self, written: int) -> None:
+        """After a bulk write, refresh PostgreSQL's statistics: a planner that still
+        believes the tables empty joins them by scanning one per row of the other."""
+        if written < ANALYZE_AFTER or self.dialect != "postgresql":
+            return
+        # VACUUM also marks the new pages all-visible, so that counts read the leaves
+        # index alone instead of visiting each row.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM (ANALYZE) runs, leaves, locations")
 
     def ingest_directory(self, path: str | os.PathLike[str]) -> RunRecord:
         """Index one run directory where it lies; idempotent; refuses identity collisions."""
@@ -752,6 +765,7 @@ class Index(Context):
                 report.removed = self._drop_stale(conn, root, keep | present)
 
         retry_busy(write)
+        self._analyze(report.added + report.updated)
         if remotes:
             from machinable.stores import RemoteStore, known_stores, reindex_store, resolve_store
 

@@ -60,10 +60,8 @@ def leaf_rows(uuid: str, project: str, module: str, config: Any, predicate: Any)
 
 def _walk(uuid: str, scope: int, prefix: str, mapping: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     for key, value in mapping.items():
-        if not isinstance(key, str) or not _IDENTIFIER.match(key):
-            continue
-        path = prefix + "." + key
-        if len(path) > MAX_PATH:
+        path = _child(prefix, key)
+        if path is None:
             continue
         number = text = None
         if value is None:
@@ -85,6 +83,21 @@ def _walk(uuid: str, scope: int, prefix: str, mapping: dict[str, Any], rows: lis
         rows.append({"run_uuid": uuid, "path": path, "kind": kind, "number": number, "text": text, "scope": scope})
         if kind == OBJECT:
             _walk(uuid, scope, path, value, rows)
+
+
+_CHILDREN: dict[tuple[str, str], str | None] = {}
+
+
+def _child(prefix: str, key: Any) -> str | None:
+    """``prefix.key``, or None when ``key`` is no identifier or the path is too long
+    (memoised: a sweep repeats the same few keys in every run)."""
+    found = _CHILDREN.get((prefix, key), False) if isinstance(key, str) else None
+    if found is False:
+        path = prefix + "." + key
+        found = path if _IDENTIFIER.match(key) and len(path) <= MAX_PATH else None
+        if len(_CHILDREN) < 100_000:
+            _CHILDREN[(prefix, key)] = found
+    return found  # type: ignore[return-value]
 
 
 def _double(value: int | float) -> float:
