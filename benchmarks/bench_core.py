@@ -28,13 +28,39 @@ from machinable import Interface
 
 
 class Trivial(Interface):
+    # 20 config leaves: what the index keeps searchable per run (catalog/leaves.py)
     class Config(BaseModel):
         i: int = 0
         lr: float = 0.1
+        depth: int = 4
+        width: int = 256
+        dropout: float = 0.1
+        decay: float = 0.0001
+        momentum: float = 0.9
+        epochs: int = 10
+        batch: int = 64
+        seed: int = 0
+        optimizer: str = "adam"
+        schedule: str = "cosine"
+        dataset: str = "cifar10"
+        split: str = "train"
+        augment: bool = True
+        shuffle: bool = True
+        warmup: int = 100
+        clip: float = 1.0
+        precision: str = "fp32"
+        note: str = ""
 
     def __call__(self):
         pass
 '''
+
+FULL_CONFIG = {
+    "lr": 0.1, "depth": 4, "width": 256, "dropout": 0.1, "decay": 0.0001, "momentum": 0.9,
+    "epochs": 10, "batch": 64, "seed": 0, "optimizer": "adam", "schedule": "cosine",
+    "dataset": "cifar10", "split": "train", "augment": True, "shuffle": True, "warmup": 100,
+    "clip": 1.0, "precision": "fp32", "note": "",
+}
 
 
 def median_ms(samples: list[float]) -> float:
@@ -56,7 +82,7 @@ class BaselineLauncher:
         directory = self.root / "baseline" / uuid
         directory.mkdir(parents=True)
         header = json.dumps({"uuid": uuid, "module": "trivial"})
-        model = json.dumps({"module": "trivial", "config": {"i": i, "lr": 0.1}})
+        model = json.dumps({"module": "trivial", "config": {"i": i, **FULL_CONFIG}})
         for name, text in (
             ("model.json", model),
             ("id.json", header),
@@ -107,7 +133,7 @@ def make_records(storage: Path, n: int, project: str) -> None:
         model = {
             "module": "trivial",
             "project": project,
-            "config": {"i": i, "lr": 0.1},
+            "config": {"i": i, **FULL_CONFIG},
             "canonical": canonical,
             "version": [{"i": i}],
             "predicate": {},

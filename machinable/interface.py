@@ -246,7 +246,7 @@ class Interface:
             return on_disk
         # launch() holds the lock from started_at to finished_at; a process that dies
         # releases it. (Only a lock taken on this machine's filesystem is seen.)
-        lock = filelock.FileLock(launch_lock(directory), timeout=0)
+        lock = filelock.FileLock(launch_lock(directory), timeout=0, fallback_to_soft=False)
         try:
             lock.acquire()
         except filelock.Timeout:
@@ -304,7 +304,10 @@ class Interface:
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
-        with filelock.FileLock(launch_lock(directory)):
+        # fallback_to_soft=False: only an OS lock is released when its process dies (what
+        # tells a dead run from a running one), and skipping the probe for a soft-lock
+        # fallback saves a file creation per launch.
+        with filelock.FileLock(launch_lock(directory), fallback_to_soft=False):
             if not fresh:  # a relaunch, or another process got here first
                 if os.path.isfile(directory / "finished_at"):
                     self._index.ingest_directory(directory)

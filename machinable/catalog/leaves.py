@@ -5,10 +5,9 @@ Every value inside a run's ``config`` and ``predicate`` becomes one row of the
 field as searches name it (``config.optimizer.name``). Numbers go to ``number`` (compared
 as numbers), strings to ``text`` (compared as strings), booleans, nulls, objects and
 lists only have a ``kind``. ``scope`` is a 64-bit hash of the run's (project, module), so
-a search within one module is answered from the leaves alone. Indexes on
-``(path, kind, number, scope, run_uuid)`` and ``(path, kind, text, scope, run_uuid)``
-answer an equality or range filter on any path, and an order by it, without the user
-declaring anything.
+a search within one module is answered from the leaves alone. An index on
+``(path, kind, number, text, scope, run_uuid)`` answers an equality or range filter on
+any path, and an order by it, without the user declaring anything.
 
 What is not a row, and therefore answered from the JSON columns instead (correct, but a
 scan): values inside lists, keys that are not identifiers, paths longer than

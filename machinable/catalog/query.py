@@ -347,7 +347,12 @@ def leaf_test(expr: Compare) -> LeafTest | None:
     code, attr = (NUMBER, "number") if kind == "number" else (STRING, "text")
     if op == "!=":
         return LeafTest(name, lambda t: and_(t.c.kind != NULL, not_(and_(t.c.kind == code, t.c[attr] == value))))
-    return LeafTest(name, lambda t: and_(t.c.kind == code, _apply(t.c[attr], op, value)), kind=code)
+    # The other value column is NULL for this kind: saying so lets the database seek the
+    # (path, kind, number, text, ...) index on the column compared.
+    other = "text" if attr == "number" else "number"
+    return LeafTest(
+        name, lambda t: and_(t.c.kind == code, t.c[other].is_(None), _apply(t.c[attr], op, value)), kind=code
+    )
 
 
 def _leaf_where(table: Any, path: str, tests: list[LeafTest], scope: int | None) -> list[Any]:
@@ -484,7 +489,7 @@ def plan(
         tests = groups.get(name, [])
         pinned = next((t.kind for t in tests if t.kind is not None), None)
         if numbers_only and position == 0 and pinned is None:
-            tests = tests + [LeafTest(name, lambda t: t.c.kind == NUMBER, kind=NUMBER)]
+            tests = tests + [LeafTest(name, lambda t: and_(t.c.kind == NUMBER, t.c.text.is_(None)), kind=NUMBER)]
             pinned = NUMBER
             groups[name] = tests
         if pinned is not None:

@@ -66,12 +66,12 @@ def upgrade() -> None:
         last = batch[-1][0]
     # Indexes after the fill: building them once is faster than maintaining them per row.
     with op.batch_alter_table("leaves", schema=None) as batch_op:
-        batch_op.create_index("ix_leaves_path_kind_number", ["path", "kind", "number", "scope", "run_uuid"], unique=False)
-        batch_op.create_index("ix_leaves_path_kind_text", ["path", "kind", "text", "scope", "run_uuid"], unique=False)
+        batch_op.create_index(
+            "ix_leaves_path_kind_number_text", ["path", "kind", "number", "text", "scope", "run_uuid"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("leaves", schema=None) as batch_op:
-        batch_op.drop_index("ix_leaves_path_kind_text")
-        batch_op.drop_index("ix_leaves_path_kind_number")
+        batch_op.drop_index("ix_leaves_path_kind_number_text")
     op.drop_table("leaves")
