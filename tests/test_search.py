@@ -301,3 +301,52 @@ def test_leaves_follow_their_run(project, index_backend):
     shutil.rmtree(run.local_directory())
     index.reindex()
     assert index.count() == 0 and table_rows("leaves") == []
+
+
+def test_all_is_a_lazy_list(project, index_backend):
+    """all() reads the index as it is used: len() counts, indexing and slicing fetch
+    those runs, iteration goes page by page; it still compares and slices like a list."""
+    from machinable.interface import RunList
+
+    write_module(project, "mixed", MIXED)
+    made = sorted((get("mixed", {"big": i}).launch() for i in range(25)), key=lambda run: run.uuid)
+    uuids = [run.uuid for run in made]
+    index = Index.get()
+    statements: list[str] = []
+
+    def capture(conn, cursor, statement, *args):
+        statements.append(" ".join(statement.lower().split()))
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        runs = get("mixed").all()
+        assert statements == []  # nothing read yet
+        assert len(runs) == 25 and bool(runs)
+        assert [s for s in statements if "from runs" in s or "from leaves" in s] == [
+            next(s for s in statements if s.startswith("select count("))
+        ]  # one count, no run rows
+        statements.clear()
+        assert runs[0].uuid == uuids[0] and runs[-1].uuid == uuids[-1] and runs[7].uuid == uuids[7]
+        assert [run.uuid for run in runs[3:6]] == uuids[3:6]
+        assert [run.uuid for run in runs[::10]] == uuids[::10]
+        assert isinstance(runs[3:6], RunList)
+        assert runs[1].uuid in [run.uuid for run in runs]
+        with pytest.raises(IndexError):
+            runs[25]
+        statements.clear()
+        RunList.PAGE = 10
+        assert [run.uuid for run in runs] == uuids
+        pages = [s for s in statements if s.startswith("select runs.uuid, runs.project")]
+        assert len(pages) == 3  # 10 + 10 + 5: never more than a page held
+    finally:
+        RunList.PAGE = 1000
+        event.remove(index.engine, "before_cursor_execute", capture)
+    assert runs == made and runs != made[:-1]
+    ordered = get("mixed").all(order_by="-config.big", limit=5, offset=2)
+    assert len(ordered) == 5 and [run.config.big for run in ordered] == [22, 21, 20, 19, 18]
+    assert [run.config.big for run in ordered[1:3]] == [21, 20]
+    assert len(get("mixed").all(offset=30)) == 0 and get("mixed").all("config.big > 100") == []
+    with pytest.raises(QueryError):
+        get("mixed").all("config.big >")
+    with pytest.raises(QueryError):
+        get("mixed").all(limit=-1)

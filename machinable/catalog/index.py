@@ -456,6 +456,15 @@ class Index(Context):
             if len(rows) < page_size:
                 return
 
+    def check_query(
+        self, where: Any = None, *, order_by: str | list[str] | None = None, limit: int | None = None, offset: int = 0
+    ) -> None:
+        """Raise QueryError for a search that could not run, without running it."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0) or not isinstance(offset, int) or offset < 0:
+            raise QueryError("limit and offset must be whole numbers, not negative")
+        expr = as_expr(where)
+        plan(expr, [], order_by, self.dialect)
+
     def search(
         self,
         where: Any = None,
