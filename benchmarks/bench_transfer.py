@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from machinable.transfer import fetch_runs, open_store, push_runs  # noqa: E402
+from machinable.stores.transfer import fetch_runs, open_store, push_runs  # noqa: E402
 
 import s3server  # noqa: E402
 

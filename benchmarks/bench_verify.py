@@ -1,10 +1,10 @@
-"""verify benchmark: Index.verify() over N record directories, beside a plain baseline.
+"""verify benchmark: verify(index) over N record directories, beside a plain baseline.
 
     python benchmarks/bench_verify.py                    # 100,000 runs
     python benchmarks/bench_verify.py --runs 20000       # quicker
 
 It writes N finished record directories (bench_core.make_records), indexes them with
-reindex() into a fresh SQLite index, then times ``Index.get().verify()`` (headers and index rows, no file hashing:
+reindex() into a fresh SQLite index, then times ``verify(Index.get())`` (headers and index rows, no file hashing:
 ``checksums=False`` is the default) and ``verify(checksums=True)`` (the same, plus a
 lookup of each run's store copies; none is pushed here, so every run is counted as
 unchecked and no file is hashed). The baseline, measured in the same run, is what any
@@ -51,6 +51,7 @@ def main() -> None:
 
     from machinable import Index
     from machinable.catalog.engine import dispose_all
+    from machinable.operations.verify import verify
 
     index = Index.get()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -71,13 +72,13 @@ def main() -> None:
     rows = [("baseline: scandir + json-load both headers", base_s, None)]
 
     start = time.perf_counter()
-    plain = index.verify(progress=False)
+    plain = verify(index, progress=False)
     plain_s = time.perf_counter() - start
     assert plain.ok and plain.checked == args.runs, str(plain)[-500:]
-    rows.append(("Index.get().verify()  (checksums=False)", plain_s, plain))
+    rows.append(("verify(index)  (checksums=False)", plain_s, plain))
 
     start = time.perf_counter()
-    hashed = index.verify(checksums=True, progress=False)
+    hashed = verify(index, checksums=True, progress=False)
     hashed_s = time.perf_counter() - start
     assert hashed.ok and hashed.checked == args.runs and len(hashed.unchecked) == args.runs
     rows.append(("verify(checksums=True)  (no store copies)", hashed_s, hashed))

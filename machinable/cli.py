@@ -190,9 +190,13 @@ def ls_command(
 def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool) -> None:
     """Bring the index in line with the run directories of STORAGE (default: the connected storage)."""
     from machinable import Index
+    from machinable.operations.reindex import reindex_stores
 
     with _contexts(obj):
-        report = Index.get().reindex(storage, full=full, remotes=remotes, progress=_progress(obj))
+        index = Index.get()
+        report = index.reindex(storage, full=full, progress=_progress(obj))
+        if remotes:
+            reindex_stores(index, report)
     click.echo(str(report))
 
 
@@ -336,9 +340,10 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
 def verify_command(obj: dict[str, Any], storage: str | None, checksums: bool, repair: bool, resume: bool) -> None:
     """Compare the index with the run directories; exits 1 if problems remain."""
     from machinable import Index
+    from machinable.operations.verify import verify
 
     with _contexts(obj):
-        report = Index.get().verify(storage, checksums=checksums, repair=repair, resume=resume, progress=_progress(obj))
+        report = verify(Index.get(), storage, checksums=checksums, repair=repair, resume=resume, progress=_progress(obj))
     click.echo(str(report))
     if not report.ok:
         raise click.exceptions.Exit(1)
@@ -353,7 +358,7 @@ def verify_command(obj: dict[str, Any], storage: str | None, checksums: bool, re
 def gc_command(obj: dict[str, Any], storage: str | None, yes: bool, check_stores: bool, failed: bool) -> None:
     """List what nothing needs (a dry run); delete it with --yes. Finished runs are never touched."""
     from machinable import Index
-    from machinable import gc as collector
+    from machinable.operations import gc as collector
 
     with _contexts(obj):
         found = collector.collect(Index.get(), storage, stores=check_stores, failed=failed)

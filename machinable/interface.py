@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import filelock
-from pydantic import BaseModel, ValidationError
-from pydantic_core import to_jsonable_python
+from pydantic import BaseModel
 
-from machinable.catalog.index import Index, RunRecord, row_values
-from machinable.context import active
+from machinable.catalog.index import Index
+from machinable.catalog.rows import RunRecord, row_values
+from machinable.config import deep_merge, expand_dotted, normalize_version, validate_config
+from machinable.context import Context, active
 from machinable.errors import ConfigError, MachinableError, NotMountedError, RecordError
 from machinable.identity import (
     canonical_config,
@@ -31,6 +32,7 @@ from machinable.identity import (
 from machinable.project import Project
 from machinable.record import (
     ERROR_FILE,
+    MODEL_FILE,
     SENTINEL,
     atomic_write,
     clear,
@@ -40,6 +42,7 @@ from machinable.record import (
     launch_lock,
     mark,
     now,
+    read_json,
     safe_path,
     status_of,
     timestamp,
@@ -47,7 +50,17 @@ from machinable.record import (
 )
 from machinable.scope import Scope
 from machinable.storage import Storage
-from machinable.stores import RemoteStore
+from machinable.stores import (
+    VERIFY_WINDOW,
+    RemoteStore,
+    RunRef,
+    evict,
+    fetch,
+    mirror,
+    push,
+    resolve_store,
+    whereis,
+)
 
 
 class _EmptyConfig(BaseModel):
@@ -98,43 +111,7 @@ class Interface:
         """Validate a config and name the run it describes (nothing is written)."""
         project = project or Project.get()
         module = cls._module_name()
-        versions = normalize_version(version, module)
-        check_depth(versions, module)
-        merged: dict[str, Any] = {}
-        for item in versions:
-            merged = deep_merge(merged, expand_dotted(item))
-        config_cls = cls._config_class()
-        unknown = unknown_keys(config_cls, merged)
-        if unknown:
-            known = ", ".join(config_cls.model_fields) or "none"
-            raise ConfigError(
-                f"unknown config key(s) for module {module!r}: {', '.join(unknown)} "
-                f"(known: {known})",
-                module=module,
-            )
-        try:
-            config = config_cls.model_validate(merged)
-        except ValidationError as exc:
-            raise ConfigError(f"invalid config for module {module!r}: {_describe(exc)}", module=module) from exc
-        dropped = dropped_keys(config, merged)
-        if dropped:
-            raise ConfigError(
-                f"unknown config key(s) for module {module!r}: {', '.join(dropped)}", module=module
-            )
-        try:
-            full = config.model_dump(mode="json")
-            # What the user passed is recorded in model.json too: as JSON (numpy values
-            # as their Python values), checked here rather than failing in launch().
-            recorded = to_jsonable_python(versions, fallback=_version_value)
-        except (ValueError, TypeError) as exc:  # pydantic's serialization errors, bad UTF-8
-            raise ConfigError(
-                f"config for module {module!r} is not JSON-serializable: {exc}", module=module
-            ) from exc
-        try:
-            check_finite(full)
-            check_finite(recorded, "version")
-        except ConfigError as exc:
-            raise ConfigError(f"invalid config for module {module!r}: {exc}", module=module) from exc
+        config, full, recorded = validate_config(cls._config_class(), version, module)
         run = cls.__new__(cls)
         run.config = config
         run.module = module
@@ -212,16 +189,16 @@ class Interface:
     def index(self) -> Index:
         return self._index
 
+    def _ref(self) -> RunRef:
+        """This run as the stores know it: uuid, index, storage."""
+        return RunRef(self.uuid, self._index, self._storage)
+
     def _default_directory(self) -> Path:
         return self._storage / self.uuid
 
     def local_directory(self) -> Path:
         """The run's directory here: where it is stored, or where it will be."""
-        default = self._default_directory()
-        if os.path.isfile(os.path.join(default, SENTINEL)):
-            return default
-        found = self._index.local_directory(self.uuid)
-        return found if found is not None else default
+        return self._ref().local_directory()
 
     def is_mounted(self) -> bool:
         """True when the run's directory is present on this machine."""
@@ -320,24 +297,20 @@ class Interface:
                 atomic_write(directory / ERROR_FILE, "".join(traceback.format_exception(exc)))
                 mark(directory, "failed_at", failed)
                 markers.update(failed_at=failed, updated_at=failed)
-                self._index.record(row_values(header, model, markers), directory, self._storage)
+                self._index.add_run(row_values(header, model, markers), directory, self._storage)
                 raise
             finished = now()
             mark(directory, "finished_at", finished)
             markers.update(finished_at=finished, updated_at=finished)
-            self._index.record(row_values(header, model, markers), directory, self._storage)
+            self._index.add_run(row_values(header, model, markers), directory, self._storage)
         if active(RemoteStore):
-            from machinable.stores import mirror
-
-            mirror(self, directory)
+            mirror(self._ref(), directory)
         return self
 
     # Copies elsewhere.
 
     def push(self, store: RemoteStore | str, *, progress: bool | None = None) -> Interface:
         """Copy this finished run to a remote store (an instance, URL or known name)."""
-        from machinable.stores import push, resolve_store
-
         if self._index.status(self.uuid) != "finished":
             raise RecordError(f"run {self.uuid} is not finished; only finished runs are pushed")
         resolved = resolve_store(self._index, store)
@@ -346,21 +319,15 @@ class Interface:
 
     def fetch(self, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
         """Bring an evicted run back from a store with a verified copy; no-op when mounted."""
-        from machinable.stores import fetch
-
-        return fetch(self, store, progress=progress)
+        return fetch(self._ref(), store, progress=progress)
 
     def evict(self, *, max_age: timedelta | None = None) -> Path:
         """Delete the local copy, refusing unless another copy is verified."""
-        from machinable.stores import VERIFY_WINDOW, evict
-
-        return evict(self, max_age=max_age if max_age is not None else VERIFY_WINDOW)
+        return evict(self._ref(), max_age=max_age if max_age is not None else VERIFY_WINDOW)
 
     def availability(self) -> list[Any]:
         """Every known copy: local (present or evicted) and each store's state."""
-        from machinable.stores import whereis
-
-        return whereis(self)
+        return whereis(self._ref())
 
     # Files.
 
@@ -559,8 +526,6 @@ def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
-    from machinable.record import MODEL_FILE, read_json
-
     try:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
@@ -581,7 +546,7 @@ def get(
         cls = module
     elif isinstance(module, str):
         cls = project.resolve(module)
-        if not issubclass(cls, Interface):
+        if issubclass(cls, Context):
             # A context class (a Scope or RemoteStore subclass) from a project or remote
             # module: build it from the config so it can be entered with ``with``.
             items = normalize_version(version, module)
@@ -592,144 +557,3 @@ def get(
     else:
         raise MachinableError(f"get() takes a module name or an Interface class, not {module!r}")
     return cls.make(version, project=project)
-
-
-def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
-    if version is None:
-        return []
-    items = [version] if isinstance(version, Mapping) else version
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise ConfigError(
-            f"config for module {module!r} must be a dict (or a list of dicts), not {type(version).__name__}",
-            module=module,
-        )
-    out = []
-    for item in items:
-        if not isinstance(item, Mapping):
-            raise ConfigError(
-                f"config for module {module!r} must be a dict, not {type(item).__name__}: {item!r}",
-                module=module,
-            )
-        for key in item:
-            if not isinstance(key, str):
-                raise ConfigError(f"config keys must be strings, not {key!r}", module=module)
-        out.append(dict(item))
-    return out
-
-
-def _version_value(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
-
-
-MAX_CONFIG_DEPTH = 100
-
-
-def check_depth(versions: list[dict[str, Any]], module: str) -> None:
-    """Refuse configs nested deeper than ``MAX_CONFIG_DEPTH`` (walked without recursion)."""
-    stack: list[tuple[Any, int]] = [(item, 1) for item in versions]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(
-                f"config for module {module!r} is nested more than {MAX_CONFIG_DEPTH} levels deep",
-                module=module,
-            )
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                stack.append((item, depth + 1 + (key.count(".") if isinstance(key, str) else 0)))
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend((item, depth + 1) for item in value)
-
-
-def expand_dotted(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` becomes ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            value = expand_dotted(value)
-        parts = key.split(".")
-        target = out
-        for part in parts[:-1]:
-            existing = target.get(part)
-            if not isinstance(existing, dict):
-                existing = {}
-                target[part] = existing
-            target = existing
-        last = parts[-1]
-        if isinstance(value, dict) and isinstance(target.get(last), dict):
-            target[last] = deep_merge(target[last], value)
-        else:
-            target[last] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
-    if model.model_config.get("extra") == "allow":
-        return []
-    fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        fields[name] = info
-        if info.alias:
-            fields[info.alias] = info
-    bad: list[str] = []
-    for key, value in data.items():
-        info = fields.get(key)
-        if info is None:
-            bad.append(prefix + key)
-            continue
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
-            bad.extend(unknown_keys(annotation, value, f"{prefix}{key}."))
-    return bad
-
-
-def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
-    """Keys of ``data`` that validation into ``value`` ignored, wherever models nest.
-
-    Catches what ``unknown_keys`` cannot see from annotations: models inside
-    ``Optional``, unions, lists and dicts.
-    """
-    if isinstance(value, BaseModel):
-        if not isinstance(data, Mapping) or type(value).model_config.get("extra") == "allow":
-            return []
-        names: dict[str, str] = {}
-        for name, info in type(value).model_fields.items():
-            names[name] = name
-            if info.alias:
-                names[info.alias] = name
-        bad: list[str] = []
-        for key, item in data.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key not in names:
-                bad.append(where)
-            else:
-                bad.extend(dropped_keys(getattr(value, names[key]), item, where))
-        return bad
-    if isinstance(value, (list, tuple)) and isinstance(data, (list, tuple)) and len(value) == len(data):
-        pairs = enumerate(zip(value, data, strict=True))
-        return [k for i, (v, d) in pairs for k in dropped_keys(v, d, f"{path}[{i}]")]
-    if isinstance(value, Mapping) and isinstance(data, Mapping):
-        items = [(key, d) for key, d in data.items() if key in value]
-        return [k for key, d in items for k in dropped_keys(value[key], d, f"{path}.{key}")]
-    return []
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or "config"
-        parts.append(f"{where}: {error.get('msg')} (got {error.get('input')!r})")
-    return "; ".join(parts)

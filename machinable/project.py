@@ -17,13 +17,11 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
+from machinable import remotes as remote_fetch
 from machinable.context import Context, innermost
 from machinable.errors import ModuleResolutionError
-
-if TYPE_CHECKING:
-    from machinable.interface import Interface
+from machinable.settings import remote_timeout
 
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -89,9 +87,9 @@ class Project(Context):
     def index_path(self) -> Path:
         return self.path / ".machinable.sqlite"
 
-    def resolve(self, module: str) -> type[Interface] | type[Context]:
-        """The Interface (or context class, like a Scope) that ``module`` names."""
-        return resolve_interface(self, module)
+    def resolve(self, module: str) -> type:
+        """The class that ``module`` defines: an Interface, or a context such as a Scope."""
+        return resolve_class(self, module)
 
 
 def provider_for(path: Path) -> Project:
@@ -148,21 +146,28 @@ def module_file(project: Project, module: str) -> Path | None:
     return None
 
 
-def resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
+def resolvable(obj: object) -> bool:
+    """Classes a module name can resolve to: contexts, and classes marked as interfaces
+    (``Interface`` carries ``__machinable_module__``; the marker keeps this module from
+    importing the interface layer above it)."""
+    return inspect.isclass(obj) and (
+        (issubclass(obj, Context) and not issubclass(obj, Project)) or hasattr(obj, "__machinable_module__")
+    )
+
+
+def resolve_class(project: Project, module: str) -> type:
     # A module file is imported once per process, so its class can be remembered too:
     # get() then costs a dictionary lookup instead of file checks and a class scan.
     key = (project.path, module)
     cls = _resolved.get(key)
     if cls is None:
-        cls = _resolve_interface(project, module)
+        cls = _resolve_class(project, module)
         if module_file(project, module) is not None:  # remotes are re-checked each time
             _resolved[key] = cls
     return cls
 
 
-def _resolve_interface(project: Project, module: str) -> type[Interface] | type[Context]:
-    from machinable.interface import Interface
-
+def _resolve_class(project: Project, module: str) -> type:
     validate_module_name(module)
     file = module_file(project, module)
     if file is None:
@@ -177,10 +182,7 @@ def _resolve_interface(project: Project, module: str) -> type[Interface] | type[
     classes = [
         obj
         for obj in vars(mod).values()
-        if inspect.isclass(obj)
-        and issubclass(obj, (Interface, Context))
-        and not issubclass(obj, Project)
-        and obj.__module__ == mod.__name__
+        if resolvable(obj) and obj.__module__ == mod.__name__
     ]
     if not classes:
         raise ModuleResolutionError(
@@ -199,8 +201,8 @@ def _resolve_interface(project: Project, module: str) -> type[Interface] | type[
             )
         classes = matching
     cls = classes[0]
-    if issubclass(cls, Interface):
-        cls.__machinable_module__ = module
+    if hasattr(cls, "__machinable_module__"):
+        cls.__machinable_module__ = module  # the name an interface's runs are recorded under
     return cls
 
 
@@ -208,9 +210,6 @@ def _remote_file(project: Project, module: str) -> Path | None:
     remotes = project.remotes()
     if module not in remotes:
         return None
-    from machinable import remotes as remote_fetch
-    from machinable.settings import remote_timeout
-
     source = remotes[module]
     cached = remote_fetch.remote_path(project.path, module)
     if "#" not in source and cached.is_file():

@@ -203,7 +203,7 @@ def _write_lock(project_dir: Path, data: Mapping[str, Mapping[str, str]]) -> Non
     _atomic_write(path, text.encode("utf-8"), prefix=".remotes.lock.")
 
 
-def _record(project_dir: Path, name: str, source: str, sha256: str, *, replace: bool) -> None:
+def _record_lock(project_dir: Path, name: str, source: str, sha256: str, *, replace: bool) -> None:
     """Add (or, with ``replace``, overwrite) the lock entry for ``name``.
 
     The read-modify-write runs under a file lock so that processes fetching
@@ -266,7 +266,7 @@ def _atomic_symlink(path: Path, target: str) -> None:
 # --------------------------------------------------------------------------- fetching
 
 
-def _download(url: str, *, name: str, source: str, timeout: float) -> bytes:
+def _download_url(url: str, *, name: str, source: str, timeout: float) -> bytes:
     """GET ``url`` and return the complete body, or raise ``RemoteError``."""
     try:
         response = requests.get(url, timeout=timeout, stream=False)
@@ -400,11 +400,11 @@ def fetch_remote(
                 name=name,
                 source=source,
             )
-        _record(project_dir, name, source, digest, replace=False)
+        _record_lock(project_dir, name, source, digest, replace=False)
         return FetchedRemote(name, source, path, digest, fetched=False)
 
     if src.scheme == "url":
-        data = _download(src.target, name=name, source=source, timeout=timeout)
+        data = _download_url(src.target, name=name, source=source, timeout=timeout)
     else:
         data = _read_local(src, name=name, source=source)
     digest = _check_payload(data, name=name, source=source, pin=src.sha256)
@@ -434,7 +434,7 @@ def fetch_remote(
         raise RemoteError(
             f"remote {name!r}: cannot write {path}: {e}", name=name, source=source
         ) from e
-    _record(project_dir, name, source, digest, replace=True)
+    _record_lock(project_dir, name, source, digest, replace=True)
     return FetchedRemote(name, source, path, digest, fetched=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from machinable.catalog.index import Defaults, set_defaults
 from machinable.context import Context, innermost
 from machinable.errors import MachinableError
 from machinable.project import Project
@@ -44,3 +45,13 @@ class Storage(Context):
         if not path.is_absolute():
             path = (project or Project.get()).path / path
         return Path(os.path.abspath(path))
+
+
+# The catalog knows no project: tell it where the connected project's index and
+# storage are, for ``Index.get()`` and ``Index().reindex()`` without arguments.
+set_defaults(
+    Defaults(
+        index_path=lambda: Project.get().index_path,
+        storage_directory=lambda: Storage.get().directory(),
+    )
+)

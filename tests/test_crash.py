@@ -240,7 +240,7 @@ def _wrap(name):
     setattr(_Index, name, wrapper)
 
 
-for _name in ("record", "reindex", "_scan", "_add_locations", "_drop_stale", "ingest_directory"):
+for _name in ("add_run", "reindex", "_scan", "_add_locations", "_drop_stale", "ingest_directory"):
     _wrap(_name)
 _upsert = _Index._upsert_runs
 
@@ -655,7 +655,7 @@ def test_kill_inside_call_after_saving_some_files(zygotes: Zygotes, tmp_path: Pa
 def test_kill_between_finished_at_and_the_index_commit(zygotes: Zygotes, tmp_path: Path) -> None:
     names = tuple(
         f"{method}-{when}"
-        for method in ("record", "_upsert_runs", "_add_locations")
+        for method in ("add_run", "_upsert_runs", "_add_locations")
         for when in ("before", "after")
     )
     points = traced_points(zygotes, new_project(tmp_path / "trace", zygotes.template), LAUNCH.format(runs=RUNS), names=names)
@@ -677,7 +677,7 @@ def test_kill_while_recording_a_failed_run(zygotes: Zygotes, tmp_path: Path) -> 
     points = traced_points(zygotes, new_project(tmp_path / "trace", zygotes.template), FAILING_LAUNCH, env)
     # From the write of error.txt to the commit of the failed run's index row.
     first = next(i for i, p in enumerate(points) if p[0] == "replace-before" and p[2] == "error.txt")
-    last = next(i for i, p in enumerate(points) if i > first and p[0] == "record-after")
+    last = next(i for i, p in enumerate(points) if i > first and p[0] == "add_run-after")
     points = points[first : last + 1]
     assert [p[2] for p in points if p[0] == "replace-after"] == ["error.txt", "failed_at", "updated_at"]
 
@@ -692,7 +692,7 @@ RELAUNCH_PRELUDES: dict[str, tuple[Step, ...]] = {
     "failed": ((FAILING_LAUNCH, {"WORK_FAIL": "1"}, 0),),
     "dead": ((LAUNCH.format(runs=RUNS), {"WORK_KILL": "1:part1"}, KILLED),),
     # finished on disk, killed before its index row: the relaunch ingests it
-    "unindexed": ((LAUNCH.format(runs=RUNS), {"CRASH_SPEC": json.dumps({"point": "record-before", "nth": 2})}, KILLED),),
+    "unindexed": ((LAUNCH.format(runs=RUNS), {"CRASH_SPEC": json.dumps({"point": "add_run-before", "nth": 2})}, KILLED),),
 }
 
 
@@ -700,13 +700,13 @@ RELAUNCH_PRELUDES: dict[str, tuple[Step, ...]] = {
 def test_kill_while_relaunching(zygotes: Zygotes, tmp_path: Path, before: str) -> None:
     """Run 1 failed (or its process died) earlier; the relaunch is killed at every step."""
     prelude = RELAUNCH_PRELUDES[before]
-    names = ("replace-after", "unlink-after", "record-after", "ingest_directory-after", "_upsert_runs-after")
+    names = ("replace-after", "unlink-after", "add_run-after", "ingest_directory-after", "_upsert_runs-after")
     points = traced_points(
         zygotes, new_project(tmp_path / "trace", zygotes.template), LAUNCH.format(runs=RUNS),
         names=names, prelude=prelude,
     )
     # Up to run 1's row (run 2 is a first launch, killed at every point above).
-    end = next(i for i, p in enumerate(points) if p[0] in ("record-after", "ingest_directory-after"))
+    end = next(i for i, p in enumerate(points) if p[0] in ("add_run-after", "ingest_directory-after"))
     points = points[: end + 1]
     if before == "failed":  # the relaunch clears the failure first
         assert [p[2] for p in points if p[0] == "unlink-after"] == ["failed_at", "error.txt"]

@@ -34,13 +34,9 @@ from machinable import stores as store_api
 from machinable.catalog.engine import sqlite_path
 from machinable.catalog.models import Availability
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
-from machinable.transfer import (
-    MANIFEST_NAME,
-    RemoteState,
-    TransferResult,
-    build_manifest,
-    manifest_checksum,
-)
+from machinable.operations.reindex import reindex_stores
+from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_checksum
+from machinable.stores.transfer import RemoteState, TransferResult
 
 from conftest import (
     REPO,
@@ -198,6 +194,14 @@ def s3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def reindex_with_stores():
+    """What `machinable reindex --remotes` does: the directories, then every store."""
+    index = Index.get()
+    report = index.reindex()
+    reindex_stores(index, report)
+    return report
 
 
 def tree(directory: Path) -> dict[str, bytes]:
@@ -566,7 +570,7 @@ def test_reindex_remotes_rebuilds_availability_after_the_index_is_lost(
 
     wipe_index(project)
     with connected:
-        report = Index.get().reindex(remotes=True)
+        report = reindex_with_stores()
     assert report.added == 1  # kept: the only run directory here
     assert report.stores == {connected.uri: {"listed": 3, "added": 2, "present": 3}}
     assert [row[2] for row in table_rows("remotes")] == [connected.uri]
@@ -598,7 +602,7 @@ def test_reindex_remotes_rebuilds_availability_after_the_index_is_lost(
         assert again.loss() == LOSS[lr]
     # a second pass with the store known only through the index changes nothing
     with connected:
-        second = Index.get().reindex(remotes=True)
+        second = reindex_with_stores()
     assert second.stores[connected.uri] == {"listed": 3, "added": 0, "present": 3}
 
 
@@ -886,7 +890,7 @@ def test_a_backend_fsspec_lacks_is_a_remote_store_subclass(project: Path, tmp_pa
     run.evict()
     wipe_index(project)
     with mirror:
-        report = Index.get().reindex(remotes=True)
+        report = reindex_with_stores()
         assert report.stores["mirror"]["listed"] == 2
         again = get("optimize", {"lr": 0.2})
         assert not again.is_mounted() and again.cached()

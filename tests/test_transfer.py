@@ -16,16 +16,14 @@ import fsspec
 import pytest
 
 from machinable.errors import StoreError
-from machinable.transfer import (
-    MANIFEST_NAME,
+from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_checksum
+from machinable.stores.transfer import (
     RemoteState,
     TransferResult,
-    build_manifest,
     delete_remote,
     fetch_run,
     fetch_runs,
     list_remote_headers,
-    manifest_checksum,
     open_store,
     push_runs,
     store_uri,
@@ -391,7 +389,7 @@ def test_s3_verification_compares_etags_without_reading_back(
 CHILD = """
 import json, sys
 from pathlib import Path
-from machinable.transfer import fetch_runs, open_store, push_runs
+from machinable.stores.transfer import fetch_runs, open_store, push_runs
 mode, url, options, storage, dest = json.loads(sys.argv[1])
 fs, root = open_store(url, **options)
 uuids = sorted(p.name for p in Path(storage).iterdir())

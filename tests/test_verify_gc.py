@@ -1,6 +1,6 @@
 """verify and gc (issue 6, items 1 and 5): every kind of problem, repair, resume, gc.
 
-``Index.get().verify()`` compares the index with the record directories and reports
+``verify(Index.get())`` (machinable.operations.verify) compares the index with the record directories and reports
 each problem with its kind and the run or path it concerns; ``repair=True`` fixes
 what needs no guessing and a second pass is clean. ``machinable gc`` lists (dry run)
 and deletes (``--yes``) what nothing needs, and never a finished run's directory or
@@ -25,13 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from machinable import Index, RemoteStore, get
-from machinable import gc as collector
-from machinable import verify as verifier
 from machinable.cli import cli
 from machinable.errors import EvictionRefused
 from machinable.identity import compute_uuid, config_key, predicate_key
+from machinable.operations import gc as collector
+from machinable.operations import verify as verifier
+from machinable.operations.verify import verify
 from machinable.record import LOCKS_DIR, dump_json, id_header, mark
-from machinable.transfer import MANIFEST_NAME
+from machinable.stores.manifest import MANIFEST_NAME
 
 from conftest import run_python, table_rows, write_module
 
@@ -191,7 +192,7 @@ def age(path: Path, seconds: float) -> None:
 
 def test_a_clean_catalog_verifies_clean(project: Path) -> None:
     runs = [launch(lr) for lr in (0.1, 0.2, 0.3)]
-    report = Index.get().verify()
+    report = verify(Index.get())
     assert report.findings == [] and report.ok
     assert report.checked == 3
     assert report.resumed_after is None
@@ -213,19 +214,19 @@ def test_a_directory_the_index_does_not_hold_is_reported_and_ingested(
     launch(0.1)  # the storage exists and holds an indexed run too
     assert Index.get().status(foreign.uuid) is None
 
-    report = Index.get().verify()
+    report = verify(Index.get())
     found = finding(report, foreign.uuid, "not indexed")
     assert str(copied) in found.detail and not found.repaired
     assert kinds(report) == {foreign.uuid: ["not indexed"]}
     assert not report.ok
     assert Index.get().status(foreign.uuid) is None  # verify alone changes nothing
 
-    repaired = Index.get().verify(repair=True)
+    repaired = verify(Index.get(), repair=True)
     assert finding(repaired, foreign.uuid, "not indexed").repaired
     assert repaired.ok
     assert Index.get().status(foreign.uuid) == "finished"
     assert Index.get().find(foreign.uuid).directories == (str(copied),)
-    assert Index.get().verify().findings == []
+    assert verify(Index.get()).findings == []
     assert get("optimize", {"lr": 0.7}).loss() == pytest.approx(1 / (1 + 0.7 * 100))
 
 
@@ -241,7 +242,7 @@ def test_a_stale_row_is_reported_and_reingested(project: Path) -> None:
     (directory / "result.json").write_text('{"n": 1}')
     mark(directory, "finished_at")
 
-    report = Index.get().verify()
+    report = verify(Index.get())
     stale = finding(report, run.uuid, "stale row")
     assert "'failed'" in stale.detail and "'finished'" in stale.detail
     assert not stale.repaired and not report.ok
@@ -264,7 +265,7 @@ def test_model_json_drift_is_listed_and_never_repaired(project: Path) -> None:
     path.write_text(json.dumps(model))
     before = index_tables()
 
-    report = Index.get().verify(repair=True)
+    report = verify(Index.get(), repair=True)
     drift = finding(report, str(storage(project) / run.uuid), "invalid record")
     assert "hashes to" in drift.detail and run.uuid in drift.detail
     assert not drift.repaired and not report.ok
@@ -318,7 +319,7 @@ def test_invalid_and_unreadable_headers_are_listed_and_never_abort_the_pass(
         get("optimize", late.config.model_dump()).launch()
     assert Index.get().status(late.uuid) is None
 
-    report = Index.get().verify(repair=True)
+    report = verify(Index.get(), repair=True)
     for name, needle in broken.items():
         found = finding(report, str(root / name), "invalid record")
         assert needle in found.detail, (name, found.detail)
@@ -347,7 +348,7 @@ def test_rows_whose_directory_is_gone(project: Path, tmp_path: Path) -> None:
     shutil.rmtree(root / only_here.uuid)
     shutil.rmtree(root / also_stored.uuid)
 
-    report = Index.get().verify()
+    report = verify(Index.get())
     for run in (only_here, also_stored):
         found = finding(report, run.uuid, "directory missing")
         assert str(root / run.uuid) in found.detail and not found.repaired
@@ -366,7 +367,7 @@ def test_rows_whose_directory_is_gone(project: Path, tmp_path: Path) -> None:
     again = get("optimize", {"lr": 0.2})
     again.fetch()
     assert again.loss() == pytest.approx(1 / (1 + 0.2 * 100))
-    assert Index.get().verify().findings == []
+    assert verify(Index.get()).findings == []
 
 
 def test_a_store_copy_that_is_not_present_does_not_keep_a_row(project: Path, tmp_path: Path) -> None:
@@ -378,7 +379,7 @@ def test_a_store_copy_that_is_not_present_does_not_keep_a_row(project: Path, tmp
         run.evict(max_age=timedelta(0))  # re-verifies: the index now says "missing"
     assert [c.state for c in run.availability()[1:]] == ["missing"]
     shutil.rmtree(storage(project) / run.uuid)
-    report = Index.get().verify(repair=True)
+    report = verify(Index.get(), repair=True)
     assert finding(report, run.uuid, "directory missing").repaired
     assert Index.get().status(run.uuid) is None
 
@@ -408,7 +409,7 @@ def test_a_dead_run_is_recognised_and_a_running_one_is_not(project: Path) -> Non
             assert holder.poll() is None and time.time() < deadline
             time.sleep(0.02)
         running = get("holds")
-        report = Index.get().verify()
+        report = verify(Index.get())
         found = finding(report, dead.uuid, "dead run")
         assert "relaunch" in found.detail and not found.repaired
         assert "dead run" not in kinds(report).get(running.uuid, [])
@@ -417,7 +418,7 @@ def test_a_dead_run_is_recognised_and_a_running_one_is_not(project: Path) -> Non
         assert holder.wait(timeout=60) == 0
 
     # repair indexes the dead run (status "started") but cannot make it finished
-    repaired = Index.get().verify(repair=True)
+    repaired = verify(Index.get(), repair=True)
     assert not finding(repaired, dead.uuid, "dead run").repaired
     assert Index.get().status(dead.uuid) == "started"
     result = invoke("verify", "--repair", code=1)
@@ -437,8 +438,8 @@ def test_checksums_against_the_store_manifest(project: Path, tmp_path: Path) -> 
     (root / changed.uuid / "result.json").write_text('{"loss": 0.0}')
     (root / lost.uuid / "result.json").unlink()
 
-    assert Index.get().verify().findings == []  # without checksums no file is read
-    report = Index.get().verify(checksums=True)
+    assert verify(Index.get()).findings == []  # without checksums no file is read
+    report = verify(Index.get(), checksums=True)
     content = finding(report, changed.uuid, "content changed")
     assert "result.json" in content.detail and store.uri in content.detail
     missing = finding(report, lost.uuid, "file missing")
@@ -505,7 +506,7 @@ def test_an_interrupted_pass_resumes_after_its_checkpoint(project: Path) -> None
     killed = run_python(
         """
         import os, signal
-        import machinable.verify as v
+        import machinable.operations.verify as v
         from machinable import Index
 
         v.CHECKPOINT_EVERY = 25
@@ -527,7 +528,7 @@ def test_an_interrupted_pass_resumes_after_its_checkpoint(project: Path) -> None
                     os.kill(os.getpid(), signal.SIGKILL)
 
         v._check_batch, v.atomic_write = batch, write
-        Index.get().verify()
+        v.verify(Index.get())
         """,
         project,
         check=False,
@@ -543,7 +544,7 @@ def test_an_interrupted_pass_resumes_after_its_checkpoint(project: Path) -> None
     # the checkpoint never claims a directory the killed pass had not checked
     assert {n for n in walk if n <= last} <= checked_before
 
-    report = Index.get().verify(resume=True)
+    report = verify(Index.get(), resume=True)
     assert report.resumed_after == last
     assert report.checked == len(walk)  # the killed pass's count is carried over
     assert kinds(report) == {
@@ -557,7 +558,7 @@ def test_an_interrupted_pass_resumes_after_its_checkpoint(project: Path) -> None
     checkpoint.write_text(json.dumps({"last": last}))
     result = invoke("verify", "--resume", code=1)
     assert f"resumed after {last}" in result.stdout
-    whole = Index.get().verify(resume=True)
+    whole = verify(Index.get(), resume=True)
     assert whole.resumed_after is None and whole.checked == len(walk)
 
 
@@ -676,7 +677,7 @@ def test_gc_dry_run_lists_and_yes_deletes_only_what_nothing_needs(project: Path,
         assert store.verify(uuid).state == "present"
     assert collector.collect(index, stores=True, failed=True) == []
     assert invoke("gc", "--yes", "--stores", "--failed").stdout.strip() == "0 item(s) deleted"
-    assert Index.get().verify(checksums=True).ok
+    assert verify(Index.get(), checksums=True).ok
 
 
 def test_gc_never_deletes_the_last_verified_copy(project: Path, tmp_path: Path) -> None:
@@ -745,7 +746,7 @@ def test_gc_rechecks_before_deleting(project: Path, tmp_path: Path) -> None:
     assert get("fails", {"n": 2}).load_file("result.json") == {"n": 2}
     assert Index.get().status(orphan.uuid) == "finished"
     assert get("optimize", {"lr": 0.5}).loss() == pytest.approx(1 / (1 + 0.5 * 100))
-    assert Index.get().verify().ok
+    assert verify(Index.get()).ok
 
 
 def test_cli_exit_codes(project: Path) -> None:

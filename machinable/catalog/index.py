@@ -6,113 +6,60 @@ The index is a cache of the record directories. Every row can be rebuilt with
 
 from __future__ import annotations
 
+import hashlib
 import os
-import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, select
+from sqlalchemy import Engine, and_, delete, func, literal_column, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.leaves import leaf_rows, scope_key
-from machinable.catalog.models import Leaf, Location, Run
+from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
     And,
     Expr,
     Field,
     as_expr,
+    check_field,
     compile_expr,
     first_order_numbers,
+    json_value,
     leaf_count,
     plan,
 )
-from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, MachinableError, QueryError
-from machinable.progress import track
-from machinable.project import Project
-from machinable.record import (
-    ID_FILE,
-    MODEL_FILE,
-    SENTINEL,
-    is_uuid,
-    parse_timestamp,
-    read_bytes,
-    read_json,
-    read_record,
-    status_of,
-    validate_headers,
+from machinable.catalog.rows import (
+    IDENTITY_KEYS,
+    ReindexReport,
+    RunRecord,
+    aware,
+    read_markers,
+    row_values,
+    scan_names,
 )
+from machinable.context import Context, innermost
+from machinable.errors import IdentityCollision, QueryError
+from machinable.progress import track
+from machinable.record import SENTINEL, read_record
 from machinable.settings import index_setting
 
 RUNS = Run.__table__
 LOCATIONS = Location.__table__
 LEAVES = Leaf.__table__
 LEAF_COLUMNS = ("run_uuid", "path", "kind", "number", "text", "scope")
-IDENTITY_KEYS = ("project", "module", "config_key", "predicate_key")
 PAGE_SIZE = 1000
 # A leaf test that at least this many runs pass is probed run by run in uuid order
 # rather than collected first (see query.plan).
 DENSE = 2000
 # Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
 ANALYZE_AFTER = 1000
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One indexed run, as the index knows it."""
-
-    uuid: str
-    project: str
-    module: str
-    config_key: str
-    predicate_key: str
-    config: dict[str, Any]
-    canonical: dict[str, Any]
-    predicate: dict[str, Any]
-    version: Any
-    status: str
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    failed_at: datetime | None = None
-    updated_at: datetime | None = None
-    directories: tuple[str, ...] = ()
-
-
-@dataclass
-class ReindexReport:
-    """What a reindex pass did: rows added, updated, removed, and directories skipped and why."""
-
-    storage: str
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    removed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    stores: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    @property
-    def indexed(self) -> int:
-        """Runs of this storage now in the index (read this pass or unchanged)."""
-        return self.added + self.updated + self.unchanged
-
-    def __str__(self) -> str:
-        lines = [
-            f"{self.storage}: {self.added} added, {self.updated} updated, "
-            f"{self.unchanged} unchanged, {self.removed} removed, {len(self.skipped)} skipped"
-        ]
-        lines += [
-            f"store {name}: {counts['listed']} listed, {counts['present']} complete, "
-            f"{counts['added']} new to the index"
-            for name, counts in self.stores.items()
-        ]
-        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        return "\n".join(lines)
+SCAN_CHUNK = 2000
+PARALLEL_SCAN_MIN = 20_000
+_STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
 def _scope(project: str | None, module: str | None) -> int | None:
@@ -120,129 +67,28 @@ def _scope(project: str | None, module: str | None) -> int | None:
     return scope_key(project, module) if project is not None and module is not None else None
 
 
-def aware(value: datetime | None) -> datetime | None:
-    """Timestamps read back from SQLite are naive; they were written in UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
+@dataclass(frozen=True)
+class Defaults:
+    """Where an ``Index()`` without a URL lives and which storage ``reindex()`` reads.
 
-
-def row_values(header: dict[str, Any], model: dict[str, Any], markers: dict[str, datetime | None]) -> dict[str, Any]:
-    """The ``runs`` row of a record, from its headers and marker timestamps."""
-    created = parse_timestamp(str(model.get("created_at", ""))) or markers.get("started_at")
-    return {
-        "uuid": header["uuid"],
-        "project": header["project"],
-        "module": header["module"],
-        "config_key": header["config_key"],
-        "predicate_key": header["predicate_key"],
-        "config": model["config"],
-        "canonical": model["canonical"],
-        "predicate": model["predicate"],
-        "version": model["version"],
-        "status": status_of(name for name, value in markers.items() if value is not None),
-        "created_at": created or datetime.now(timezone.utc),
-        "started_at": markers.get("started_at"),
-        "finished_at": markers.get("finished_at"),
-        "failed_at": markers.get("failed_at"),
-        "updated_at": markers.get("updated_at"),
-    }
-
-
-STATUS_MARKERS = ("started_at", "finished_at", "failed_at")
-
-
-def read_markers(directory: str | Path, names: Iterable[str], dir_fd: int | None = None) -> dict[str, datetime | None]:
-    """Timestamps of the status markers present among ``names``.
-
-    ``updated_at`` is the latest of the three status markers: ``mark()`` writes it with
-    the same text every time it writes one, so it need not be read.
+    Both depend on the connected project, which the catalog does not know: the
+    user-API layer (``machinable.storage``) installs them with ``set_defaults``.
     """
-    markers: dict[str, datetime | None] = {}
-    base = os.fspath(directory)
-    for name in STATUS_MARKERS:
-        if name in names:
-            try:
-                raw = read_bytes(name, dir_fd) if dir_fd is not None else read_bytes(os.path.join(base, name))
-                markers[name] = parse_timestamp(raw.decode("utf-8")) or _mtime(os.path.join(base, name))
-            except (OSError, UnicodeDecodeError):  # gone, a directory, unreadable: not a marker
-                markers[name] = None
-    present = [value for value in markers.values() if value is not None]
-    if present:
-        markers["updated_at"] = max(present)
-    elif "updated_at" in names:
-        markers["updated_at"] = _mtime(os.path.join(base, "updated_at"))
-    return markers
+
+    index_path: Callable[[], Path]
+    storage_directory: Callable[[], Path]
 
 
-def _mtime(path: str) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc)
-    except FileNotFoundError:
-        return None
+_defaults = Defaults(
+    index_path=lambda: Path(os.getcwd()) / ".machinable.sqlite",
+    storage_directory=lambda: Path(os.getcwd()) / "storage",
+)
 
 
-_STATEMENTS: dict[tuple[str, str], Any] = {}
-SCAN_CHUNK = 2000
-PARALLEL_SCAN_MIN = 20_000
-
-
-def _scan_names(
-    storage: str, names: list[str], known: dict[str, tuple[str, int | None]], recent: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]:
-    """Read the record directories ``names`` of ``storage`` (a unit of reindex work)."""
-    rows: list[dict[str, Any]] = []
-    locations: list[dict[str, Any]] = []
-    unchanged: set[str] = set()
-    skipped: list[tuple[str, str]] = []
-    for name in names:
-        directory = os.path.join(storage, name)
-        try:
-            info = os.lstat(directory)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            continue
-        if not is_uuid(name):
-            skipped.append((directory, "not named like a run uuid"))
-            continue
-        seen = known.get(directory)
-        if seen is not None and seen[1] is not None and seen[1] == info.st_mtime_ns:
-            unchanged.add(seen[0])
-            continue
-        dir_fd = None
-        try:
-            # Open the directory once and read its files relative to it: a large
-            # share of reindex is path lookups otherwise.
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            entries = os.listdir(dir_fd)
-            if SENTINEL not in entries:
-                skipped.append((directory, f"no {SENTINEL} sentinel"))
-                continue
-            header = read_json(ID_FILE, dir_fd)
-            model = read_json(MODEL_FILE, dir_fd)
-            markers = read_markers(directory, entries, dir_fd)
-        except FileNotFoundError as exc:
-            skipped.append((directory, f"{os.path.basename(exc.filename or '?')} is missing"))
-            continue
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
-            skipped.append((directory, f"unreadable header: {exc}"))
-            continue
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
-        problem = validate_headers(header, model, name)
-        if problem:
-            skipped.append((directory, problem))
-            continue
-        try:
-            rows.append(row_values(header, model, markers))
-        except (KeyError, TypeError, ValueError) as exc:
-            skipped.append((directory, f"invalid header: {exc}"))
-            continue
-        mtime = info.st_mtime_ns if info.st_mtime_ns < recent else None
-        locations.append({"run_uuid": name, "storage": storage, "directory": directory, "mtime_ns": mtime})
-    return rows, locations, unchanged, skipped
+def set_defaults(defaults: Defaults) -> None:
+    """Install how the default index file and storage directory are found."""
+    global _defaults
+    _defaults = defaults
 
 
 class Index(Context):
@@ -263,11 +109,11 @@ class Index(Context):
         setting = index_setting()
         if setting:
             return Index(setting)
-        return Index(Project.get().index_path)
+        return Index(_defaults.index_path())
 
     @property
     def resolved_url(self) -> str:
-        return self.url or to_url(Project.get().index_path)
+        return self.url or to_url(_defaults.index_path())
 
     @property
     def engine(self) -> Engine:
@@ -316,8 +162,6 @@ class Index(Context):
 
     def search_indexes(self) -> list[str]:
         """Names of the search indexes this index has."""
-        from sqlalchemy import text
-
         if self.dialect == "sqlite":
             query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs'"
         else:
@@ -327,24 +171,16 @@ class Index(Context):
         return sorted(name for name in names if name.startswith("ix_search_"))
 
     def _search_index(self, field: str) -> tuple[str, Any]:
-        from machinable.catalog.query import check_field, json_value
-
         column, path = check_field(field)
         if not path:
             raise QueryError(f"{field!r}: search indexes are for config.<path> or predicate.<path>")
         name = f"ix_search_{column}_{'_'.join(path)}"
         if len(name) > 60:
-            import hashlib
-
             name = name[:48] + "_" + hashlib.sha256(field.encode()).hexdigest()[:10]
-        from sqlalchemy import literal_column
-
         return name, json_value(literal_column(column), path, self.dialect)
 
     def has_copy(self, uuid: str) -> bool:
         """Does the run's data exist: a local directory that is present, or a present store copy?"""
-        from machinable.catalog.models import Availability
-
         if self.local_directory(uuid) is not None:
             return True
         table = Availability.__table__
@@ -365,7 +201,7 @@ class Index(Context):
             dirs = conn.execute(
                 select(LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == uuid).order_by(LOCATIONS.c.id)
             ).scalars()
-            return self._record(row, tuple(dirs))
+            return self._run_record(row, tuple(dirs))
 
     def local_directory(self, uuid: str) -> Path | None:
         """The run's directory on this machine if it is present, else None."""
@@ -425,7 +261,7 @@ class Index(Context):
                 .order_by(LOCATIONS.c.id)
             ):
                 dirs.setdefault(run_uuid, []).append(directory)
-        return [self._record(row, tuple(dirs.get(row["uuid"], ()))) for row in rows]
+        return [self._run_record(row, tuple(dirs.get(row["uuid"], ()))) for row in rows]
 
     def runs(
         self,
@@ -551,7 +387,7 @@ class Index(Context):
             return int(conn.execute(statement).scalar() or 0)
 
     @staticmethod
-    def _record(row: Any, directories: tuple[str, ...]) -> RunRecord:
+    def _run_record(row: Any, directories: tuple[str, ...]) -> RunRecord:
         values = {key: row[key] for key in RUNS.c.keys()}
         for key in ("created_at", "started_at", "finished_at", "failed_at", "updated_at"):
             values[key] = aware(values[key])
@@ -559,11 +395,9 @@ class Index(Context):
 
     # Writes.
 
-    def _insert(self, table: Any) -> Any:
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            return postgresql.insert(table)
-        return sqlite.insert(table)
+    def upsert(self, table: Any) -> Any:
+        """An INSERT for ``table`` in this index's dialect, ready for ``on_conflict_*``."""
+        return postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
 
     def _statement(self, name: str) -> Any:
         """Upsert statements, built once per dialect: building one costs more than a launch's
@@ -572,17 +406,17 @@ class Index(Context):
         stmt = _STATEMENTS.get(key)
         if stmt is None:
             if name == "upsert_runs":
-                stmt = self._insert(RUNS)
+                stmt = self.upsert(RUNS)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[RUNS.c.uuid],
                     set_={c.name: stmt.excluded[c.name] for c in RUNS.c if c.name != "uuid"},
                 )
             elif name == "add_locations":
-                stmt = self._insert(LOCATIONS).on_conflict_do_nothing(
+                stmt = self.upsert(LOCATIONS).on_conflict_do_nothing(
                     index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory]
                 )
             else:
-                stmt = self._insert(LOCATIONS)
+                stmt = self.upsert(LOCATIONS)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[LOCATIONS.c.run_uuid, LOCATIONS.c.directory],
                     set_={"mtime_ns": stmt.excluded.mtime_ns, "storage": stmt.excluded.storage},
@@ -642,7 +476,7 @@ class Index(Context):
                     )
         return found
 
-    def record(self, row: dict[str, Any], directory: Path, storage: Path) -> None:
+    def add_run(self, row: dict[str, Any], directory: Path, storage: Path) -> None:
         """Write one run's row and its location (the launch path)."""
 
         def write() -> None:
@@ -701,6 +535,7 @@ class Index(Context):
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM (ANALYZE) runs, leaves, locations")
 
+
     def ingest_directory(self, path: str | os.PathLike[str]) -> RunRecord:
         """Index one run directory where it lies; idempotent; refuses identity collisions."""
         directory = Path(os.path.abspath(path))
@@ -733,20 +568,16 @@ class Index(Context):
         *,
         full: bool = False,
         progress: bool | None = None,
-        remotes: bool = False,
     ) -> ReindexReport:
         """Bring the index in line with a storage directory's record directories.
 
         Directories whose mtime is unchanged since the last pass are not read again
         (every record write renames a file into its directory, which bumps the mtime);
         ``full=True`` reads every directory. Rows of directories that are gone are
-        removed. Headers only are read; user code is never imported. ``remotes=True``
-        also rebuilds store availability by listing every store the index knows and
-        every connected one (``with RemoteStore(url):``; after the index was deleted).
+        removed. Headers only are read; user code is never imported. Store availability
+        is rebuilt by ``machinable.operations.reindex.reindex_stores``.
         """
-        from machinable.storage import Storage
-
-        root = Path(storage) if storage is not None else Storage.get().directory()
+        root = Path(storage) if storage is not None else _defaults.storage_directory()
         root = Path(os.path.abspath(root))
         report = ReindexReport(storage=str(root))
         with self.engine.connect() as conn:
@@ -789,40 +620,7 @@ class Index(Context):
 
         retry_busy(write)
         self._analyze(report.added + report.updated)
-        if remotes:
-            from machinable.stores import RemoteStore, known_stores, reindex_store, resolve_store
-
-            listed = set()
-            for name, url in known_stores(self):
-                listed.add(url)
-                try:
-                    report.stores[name] = reindex_store(self, resolve_store(self, url))
-                except (MachinableError, OSError) as exc:
-                    report.skipped.append((url, f"store not listed: {exc}"))
-            # Connected stores the index does not know (yet, or any more: a deleted index).
-            for store in RemoteStore.connected():
-                try:
-                    if store.uri in listed:
-                        continue
-                    listed.add(store.uri)
-                    report.stores[store.name] = reindex_store(self, store)
-                except (MachinableError, OSError) as exc:
-                    report.skipped.append((store.url, f"store not listed: {exc}"))
         return report
-
-    def verify(
-        self,
-        storage: str | os.PathLike[str] | None = None,
-        *,
-        checksums: bool = False,
-        repair: bool = False,
-        resume: bool = False,
-        progress: bool | None = None,
-    ) -> Any:
-        """Compare the index with a storage's directories; see ``machinable.verify``."""
-        from machinable.verify import verify
-
-        return verify(self, storage, checksums=checksums, repair=repair, resume=resume, progress=progress)
 
     def _lock_empty(self, conn: Any) -> bool:
         """Is the index still empty, with no other writer able to change that until commit?
@@ -930,12 +728,12 @@ class Index(Context):
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                results = pool.map(_scan_names, *zip(*jobs, strict=True))
+                results = pool.map(scan_names, *zip(*jobs, strict=True))
                 for part in track(results, total=len(jobs), description=f"reindex {root}", show=progress):
                     self._merge_scan(part, rows, locations, unchanged, report)
         else:
             for job in track(jobs, total=len(jobs), description=f"reindex {root}", show=progress):
-                self._merge_scan(_scan_names(*job), rows, locations, unchanged, report)
+                self._merge_scan(scan_names(*job), rows, locations, unchanged, report)
         return rows, locations, unchanged
 
     @staticmethod
@@ -960,8 +758,6 @@ class Index(Context):
         ids = [loc_id for loc_id, _ in stale]
         for start in range(0, len(ids), 500):
             conn.execute(delete(LOCATIONS).where(LOCATIONS.c.id.in_(ids[start : start + 500])))
-        from machinable.catalog.models import Availability
-
         availability = Availability.__table__
         removed = 0
         orphans = sorted({run_uuid for _, run_uuid in stale})

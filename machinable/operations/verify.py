@@ -16,16 +16,20 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import select
+import filelock
+from sqlalchemy import delete, select
 
+from machinable.catalog.engine import retry_busy
+from machinable.catalog.index import LOCATIONS, RUNS, Index
+from machinable.catalog.rows import read_markers, row_values
 from machinable.errors import MachinableError, RecordError, StoreError
 from machinable.progress import track
-from machinable.record import atomic_write, is_uuid, read_record, status_of
-
-if TYPE_CHECKING:
-    from machinable.catalog.index import Index
+from machinable.record import LOCKS_DIR, atomic_write, is_uuid, read_record, status_of
+from machinable.storage import Storage
+from machinable.stores import AVAILABILITY, copies, resolve_store
+from machinable.stores.manifest import MANIFEST_NAME
 
 CHECKPOINT = ".machinable-verify.json"
 CHECKPOINT_EVERY = 1000
@@ -99,8 +103,6 @@ def verify(
     progress: bool | None = None,
 ) -> VerifyReport:
     """Compare the index with the directories of a storage; optionally repair."""
-    from machinable.catalog.index import LOCATIONS
-    from machinable.storage import Storage
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     report = VerifyReport(storage=str(root))
@@ -191,7 +193,6 @@ def verify(
 
 
 def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
-    from machinable.catalog.index import LOCATIONS, RUNS, read_markers, row_values
 
     with index.engine.connect() as conn:
         rows = {
@@ -206,7 +207,6 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
         }
         stored: set[str] = set()
         if checksums:  # one query per batch, not one per run, for who has a store copy
-            from machinable.stores import AVAILABILITY
 
             stored = set(
                 conn.execute(
@@ -248,9 +248,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
 
 
 def _dead(directory: Path) -> bool:
-    import filelock
 
-    from machinable.record import LOCKS_DIR
 
     path = directory.parent / LOCKS_DIR / f"{directory.name}.lock"
     if not path.parent.is_dir():
@@ -266,8 +264,6 @@ def _dead(directory: Path) -> bool:
 
 def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool:
     """Compare local files with the manifest of a verified store copy; False if none."""
-    from machinable.stores import copies, resolve_store
-    from machinable.transfer import MANIFEST_NAME
 
     for copy in copies(index, uuid):
         if copy.state != "present":
@@ -294,11 +290,7 @@ def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool
 
 def _drop_missing(index: Index, uuid: str, directory: str) -> None:
     """Forget a gone directory; drop the run too when no copy exists anywhere."""
-    from sqlalchemy import delete
 
-    from machinable.catalog.engine import retry_busy
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:

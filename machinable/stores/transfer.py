@@ -25,25 +25,30 @@ import posixpath
 import re
 import secrets
 import shutil
-import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.callbacks import Callback, NoOpCallback
 
 from machinable.errors import StoreError
+from machinable.progress import transfer_callback
+from machinable.stores.manifest import (
+    CHUNK,
+    MANIFEST_NAME,
+    hash_file,
+    manifest_bytes,
+    manifest_checksum,
+    manifest_problems,
+    now,
+    scan_directory,
+)
 
-MANIFEST_NAME = ".manifest.json"
-MANIFEST_FORMAT = 1
 PARTIAL_MARKER = ".partial-"
 LOCK_NAME = ".machinable-transfer.lock"
 
-_CHUNK = 1 << 20
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 _GLOB = re.compile(r"[*?\[]")
@@ -115,7 +120,7 @@ def _normalize_root(fs: fsspec.AbstractFileSystem, root: str) -> str:
     return stripped
 
 
-def _join(root: str, *parts: str) -> str:
+def join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts) if root else posixpath.join(*parts)
 
 
@@ -123,167 +128,6 @@ def _check_uuid(uuid: str) -> str:
     if not isinstance(uuid, str) or not _NAME.fullmatch(uuid) or uuid in (".", ".."):
         raise StoreError(f"{uuid!r} is not a valid run directory name", uuid=str(uuid))
     return uuid
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-# -- manifests --------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> tuple[int, str, str]:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest(), md5.hexdigest()
-
-
-def _scan(directory: Path) -> tuple[dict, dict[str, Path]]:
-    """Build the manifest of a run directory and map each relpath to the file to read."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"run directory {directory} does not exist")
-    real_root = os.path.realpath(directory)
-    files: dict[str, dict] = {}
-    sources: dict[str, Path] = {}
-    skipped: list[str] = []
-    for current, dirnames, filenames in os.walk(directory, followlinks=False):
-        rel_dir = os.path.relpath(current, directory)
-        for name in list(dirnames):
-            if os.path.islink(os.path.join(current, name)):
-                # never descend into a linked directory (cycles, escapes, duplicates)
-                skipped.append(_relpath(rel_dir, name))
-                dirnames.remove(name)
-        for name in filenames:
-            rel = _relpath(rel_dir, name)
-            if rel == MANIFEST_NAME:
-                skipped.append(rel)
-                continue
-            full = os.path.join(current, name)
-            source = full
-            mode = os.lstat(full).st_mode
-            if stat.S_ISLNK(mode):
-                target = os.path.realpath(full)
-                inside = os.path.commonpath([real_root, target]) == real_root
-                if not inside or not os.path.isfile(target) or os.path.islink(target):
-                    skipped.append(rel)
-                    continue
-                source = target
-            elif not stat.S_ISREG(mode):
-                skipped.append(rel)
-                continue
-            size, sha, md5 = _hash_file(Path(source))
-            files[rel] = {"size": size, "sha256": sha, "md5": md5}
-            sources[rel] = Path(source)
-    files = dict(sorted(files.items()))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "files": files,
-        "skipped": sorted(skipped),
-        "size": sum(entry["size"] for entry in files.values()),
-        "checksum": manifest_checksum({"files": files}),
-    }
-    return manifest, {rel: sources[rel] for rel in files}
-
-
-def _relpath(rel_dir: str, name: str) -> str:
-    return name if rel_dir == "." else Path(rel_dir, name).as_posix()
-
-
-def build_manifest(directory: Path) -> dict:
-    """Checksum every regular file of a run directory; linked files outside it are skipped."""
-    return _scan(directory)[0]
-
-
-def manifest_checksum(manifest: dict) -> str:
-    """Return the run's content checksum: sha256 of the canonical JSON of the files map."""
-    files = manifest["files"] if "files" in manifest else manifest
-    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _manifest_problems(manifest: Any) -> list[str]:
-    """Say what is wrong with a manifest read from a store (it is untrusted input)."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return ["manifest has no files map"]
-    problems = []
-    for rel, entry in manifest["files"].items():
-        if not _safe_relpath(rel):
-            problems.append(f"manifest names an unsafe path {rel!r}")
-        elif (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
-            problems.append(f"manifest entry for {rel!r} is malformed")
-    if not problems and manifest.get("checksum") != manifest_checksum(manifest):
-        problems.append("manifest checksum does not match its files")
-    return problems
-
-
-def _safe_relpath(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
-        return False
-    parts = rel.split("/")
-    return all(p not in ("", ".", "..") for p in parts) and rel != MANIFEST_NAME
-
-
-def _manifest_bytes(uuid: str, manifest: dict) -> bytes:
-    document = {
-        "format": MANIFEST_FORMAT,
-        "uuid": uuid,
-        "checksum": manifest_checksum(manifest),
-        "size": sum(entry["size"] for entry in manifest["files"].values()),
-        "files": manifest["files"],
-        "skipped": manifest.get("skipped", []),
-        "written_at": _now().isoformat(),
-    }
-    return json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
-
-
-# -- progress ---------------------------------------------------------------------------
-
-
-class _RichCallback(Callback):
-    """An fsspec callback that drives one task of a rich progress bar."""
-
-    def __init__(self, progress: Any, task: Any) -> None:
-        super().__init__()
-        self._progress = progress
-        self._task = task
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self._progress.update(self._task, total=self.size, completed=self.value)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callback]:
-    """Yield a callback showing a progress bar when enabled and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield NoOpCallback()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        yield _RichCallback(bar, bar.add_task(description, total=None))
 
 
 # -- remote listing and checks -----------------------------------------------------------
@@ -319,7 +163,7 @@ def _list_runs(
 ) -> dict[str, dict[str, dict]]:
     """List each run directory once: {uuid: {relpath: info}} (files only, fresh)."""
     uuids = list(dict.fromkeys(uuids))
-    paths = {uuid: _join(root, uuid) for uuid in uuids}
+    paths = {uuid: join(root, uuid) for uuid in uuids}
     for path in paths.values():
         fs.invalidate_cache(path)
     if whole_root:
@@ -377,7 +221,7 @@ def _list_runs(
     return out
 
 
-def _read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | None]:
     """Read many small files in one batched call; a missing file reads as None."""
     if not paths:
         return {}
@@ -405,7 +249,7 @@ def _parse_manifest(data: bytes | None) -> tuple[dict | None, list[str]]:
         manifest = json.loads(data)
     except ValueError:
         return None, ["manifest is not valid JSON"]
-    problems = _manifest_problems(manifest)
+    problems = manifest_problems(manifest)
     return (manifest if not problems else None), problems
 
 
@@ -426,7 +270,7 @@ def _info_md5(info: dict) -> str | None:
 def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     sha = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             sha.update(chunk)
     return sha.hexdigest()
 
@@ -448,7 +292,7 @@ def _file_problems(
             continue
         # no cheap checksum (or an ETag that is not a plain md5): read it back
         try:
-            digest = _remote_sha256(fs, _join(run_path, rel))
+            digest = _remote_sha256(fs, join(run_path, rel))
         except FileNotFoundError:
             problems.append(f"{rel}: missing")
             continue
@@ -464,12 +308,12 @@ def verify_remote(
     """Check a run's copy in a store by checksum against its manifest (or an expected one)."""
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         return RemoteState(state="missing", problems=["no copy in the store"])
-    manifest_path = _join(run_path, MANIFEST_NAME)
-    remote, problems = _parse_manifest(_read_many(fs, [manifest_path])[manifest_path])
+    manifest_path = join(run_path, MANIFEST_NAME)
+    remote, problems = _parse_manifest(read_many(fs, [manifest_path])[manifest_path])
     reference = expected_manifest if expected_manifest is not None else remote
     checksum = manifest_checksum(reference) if reference is not None else None
     size = sum(e["size"] for e in reference["files"].values()) if reference is not None else None
@@ -481,7 +325,7 @@ def verify_remote(
         problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
     if problems:
         return RemoteState("partial", size=size, checksum=checksum, problems=problems)
-    return RemoteState("present", size=size, checksum=checksum, verified_at=_now())
+    return RemoteState("present", size=size, checksum=checksum, verified_at=now())
 
 
 # -- push -------------------------------------------------------------------------------
@@ -501,10 +345,10 @@ def push_runs(
     uuids = [_check_uuid(uuid) for uuid, _ in items]
     if len(set(uuids)) != len(uuids):
         raise ValueError("push_runs got the same uuid twice")
-    scanned = {uuid: _scan(Path(path)) for uuid, path in items}
+    scanned = {uuid: scan_directory(Path(path)) for uuid, path in items}
     manifests = {uuid: scanned[uuid][0] for uuid in uuids}
     checksums = {uuid: manifest_checksum(manifests[uuid]) for uuid in uuids}
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in uuids}
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in uuids}
 
     files = sum(len(manifest["files"]) for manifest in manifests.values())
     whole_root = _use_root_listing(fs, root, len(uuids), files)
@@ -514,7 +358,7 @@ def push_runs(
     if whole_root:
         before = _list_runs(fs, root, uuids, whole_root=True)
         claimants = [manifest_paths[uuid] for uuid in uuids if MANIFEST_NAME in before[uuid]]
-        existing = dict.fromkeys(manifest_paths.values()) | _read_many(fs, claimants)
+        existing = dict.fromkeys(manifest_paths.values()) | read_many(fs, claimants)
         # files an interrupted push already landed intact (by ETag) need not go again
         for uuid in uuids:
             landed[uuid] = {
@@ -525,7 +369,7 @@ def push_runs(
                 and _info_md5(info) == entry["md5"]
             }
     else:
-        existing = _read_many(fs, list(manifest_paths.values()))
+        existing = read_many(fs, list(manifest_paths.values()))
     claimed: set[str] = set()
     stale: list[str] = []
     for uuid in uuids:
@@ -554,11 +398,11 @@ def push_runs(
         retry: list[str] = []
         extras: list[str] = []
         for uuid in check:
-            run_path = _join(root, uuid)
+            run_path = join(root, uuid)
             found, extra = _file_problems(fs, run_path, manifests[uuid]["files"], listings[uuid])
             if not found:
-                extras += [_join(run_path, rel) for rel in extra]
-                verified[uuid] = _now()
+                extras += [join(run_path, rel) for rel in extra]
+                verified[uuid] = now()
                 problems.pop(uuid, None)
             elif uuid in claimed and attempt == 0:
                 # the store claimed this content but does not hold it: upload it again
@@ -573,7 +417,7 @@ def push_runs(
             break
 
     fresh = {
-        manifest_paths[uuid]: _manifest_bytes(uuid, manifests[uuid])
+        manifest_paths[uuid]: manifest_bytes(uuid, manifests[uuid])
         for uuid in uuids
         if uuid in verified and uuid not in claimed
     }
@@ -630,14 +474,14 @@ def _upload(
             if rel in skip.get(uuid, ()):
                 continue
             local.append(os.fspath(source))
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
     if not local:
         return
     if not _is_async(fs):
         # object stores need no directories; file-like ones do
         for parent in sorted({posixpath.dirname(path) for path in remote}):
             fs.makedirs(parent, exist_ok=True)
-    with _progress(progress, f"push {len(uuids)} run(s)") as callback:
+    with transfer_callback(progress, f"push {len(uuids)} run(s)") as callback:
         try:
             fs.put(local, remote, callback=callback)
         except FileNotFoundError:
@@ -684,8 +528,8 @@ def fetch_runs(
         if os.path.lexists(dest):
             raise FileExistsError(f"cannot fetch run {uuid}: {dest} already exists")
 
-    manifest_paths = {uuid: _join(root, uuid, MANIFEST_NAME) for uuid in dests}
-    raw = _read_many(fs, list(manifest_paths.values()))
+    manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in dests}
+    raw = read_many(fs, list(manifest_paths.values()))
     manifests: dict[str, dict] = {}
     for uuid in dests:
         manifest, problems = _parse_manifest(raw[manifest_paths[uuid]])
@@ -709,7 +553,7 @@ def fetch_runs(
         try:
             for uuid, dest in dests.items():
                 staging[uuid] = _make_partial(dest.parent, uuid)
-            _download(fs, root, manifests, staging, progress)
+            _download_runs(fs, root, manifests, staging, progress)
             return _land(uri, manifests, staging, dests)
         finally:
             for tmp in staging.values():
@@ -742,7 +586,7 @@ def _make_partial(parent: Path, uuid: str) -> Path:
             continue
 
 
-def _download(
+def _download_runs(
     fs: fsspec.AbstractFileSystem,
     root: str,
     manifests: dict[str, dict],
@@ -754,13 +598,13 @@ def _download(
     local: list[str] = []
     for uuid, manifest in manifests.items():
         for rel in manifest["files"]:
-            remote.append(_join(root, uuid, rel))
+            remote.append(join(root, uuid, rel))
             target = staging[uuid].joinpath(*rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             local.append(os.fspath(target))
     if not remote:
         return
-    with _progress(progress, f"fetch {len(manifests)} run(s)") as callback:
+    with transfer_callback(progress, f"fetch {len(manifests)} run(s)") as callback:
         try:
             fs.get(remote, local, callback=callback)
         except FileNotFoundError as exc:
@@ -785,7 +629,7 @@ def _land(
         for rel, entry in manifest["files"].items():
             path = staging[uuid].joinpath(*rel.split("/"))
             try:
-                size, sha, _ = _hash_file(path)
+                size, sha, _ = hash_file(path)
             except FileNotFoundError:
                 found.append(f"{rel}: not downloaded")
                 continue
@@ -803,7 +647,7 @@ def _land(
             state="present",
             size=sum(e["size"] for e in manifest["files"].values()),
             checksum=manifest_checksum(manifest),
-            verified_at=_now(),
+            verified_at=now(),
         )
     if problems:
         detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
@@ -843,7 +687,7 @@ def list_remote_headers(
             headers[parts[0]] = name
         elif parts[1] == MANIFEST_NAME:
             manifests.add(parts[0])
-    contents = _read_many(fs, [headers[uuid] for uuid in sorted(headers)])
+    contents = read_many(fs, [headers[uuid] for uuid in sorted(headers)])
     for uuid in sorted(headers):
         data = contents.get(headers[uuid])
         if data is None:
@@ -863,11 +707,11 @@ def delete_remote(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> None:
     """Delete a run's copy from a store, manifest first so no half-deleted copy looks present."""
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
-    run_path = _join(root, uuid)
+    run_path = join(root, uuid)
     listing = _list_runs(fs, root, [uuid])[uuid]
     if not listing:
         raise FileNotFoundError(f"{store_uri(fs, root)} holds no copy of run {uuid}")
     if MANIFEST_NAME in listing:
-        fs.rm_file(_join(run_path, MANIFEST_NAME))
+        fs.rm_file(join(run_path, MANIFEST_NAME))
     fs.rm(run_path, recursive=True)
     fs.invalidate_cache(run_path)

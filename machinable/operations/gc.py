@@ -14,16 +14,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import filelock
 from sqlalchemy import delete, select
 
 from machinable.catalog.engine import retry_busy
+from machinable.catalog.index import LOCATIONS, RUNS, Index
 from machinable.errors import MachinableError, StoreError
 from machinable.record import LOCKS_DIR, is_uuid
-
-if TYPE_CHECKING:
-    from machinable.catalog.index import Index
+from machinable.storage import Storage
+from machinable.stores import AVAILABILITY, REMOTES, known_stores, resolve_store
 
 _TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.partial-")
@@ -52,9 +53,6 @@ def collect(
     failed: bool = False,
 ) -> list[Garbage]:
     """List what nothing needs; nothing is deleted here."""
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.storage import Storage
-    from machinable.stores import AVAILABILITY, REMOTES
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     if storage is not None and not root.is_dir():
@@ -106,7 +104,6 @@ def collect(
                     found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_lock(p, d)))
 
     if stores:
-        from machinable.stores import known_stores, resolve_store
 
         for _name, url in known_stores(index):
             try:
@@ -131,7 +128,6 @@ def _old(path: str) -> bool:
 
 def _drop_lock(path: str, run_dir: Path) -> None:
     """Delete a launch lock whose run directory is gone, unless a launch took it since."""
-    import filelock
 
     if run_dir.is_dir() or not os.path.exists(path):
         return  # a launch created the directory since the listing, or it is gone
@@ -163,8 +159,6 @@ def run(items: list[Garbage]) -> list[Garbage]:
 
 
 def _drop_row(index: Index, uuid: str) -> None:
-    from machinable.catalog.index import LOCATIONS, RUNS
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -181,7 +175,6 @@ def _drop_row(index: Index, uuid: str) -> None:
 
 
 def _drop_availability(index: Index, row_id: int) -> None:
-    from machinable.stores import AVAILABILITY
 
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
@@ -191,7 +184,6 @@ def _drop_availability(index: Index, row_id: int) -> None:
 
 
 def _drop_failed(index: Index, uuid: str, directory: str) -> None:
-    from machinable.catalog.index import RUNS
 
     if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
         return  # relaunched and finished since the listing: keep it
