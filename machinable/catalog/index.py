@@ -6,6 +6,7 @@ The index is a cache of the record directories. Every row can be rebuilt with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -58,6 +59,8 @@ DENSE = 2000
 # Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
 ANALYZE_AFTER = 1000
 SCAN_CHUNK = 2000
+# Reindex commits the runs it has read every this many (memory holds one batch).
+WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 
@@ -580,47 +583,90 @@ class Index(Context):
         root = Path(storage) if storage is not None else _defaults.storage_directory()
         root = Path(os.path.abspath(root))
         report = ReindexReport(storage=str(root))
-        with self.engine.connect() as conn:
-            known = {
-                directory: (run_uuid, mtime)
-                for directory, run_uuid, mtime in conn.execute(
-                    select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid, LOCATIONS.c.mtime_ns).where(
-                        LOCATIONS.c.storage == str(root)
+        known: dict[str, tuple[str, int | None]] = {}
+        if not full:
+            with self.engine.connect() as conn:
+                known = {
+                    directory: (run_uuid, mtime)
+                    for directory, run_uuid, mtime in conn.execute(
+                        select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid, LOCATIONS.c.mtime_ns).where(
+                            LOCATIONS.c.storage == str(root)
+                        )
                     )
-                )
-            }
-        rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
+                }
+        # Rows are written in batches as the scan yields them, so memory holds one batch
+        # (plus the set of uuids seen), not the whole storage. A storage of up to
+        # WRITE_BATCH runs is one transaction (the old rows or the new, never a mix);
+        # a larger one commits each batch with its runs' leaves and locations, and stale
+        # rows go in the last, so a reindex stopped midway removes nothing and the next
+        # one completes it.
+        keep: set[str] = set()
+        state: dict[str, bool] = {}
 
-        def write() -> None:
+        def write_batch(rows: list[dict[str, Any]], locations: list[dict[str, Any]], last: bool) -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
-                # Rebuilding an empty index (the common case after deleting it) has
-                # nothing to collide with: skip the per-run lookups.
-                empty = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
-                collisions = self._check_identity(conn, rows) if rows and not empty else {}
-                good = [row for row in rows if row["uuid"] not in collisions]
-                for uuid, reason in collisions.items():
-                    report.skipped.append((str(root / uuid), reason))
-                keep = {row["uuid"] for row in good} | unchanged
-                existing = set() if empty else self._existing(conn, [row["uuid"] for row in good])
-                wanted = [loc for loc in locations if loc["run_uuid"] in keep]
-                if empty and good and self._lock_empty(conn):
-                    self._bulk_load(conn, good, wanted)
-                else:
-                    for start in range(0, len(good), 5000):
-                        self._upsert_runs(conn, good[start : start + 5000])
-                    for start in range(0, len(wanted), 5000):
-                        self._put_locations(conn, wanted[start : start + 5000])
-                report.added = sum(1 for row in good if row["uuid"] not in existing)
-                report.updated = len(good) - report.added
-                report.unchanged = len(unchanged)
-                # A directory that is present but skipped (corrupt, colliding) keeps its
-                # row: the index may hold the only readable copy of that run's config.
-                present = {os.path.basename(path) for path, _ in report.skipped}
-                report.removed = self._drop_stale(conn, root, keep | present)
+                self._write_batch(conn, root, rows, locations, unchanged, keep, state, report)
+                if last:
+                    report.unchanged = len(unchanged)
+                    # A directory that is present but skipped (corrupt, colliding) keeps
+                    # its row: the index may hold the only readable copy of its config.
+                    present = {os.path.basename(path) for path, _ in report.skipped}
+                    report.removed = self._drop_stale(conn, root, keep | unchanged | present)
 
-        retry_busy(write)
+        unchanged: set[str] = set()
+        batch: list[dict[str, Any]] = []
+        batch_locations: list[dict[str, Any]] = []
+        for part_rows, part_locations, part_unchanged, part_skipped in self._scan(root, known, progress):
+            batch.extend(part_rows)
+            batch_locations.extend(part_locations)
+            unchanged.update(part_unchanged)
+            report.skipped.extend(part_skipped)
+            if len(batch) >= WRITE_BATCH:
+                retry_busy(functools.partial(write_batch, batch, batch_locations, False))
+                batch, batch_locations = [], []
+        known = {}
+        retry_busy(functools.partial(write_batch, batch, batch_locations, True))
         self._analyze(report.added + report.updated)
         return report
+
+    def _write_batch(
+        self,
+        conn: Any,
+        root: Path,
+        rows: list[dict[str, Any]],
+        locations: list[dict[str, Any]],
+        unchanged: set[str],
+        keep: set[str],
+        state: dict[str, bool],
+        report: ReindexReport,
+    ) -> None:
+        """Write one reindex batch in the caller's transaction."""
+        if "empty" not in state:
+            # Rebuilding an empty index (the common case after deleting it) has
+            # nothing to collide with: skip the per-run lookups.
+            state["empty"] = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
+            state["bulk"] = state["empty"] and bool(rows) and self._lock_empty(conn)
+            if state["bulk"]:
+                self._bulk_load(conn, rows, locations)
+                report.added += len(rows)
+                keep.update(row["uuid"] for row in rows)
+                return
+        empty = state["empty"]
+        collisions = self._check_identity(conn, rows) if rows and not empty else {}
+        good = [row for row in rows if row["uuid"] not in collisions]
+        for uuid, reason in collisions.items():
+            report.skipped.append((str(root / uuid), reason))
+        fresh = {row["uuid"] for row in good}
+        existing = set() if empty else self._existing(conn, list(fresh))
+        for start in range(0, len(good), 5000):
+            self._upsert_runs(conn, good[start : start + 5000])
+        wanted = [loc for loc in locations if loc["run_uuid"] in fresh or loc["run_uuid"] in unchanged]
+        for start in range(0, len(wanted), 5000):
+            self._put_locations(conn, wanted[start : start + 5000])
+        added = sum(1 for uuid in fresh if uuid not in existing)
+        report.added += added
+        report.updated += len(good) - added
+        keep.update(fresh)
 
     def _lock_empty(self, conn: Any) -> bool:
         """Is the index still empty, with no other writer able to change that until commit?
@@ -698,51 +744,45 @@ class Index(Context):
     def _scan(
         self,
         root: Path,
-        report: ReindexReport,
         known: dict[str, tuple[str, int | None]],
         progress: bool | None,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
-        """Read the record directories under ``root`` that changed since ``known``."""
-        rows: list[dict[str, Any]] = []
-        locations: list[dict[str, Any]] = []
-        unchanged: set[str] = set()
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]]:
+        """Read the record directories under ``root`` that changed since ``known``, yielding
+        (rows, locations, unchanged uuids, skipped) one chunk of directories at a time."""
         try:
             names = os.listdir(root)
         except FileNotFoundError:
-            return rows, locations, unchanged
+            return
         storage = str(root)
         # A directory modified within this window could change again within the
         # filesystem's timestamp granularity unseen: do not trust its mtime next time.
         recent = time.time_ns() - 2_000_000_000
         names = [name for name in names if not name.startswith(".")]
         chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
-        jobs = [
-            (storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent)
-            for chunk in chunks
-        ]
+
+        def job(chunk: list[str]) -> tuple[Any, ...]:
+            return storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent
+
         workers = min(os.cpu_count() or 1, 4)
         if len(names) >= PARALLEL_SCAN_MIN and workers > 1 and hasattr(os, "fork"):
             # Reading headers is bound by syscalls and JSON parsing: spread it over
-            # processes. Workers only read files; they never touch the database.
+            # processes. Workers only read files; they never touch the database. At most
+            # a few chunks are in flight, so results never pile up in memory.
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                results = pool.map(scan_names, *zip(*jobs, strict=True))
-                for part in track(results, total=len(jobs), description=f"reindex {root}", show=progress):
-                    self._merge_scan(part, rows, locations, unchanged, report)
+                pending = [pool.submit(scan_names, *job(chunk)) for chunk in chunks[: 2 * workers]]
+                queued = len(pending)
+                for _ in track(range(len(chunks)), total=len(chunks), description=f"reindex {root}", show=progress):
+                    part = pending.pop(0).result()
+                    if queued < len(chunks):
+                        pending.append(pool.submit(scan_names, *job(chunks[queued])))
+                        queued += 1
+                    yield part
         else:
-            for job in track(jobs, total=len(jobs), description=f"reindex {root}", show=progress):
-                self._merge_scan(scan_names(*job), rows, locations, unchanged, report)
-        return rows, locations, unchanged
-
-    @staticmethod
-    def _merge_scan(part: Any, rows: list, locations: list, unchanged: set, report: ReindexReport) -> None:
-        part_rows, part_locations, part_unchanged, part_skipped = part
-        rows.extend(part_rows)
-        locations.extend(part_locations)
-        unchanged.update(part_unchanged)
-        report.skipped.extend(part_skipped)
+            for chunk in track(chunks, total=len(chunks), description=f"reindex {root}", show=progress):
+                yield scan_names(*job(chunk))
 
     def _drop_stale(self, conn: Any, root: Path, keep: set[str]) -> int:
         """Remove locations under ``root`` whose directory is gone, and runs left nowhere."""
