@@ -250,7 +250,7 @@ def test_upgrading_to_leaves_fills_them_from_the_indexed_runs_and_keeps_search_i
     assert len(leaves) == 6  # lr and steps of three runs
     index_file = index_url(project)
     dispose_all()
-    command.downgrade(alembic_config(index_file), "0003")
+    command.downgrade(alembic_config(index_file), "0005")
     assert "leaves" not in tables(index_file)
     # the index moves away from the directories: the upgrade must use the rows alone
     (project / "storage").rename(project / "elsewhere")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, literal_column, select, text
+from sqlalchemy import Engine, and_, delete, false, func, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
@@ -43,9 +43,10 @@ from machinable.catalog.rows import (
     scan_names,
 )
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, QueryError
+from machinable.errors import IdentityCollision, IndexError_, QueryError, ReindexRefused
 from machinable.progress import track
-from machinable.record import SENTINEL, read_record
+from machinable.record import SENTINEL, is_uuid, read_record
+from machinable.redact import redact
 from machinable.settings import index_setting
 
 RUNS = Run.__table__
@@ -63,6 +64,7 @@ SCAN_CHUNK = 2000
 WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
 _STATEMENTS: dict[tuple[str, str], Any] = {}
+_WRITABLE: dict[str, Engine] = {}
 
 
 def _scope(project: str | None, module: str | None) -> int | None:
@@ -101,7 +103,7 @@ class Index(Context):
         self.url = to_url(spec) if spec is not None else None
 
     def __repr__(self) -> str:
-        return f"Index({self.resolved_url!r})"
+        return f"Index({redact(self.resolved_url)!r})"
 
     @classmethod
     def get(cls) -> Index:
@@ -126,6 +128,33 @@ class Index(Context):
     def path(self) -> Path | None:
         """The SQLite file, or None for a server index."""
         return sqlite_path(self.resolved_url)
+
+    def check_writable(self) -> None:
+        """Raise ``IndexError_`` unless the index accepts writes (once per engine).
+
+        ``launch()`` asks before computing: a read-only index (a file without write
+        permission, a read-only database role) would otherwise refuse the run's row
+        after the whole computation.
+        """
+        engine = self.engine
+        if _WRITABLE.get(self.resolved_url) is engine:
+            return
+
+        def probe() -> None:
+            # Writes nothing, but needs the write lock (SQLite) or write permission and
+            # a read-write transaction (PostgreSQL), exactly as recording a run does.
+            with engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(delete(RUNS).where(false()))
+
+        try:
+            retry_busy(probe)
+        except IndexError_ as exc:
+            raise IndexError_(
+                f"the index {redact(self.resolved_url)} does not accept writes, so nothing can be "
+                f"launched into it ({exc}); use a writable index (MACHINABLE_INDEX) or read only",
+                url=self.resolved_url,
+            ) from exc
+        _WRITABLE[self.resolved_url] = engine
 
     # Lookups.
 
@@ -410,9 +439,16 @@ class Index(Context):
         if stmt is None:
             if name == "upsert_runs":
                 stmt = self.upsert(RUNS)
+                # A row rebuilt from a directory carries no digest: keep the recorded one.
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[RUNS.c.uuid],
-                    set_={c.name: stmt.excluded[c.name] for c in RUNS.c if c.name != "uuid"},
+                    set_={
+                        c.name: stmt.excluded[c.name]
+                        if c.name != "digest"
+                        else func.coalesce(stmt.excluded.digest, RUNS.c.digest)
+                        for c in RUNS.c
+                        if c.name != "uuid"
+                    },
                 )
             elif name == "add_locations":
                 stmt = self.upsert(LOCATIONS).on_conflict_do_nothing(
@@ -517,6 +553,23 @@ class Index(Context):
 
         retry_busy(write)
 
+    def digest(self, uuid: str) -> str | None:
+        """The content digest the index recorded for a run, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(RUNS.c.digest).where(RUNS.c.uuid == uuid)).scalar()
+
+    def set_digest(self, uuid: str, digest: str, *, only_if_unset: bool = False) -> None:
+        """Record a run's content digest (``only_if_unset``: keep one already recorded)."""
+        condition = [RUNS.c.uuid == uuid]
+        if only_if_unset:
+            condition.append(RUNS.c.digest.is_(None))
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(update(RUNS).where(*condition).values(digest=digest))
+
+        retry_busy(write)
+
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         """Upsert run rows that have no local directory (known from a store)."""
 
@@ -571,6 +624,7 @@ class Index(Context):
         *,
         full: bool = False,
         progress: bool | None = None,
+        allow_empty: bool = False,
     ) -> ReindexReport:
         """Bring the index in line with a storage directory's record directories.
 
@@ -579,13 +633,24 @@ class Index(Context):
         ``full=True`` reads every directory. Rows of directories that are gone are
         removed. Headers only are read; user code is never imported. Store availability
         is rebuilt by ``machinable.operations.reindex.reindex_stores``.
+
+        A storage root that is missing or holds no run while the index lists runs there
+        (an unmounted disk, a moved folder) is refused with ``ReindexRefused`` and
+        nothing changes; ``allow_empty=True`` says the runs are really gone.
         """
         root = Path(storage) if storage is not None else _defaults.storage_directory()
         root = Path(os.path.abspath(root))
         report = ReindexReport(storage=str(root))
         known: dict[str, tuple[str, int | None]] = {}
-        if not full:
-            with self.engine.connect() as conn:
+        with self.engine.connect() as conn:
+            if full:  # the directories are all read again: only how many the index lists
+                known_count = int(
+                    conn.execute(
+                        select(func.count()).select_from(LOCATIONS).where(LOCATIONS.c.storage == str(root))
+                    ).scalar()
+                    or 0
+                )
+            else:
                 known = {
                     directory: (run_uuid, mtime)
                     for directory, run_uuid, mtime in conn.execute(
@@ -594,6 +659,12 @@ class Index(Context):
                         )
                     )
                 }
+                known_count = len(known)
+        if storage is not None and not root.is_dir() and (root.exists() or not known_count):
+            # A mistyped path must not reindex "clean"; a deleted storage the index still
+            # lists is reindexed (its rows are dropped).
+            what = "is not a directory" if root.exists() else "does not exist"
+            raise FileNotFoundError(f"storage {root} {what}, and the index lists no runs there")
         # Rows are written in batches as the scan yields them, so memory holds one batch
         # (plus the set of uuids seen), not the whole storage. A storage of up to
         # WRITE_BATCH runs is one transaction (the old rows or the new, never a mix);
@@ -625,6 +696,16 @@ class Index(Context):
                 retry_busy(functools.partial(write_batch, batch, batch_locations, False))
                 batch, batch_locations = [], []
         known = {}
+        found = keep or batch or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
+        if known_count and not found and not allow_empty:
+            condition = "does not exist" if not os.path.lexists(root) else "holds no run directory"
+            raise ReindexRefused(
+                f"{root} {condition}, but the index lists {known_count} run director"
+                f"{'y' if known_count == 1 else 'ies'} there; nothing was changed. Is a disk "
+                "unmounted or the folder moved? If the runs are really gone, reindex with "
+                "--allow-empty (allow_empty=True) to drop them.",
+                storage=str(root),
+            )
         retry_busy(functools.partial(write_batch, batch, batch_locations, True))
         self._analyze(report.added + report.updated)
         return report

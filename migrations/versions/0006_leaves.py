@@ -3,8 +3,8 @@
 Creates ``leaves`` and fills it from the runs already indexed, in batches. The runs
 table is not touched, so search indexes a user added (``ix_search_*``) stay as they are.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from alembic import op
 
 from machinable.catalog.leaves import leaf_rows
 
-revision = "0004"
-down_revision = "0003"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
