@@ -380,10 +380,10 @@ def test_reindex_twice_is_idempotent(project: Path) -> None:
     assert table_rows("locations") == locations
 
 
-def test_reindex_of_a_missing_storage_indexes_nothing(project: Path, tmp_path: Path) -> None:
+def test_reindex_of_a_missing_storage_is_refused_and_changes_nothing(project: Path, tmp_path: Path) -> None:
     run = get("optimize", {"lr": 0.5}).launch()
-    report = Index.get().reindex(tmp_path / "does-not-exist")
-    assert report.indexed == 0 and report.skipped == []
+    with pytest.raises(FileNotFoundError, match="does-not-exist does not exist"):
+        Index.get().reindex(tmp_path / "does-not-exist")  # a mistyped path, most likely
     assert Index.get().find(run.uuid) is not None
 
 
