@@ -6,21 +6,47 @@ Library errors become one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import click
 
-from machinable.errors import MachinableError
+from machinable.errors import MachinableError, ProjectNotFound
+from machinable.redact import redact
+
+
+class _UsageError(click.ClickException):
+    """A usage error as one line (click prints usage and a hint on three)."""
+
+    exit_code = 2
+
+
+def _usage(exc: click.UsageError) -> _UsageError:
+    where = exc.ctx.command_path if exc.ctx is not None else "machinable"
+    return _UsageError(f"{_one_line(click.ClickException(exc.format_message()))} (`{where} --help` for usage)")
 
 
 class _Group(click.Group):
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _usage(exc) from exc
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.UsageError as exc:
+            raise _usage(exc) from exc
+        except click.ClickException as exc:
+            exc.message = _one_line(exc)
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except MachinableError as exc:
             raise click.ClickException(_one_line(exc)) from exc
@@ -29,10 +55,34 @@ class _Group(click.Group):
 
 
 def _one_line(exc: BaseException) -> str:
-    from machinable.redact import redact
+    text = redact(" ".join((str(exc) or type(exc).__name__).split()))
+    if len(text) > MAX_MESSAGE:  # a message quoting a huge argument back
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
+    return printable(text)
 
-    text = str(exc) or type(exc).__name__
-    return redact(" ".join(text.split()))
+
+MAX_MESSAGE = 1000
+
+
+def printable(text: str) -> str:
+    """``text`` as stored, with control and format characters (ANSI escapes, bidi
+    overrides, line separators) written as escapes so they cannot drive the terminal."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in _HIDDEN and char != " "
+        else char
+        for char in text
+    )
+
+
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _cell(value: str) -> Any:
+    """A table cell shown verbatim: rich never reads stored text as markup."""
+    from rich.text import Text
+
+    return Text(printable(value))
 
 
 @contextmanager
@@ -41,7 +91,10 @@ def _contexts(obj: dict[str, Any]) -> Iterator[None]:
 
     with ExitStack() as stack:
         if obj.get("project"):
-            stack.enter_context(Project(obj["project"]))
+            project = Project(obj["project"])
+            if not project.path.is_dir():  # checked first: nothing is created for a typo
+                raise ProjectNotFound(f"the project directory {project.path} does not exist", path=project.path)
+            stack.enter_context(project)
         if obj.get("storage"):
             stack.enter_context(Storage(obj["storage"]))
         if obj.get("index"):
@@ -49,14 +102,28 @@ def _contexts(obj: dict[str, Any]) -> Iterator[None]:
         yield
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--project", type=click.Path(file_okay=False), help="Project directory (default: cwd).")
+def _given(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Refuse an empty path or name: '' would silently mean the current directory."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter("is empty", ctx=ctx, param=param)
+    return value
+
+
+def _hours_or_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
+@click.group(cls=_Group, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project", type=click.Path(file_okay=False), callback=_given, help="Project directory (default: cwd).")
 @click.option(
     "--storage",
     envvar="MACHINABLE_STORAGE",
+    callback=_given,
     help="Directory that holds run directories (default: <project>/storage).",
 )
-@click.option("--index", "index_spec", help="Index file or URL (default: MACHINABLE_INDEX or <project>/.machinable.sqlite).")
+@click.option("--index", "index_spec", callback=_given, help="Index file or URL (default: MACHINABLE_INDEX or <project>/.machinable.sqlite).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def cli(ctx: click.Context, project: str | None, storage: str | None, index_spec: str | None, quiet: bool) -> None:
@@ -119,8 +186,10 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
         if not methods:
             click.echo(f"{run.uuid}  {run.module}  {run.status()}  {run.local_directory()}")
         for name in methods:  # check every method before calling any (nothing half-done)
-            if name.startswith("_") or not callable(getattr(run, name, None)):
+            method = getattr(run, name, None)
+            if name.startswith("_") or not callable(method):
                 raise click.ClickException(f"{type(run).__name__} has no method {name!r}")
+            _check_callable_without_arguments(method, name)
         for name in methods:
             result = getattr(run, name)()
             if name == "launch":
@@ -129,14 +198,35 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
                 click.echo(_show(result))
 
 
+def _check_callable_without_arguments(method: Callable[..., Any], name: str) -> None:
+    import inspect
+
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        needed = [
+            p.name
+            for p in inspect.signature(method).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        hint = f" (use `machinable {name} ...`)" if name in ("push", "fetch", "evict") else ""
+        raise click.ClickException(
+            f"--{name.replace('_', '-')} needs arguments ({', '.join(needed)}); only methods "
+            f"that take none can be called from the command line{hint}"
+        ) from None
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
+
+
 @cli.command("ls")
 @click.argument("module", required=False)
 @click.option("--where", "-w", help="Filter, e.g. \"config.lr > 0.1 and status = 'finished'\".")
 @click.option("--order-by", help="Order, e.g. 'config.lr desc' or '-created_at'.")
-@click.option("--limit", type=click.IntRange(min=0), help="At most this many runs.")
-@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many runs.")
+@click.option("--limit", type=click.IntRange(min=0, max=2**63 - 1), help="At most this many runs.")
+@click.option("--offset", type=click.IntRange(min=0, max=2**63 - 1), default=0, help="Skip this many runs.")
 @click.option("--count", "count_only", is_flag=True, help="Print only how many runs match.")
 @click.option("--all-projects", is_flag=True, help="List runs of every project in the index.")
+@click.option("--code", "show_code", is_flag=True, help="Also show the code that computed each run (module sha256, git commit).")
 @click.pass_obj
 def ls_command(
     obj: dict[str, Any],
@@ -147,45 +237,103 @@ def ls_command(
     offset: int,
     count_only: bool,
     all_projects: bool,
+    show_code: bool,
 ) -> None:
-    """List indexed runs (of MODULE, if given) as a table, filtered and ordered."""
+    """List indexed runs (of MODULE, if given) as a table, filtered and ordered.
+
+    Runs whose stored config no longer validates against the module's Config are
+    listed with a note saying what no longer fits.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from machinable import Index, Project
+    from machinable.project import validate_module_name
 
+    if module is not None:
+        validate_module_name(module)
     with _contexts(obj):
         index = Index.get()
-        project = None if all_projects else Project.get().name
-        table = Table(box=None, pad_edge=False)
-        table.add_column("uuid", no_wrap=True, min_width=32)
-        for column in ("module", "status", "created", "config"):
-            table.add_column(column)
-        count = 0
+        current = Project.get()
+        project = None if all_projects else current.name
         if count_only:
             click.echo(index.count(where, project=project, module=module))
             return
         records = index.search(
             where, project=project, module=module, order_by=order_by, limit=limit, offset=offset
         )
-        for record in records:
-            table.add_row(
-                record.uuid,
-                record.module,
-                record.status,
-                record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                json.dumps(record.canonical, sort_keys=True),
-            )
-            count += 1
-        # Piped output: one line per run (no wrapping at 80 columns), for grep and scripts.
-        console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
-        if count:
-            console.print(table)
-        click.echo(f"{count} run(s)", err=not count)
+        check = _config_checker(current)
+        notes = [check(record) for record in records]
+    table = Table(box=None, pad_edge=False)
+    table.add_column("uuid", no_wrap=True, min_width=32)
+    for column in ("module", "status", "created", "config"):
+        table.add_column(column)
+    if show_code:
+        table.add_column("code", no_wrap=True)
+    if any(notes):
+        table.add_column("note")
+    for record, note in zip(records, notes, strict=True):
+        cells = [
+            _cell(record.uuid),
+            _cell(record.module),
+            _cell(record.status),
+            _cell(record.created_at.strftime("%Y-%m-%d %H:%M:%S")),
+            _cell(json.dumps(record.canonical, sort_keys=True)),
+        ]
+        if show_code:
+            cells.append(_cell(_recorded_code(record.directories)))
+        if any(notes):
+            cells.append(_cell(note or ""))
+        table.add_row(*cells)
+    # Piped output: one line per run (no wrapping at 80 columns), for grep and scripts.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+    if records:
+        console.print(table)
+    click.echo(f"{len(records)} run(s)", err=not records)
+
+
+def _recorded_code(directories: tuple[str, ...]) -> str:
+    """The code fingerprint in a run's model.json, from the first copy that is here."""
+    from machinable.code import describe
+    from machinable.record import MODEL_FILE, read_json
+
+    for directory in directories:
+        try:
+            model = read_json(os.path.join(directory, MODEL_FILE))
+        except (OSError, ValueError):
+            continue
+        return describe(model.get("code")) if isinstance(model, dict) else ""
+    return ""
+
+
+def _config_checker(project: Any) -> Callable[[Any], str | None]:
+    """A check of a listed run's stored config against its module's Config, when the
+    module is a file of the current project (never fetched or guessed)."""
+    from machinable.interface import Interface
+    from machinable.project import module_file
+
+    name = project.name
+    classes: dict[str, Any] = {}
+
+    def check(record: Any) -> str | None:
+        if record.project != name:
+            return None
+        if record.module not in classes:
+            cls = None
+            if module_file(project, record.module) is not None:
+                try:
+                    cls = project.resolve(record.module)
+                except MachinableError:
+                    cls = None
+            classes[record.module] = cls if isinstance(cls, type) and issubclass(cls, Interface) else None
+        cls = classes[record.module]
+        return None if cls is None else cls.config_problem(record.config)
+
+    return check
 
 
 @cli.command("reindex")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--full", is_flag=True, help="Read every directory, not only those changed since the last pass.")
 @click.option("--remotes", is_flag=True, help="Also rebuild store availability by listing every known store.")
 @click.option("--allow-empty", is_flag=True, help="Drop the runs of a storage that is missing or empty (refused otherwise).")
@@ -224,9 +372,9 @@ def _refs(uuids: tuple[str, ...], select_all: bool, where: str | None) -> list[A
 
     index = Index.get()
     storage = Storage.get().directory()
-    if uuids and (select_all or where):
+    if uuids and (select_all or where is not None):
         raise click.UsageError("give run uuids, or --all/--where, not both")
-    if not uuids and not (select_all or where):
+    if not uuids and not (select_all or where is not None):
         raise click.UsageError("name the runs: UUID ..., --all or --where EXPR")
     if uuids:
         refs = []
@@ -290,7 +438,7 @@ def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None,
 @click.argument("uuids", nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every run of the project that is here.")
 @click.option("--where", "-w", help="Runs matching a search expression.")
-@click.option("--max-age", type=float, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
+@click.option("--max-age", type=click.FloatRange(min=0, max=24 * 365 * 1000), callback=_hours_or_seconds, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
 @click.pass_obj
 def evict_command(obj: dict[str, Any], uuids: tuple[str, ...], select_all: bool, where: str | None, max_age: float) -> None:
     """Delete local copies of runs that have a verified copy in a store.
@@ -340,18 +488,18 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
         table.add_column(column, no_wrap=column in ("where", "digest"))
     for copy in found:
         table.add_row(
-            copy.store,
-            copy.url,
-            copy.state,
-            "" if copy.size is None else str(copy.size),
-            copy.checksum or "",
-            copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else "",
+            _cell(copy.store),
+            _cell(copy.url),
+            _cell(copy.state),
+            _cell("" if copy.size is None else str(copy.size)),
+            _cell(copy.checksum or ""),
+            _cell(copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else ""),
         )
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)
 
 
 @cli.command("verify")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--checksums", is_flag=True, help="Also hash files and compare them with the verified store manifest.")
 @click.option("--repair", is_flag=True, help="Fix what needs no guessing and say what changed.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted pass from its checkpoint.")
@@ -369,7 +517,7 @@ def verify_command(obj: dict[str, Any], storage: str | None, checksums: bool, re
 
 
 @cli.command("gc")
-@click.argument("storage", required=False)
+@click.argument("storage", required=False, callback=_given)
 @click.option("--yes", is_flag=True, help="Delete; without it gc only lists what it would delete.")
 @click.option("--stores", "check_stores", is_flag=True, help="Also look for incomplete copies in known stores.")
 @click.option("--failed", is_flag=True, help="Also collect failed runs (their directories and rows).")
@@ -442,7 +590,7 @@ def find_command(obj: dict[str, Any], uuid: str) -> None:
 @cli.command("fetch")
 @click.argument("names", nargs=-1)
 @click.option("--check", is_flag=True, help="Verify cached remotes against interface/remotes.lock; fetch nothing.")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait for the server each time (default 30, MACHINABLE_REMOTE_TIMEOUT).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=24 * 3600), callback=_hours_or_seconds, default=None, help="Seconds to wait for the server each time (default 30, MACHINABLE_REMOTE_TIMEOUT).")
 @click.pass_obj
 def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, timeout: float | None) -> None:
     """Download the project's declared remotes (or NAMES) without importing them."""

@@ -194,6 +194,15 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
     return []
 
 
+def revalidate(config_cls: type[BaseModel], stored: Any, module: str) -> tuple[BaseModel | None, str | None]:
+    """A stored config validated again by the module's Config as it is now:
+    ``(config, None)``, or ``(None, why it no longer fits)``."""
+    try:
+        return config_cls.model_validate(stored), None
+    except ValidationError as exc:
+        return None, f"invalid config for module {module!r}: {_describe(exc)}"
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():

@@ -7,6 +7,7 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     MachinableError
     ├── ConfigError              a config failed validation or cannot be hashed
     ├── ModuleResolutionError    a module name does not resolve to an Interface
+    ├── ProjectNotFound          the named project directory does not exist
     ├── RecordError              a record directory is unreadable or inconsistent
     │   ├── IdentityCollision    two different runs claim one uuid
     │   ├── UnsafeFileError      a link, FIFO, device or oversized file where a small regular file belongs
@@ -57,6 +58,14 @@ class ModuleResolutionError(MachinableError, LookupError):
     def __init__(self, message: str, *, module: str | None = None) -> None:
         super().__init__(message)
         self.module = module
+
+
+class ProjectNotFound(MachinableError, FileNotFoundError):
+    """The named project directory does not exist."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RecordError(MachinableError):
@@ -120,6 +129,10 @@ class IndexNewerThanCode(IndexError_):
 
 class QueryError(MachinableError, ValueError):
     """A search expression is malformed or names an unknown field."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class ReindexRefused(MachinableError):

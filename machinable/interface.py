@@ -18,7 +18,14 @@ from pydantic import BaseModel
 
 from machinable.catalog.index import Index
 from machinable.catalog.rows import RunRecord, row_values
-from machinable.config import deep_merge, expand_dotted, normalize_version, validate_config
+from machinable.code import fingerprint, module_file, warn_if_changed
+from machinable.config import (
+    deep_merge,
+    expand_dotted,
+    normalize_version,
+    revalidate,
+    validate_config,
+)
 from machinable.context import Context, active
 from machinable.errors import (
     ConfigError,
@@ -43,6 +50,7 @@ from machinable.record import (
     atomic_write,
     clear,
     decode_file,
+    dump_json,
     encode_file,
     id_header,
     launch_lock,
@@ -80,6 +88,7 @@ class Interface:
     __machinable_module__: ClassVar[str | None] = None
 
     config: BaseModel
+    config_error: str | None  # set on a stored run whose config no longer validates
     uuid: str
     module: str
     version: list[dict[str, Any]]
@@ -120,6 +129,7 @@ class Interface:
         config, full, recorded = validate_config(cls._config_class(), version, module)
         run = cls.__new__(cls)
         run.config = config
+        run.config_error = None
         run.module = module
         run.version = recorded
         run._project = project
@@ -148,7 +158,19 @@ class Interface:
     @classmethod
     def _from_record(cls, record: RunRecord, *, project: Project, storage: Path, index: Index) -> Interface:
         run = cls.__new__(cls)
-        run.config = cls._config_class().model_validate(record.config)
+        config, run.config_error = revalidate(cls._config_class(), record.config, cls._module_name())
+        if config is not None:
+            run.config = config
+            run._full = run.config.model_dump(mode="json")
+            # The canonical config is recomputed from the validated config because
+            # PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
+            run._canonical = canonical_config(run.config)
+        else:
+            # The module's Config changed since this run was stored: keep the run
+            # listable with its raw config (unvalidated) and say what no longer fits.
+            run.config = cls._config_class().model_construct(**record.config)
+            run._full = dict(record.config)
+            run._canonical = dict(record.canonical)
         run.module = record.module
         run.version = record.version
         run.predicate = record.predicate
@@ -157,17 +179,20 @@ class Interface:
         run._project_name = record.project
         run._storage = storage
         run._index = index
-        run._full = run.config.model_dump(mode="json")
-        # The identity keys come from the row as written (strings survive every
-        # backend); the canonical config is recomputed from the validated config
-        # because PostgreSQL's jsonb normalises numbers (1e16 -> 10000000000000000).
-        run._canonical = canonical_config(run.config)
+        # The identity keys come from the row as written (strings survive every backend).
         run._config_key = record.config_key
         run._predicate_key = record.predicate_key
         run._record_cache = record
         return run
 
+    @classmethod
+    def config_problem(cls, config: Any) -> str | None:
+        """Why a stored config no longer validates against this module's Config, or None."""
+        return revalidate(cls._config_class(), config, cls._module_name())[1]
+
     def __repr__(self) -> str:
+        if self.config_error:
+            return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r}, invalid config)"
         return f"{type(self).__name__}({self.module!r}, uuid={self.uuid!r})"
 
     def __eq__(self, other: object) -> bool:
@@ -272,23 +297,52 @@ class Interface:
             "predicate": self.predicate,
             "created_at": timestamp(),
         }
+        code = self._code()
+        if code is not None:
+            model["code"] = code
         return header, model
+
+    def _code(self) -> dict[str, Any] | None:
+        """The fingerprint of the code that resolves this run's module here and now."""
+        return fingerprint(module_file(type(self)), self._project.path)
+
+    def _warn_if_code_changed(self) -> None:
+        current = self._code()
+        if current is None:
+            return
+        directory = self.local_directory()
+        try:
+            recorded = read_json(directory / MODEL_FILE)
+        except (OSError, ValueError):
+            return  # evicted or unreadable: nothing to compare with here
+        if isinstance(recorded, dict):
+            warn_if_changed(recorded.get("code"), current, self.uuid, self.module)
 
     def launch(self) -> Interface:
         """Compute the run once; later launches (any process) do nothing."""
         if self.cached():
+            self._warn_if_code_changed()
             return self
+        if self.config_error:
+            raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
         self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
         with FileLock(launch_lock(directory)):
+            # Whoever wrote the record, another process may have taken the lock first
+            # and finished the run while this one waited.
+            if os.path.isfile(directory / "finished_at"):
+                self._index.ingest_directory(directory)
+                return self
             if not fresh:  # a relaunch, or another process got here first
-                if os.path.isfile(directory / "finished_at"):
-                    self._index.ingest_directory(directory)
-                    return self
                 clear(directory, "failed_at", ERROR_FILE)
-                model = _read_model(directory, model)
+                recorded = _read_model(directory, model)
+                if model.get("code") is not None and recorded.get("code") != model["code"]:
+                    # Computed again, possibly by other code than the first attempt.
+                    recorded = {**recorded, "code": model.get("code")}
+                    atomic_write(directory / MODEL_FILE, dump_json(recorded))
+                model = recorded
             markers = {"started_at": now()}
             mark(directory, "started_at", markers["started_at"])
             try:

@@ -11,6 +11,7 @@ takes on Unix, so the two interoperate, whatever version of it is installed.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -24,6 +25,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 POLL_SECONDS = 0.05
+logger = logging.getLogger(__name__)
 
 
 def open_regular(
@@ -98,6 +100,7 @@ class FileLock:
         wait = self.timeout if timeout is None else timeout
         fd = open_regular(self.path, os.O_RDWR, create=True)
         deadline = time.monotonic() + wait if wait >= 0 else None
+        waited = False
         try:
             while True:
                 try:
@@ -111,6 +114,9 @@ class FileLock:
                         raise
                 if deadline is not None and time.monotonic() >= deadline:
                     raise LockTimeout(f"{self.path} is held by another process", path=self.path)
+                if not waited:
+                    logger.debug("lock %s not acquired: held by another process, waiting", self.path)
+                    waited = True
                 time.sleep(POLL_SECONDS)
         except BaseException:
             os.close(fd)

@@ -22,6 +22,8 @@ class Storage(Context):
 
     def __init__(self, path: str | os.PathLike[str]):
         spec = os.fspath(path)
+        if not spec.strip():
+            raise MachinableError("Storage(''): the storage path is empty")
         if "://" in spec:
             protocol, _, rest = spec.partition("://")
             if protocol != "file":

@@ -15,7 +15,6 @@ import shutil
 import sqlite3
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -255,11 +254,8 @@ def test_corrupt_headers_among_2000_good_records(project: Path) -> None:
     (storage / "backup").mkdir()
     before = Unchanged(storage)
 
-    start = time.perf_counter()
     report = Index.get().reindex(full=True)
-    elapsed = time.perf_counter() - start
     before.check()  # every good row as it was, the rotten ones kept, nothing written
-    assert elapsed < 20
     skipped = dict(report.skipped)
     assert len(report.skipped) == len(bad) + len(rotten) + 1
     for name, uuid in bad.items():
@@ -385,11 +381,8 @@ def test_an_enormous_config_works(sqlite_project: Path) -> None:
     project = sqlite_project
     xs = [i / 7 for i in range(200_000)]
     write_module(project, "odd", ODD)
-    start = time.perf_counter()
     run = get("odd", {"xs": xs})
     run.launch()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20
     assert run.load_file("xs.json") == {"n": 200_000}
     assert get("odd", {"xs": xs[:-1] + [1.0]}).uuid != run.uuid
     model = json.loads((run.local_directory() / "model.json").read_text())

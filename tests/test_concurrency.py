@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from machinable import Index
 from machinable.catalog.engine import SCHEMA_HEAD, filesystem_type, journal_mode_for
@@ -101,6 +102,35 @@ def test_wal_on_local_disks_and_a_rollback_journal_on_network_filesystems(tmp_pa
     assert filesystem_type(Path("/mnt/nas/x"), mounts) == "cifs"
     assert filesystem_type(Path("/mnt/labx"), mounts) == "ext4"
     assert journal_mode_for(tmp_path / "index.sqlite") == "WAL"
+
+
+@pytest.mark.parametrize("kind", ["nfs4", "cifs", "fuse.sshfs"])
+def test_an_index_on_a_network_filesystem_opens_with_a_rollback_journal(tmp_path: Path, kind: str) -> None:
+    """The engine itself decides: the directory holding the index is on ``kind`` per
+    the mount table it reads, and the connection it opens uses journal_mode=delete."""
+    from machinable.catalog.engine import ensure_schema, make_engine, to_url
+
+    share = tmp_path / "share"
+    share.mkdir()
+    table = Path("/proc/mounts").read_text() + f"server:/export {share} {kind} rw,relatime 0 0\n"
+    url = to_url(share / "index.sqlite")
+    with pytest.warns(UserWarning, match=f"network filesystem \\({kind}\\)"):
+        engine = make_engine(url, mounts=table)
+    try:
+        ensure_schema(engine, url)  # a whole migration under the rollback journal
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "delete"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
+    finally:
+        engine.dispose()
+    assert not (share / "index.sqlite-wal").exists()
+
+    local = make_engine(to_url(tmp_path / "local.sqlite"), mounts=Path("/proc/mounts").read_text())
+    try:
+        with local.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        local.dispose()
 
 
 def test_sqlite_profile_is_set_on_every_connection(sqlite_project: Path):

@@ -50,3 +50,36 @@ def test_a_finished_run_whose_data_is_gone_everywhere_is_computed_again(project:
     run.launch()
     assert calls(project).count(run.uuid) == 2
     assert run.cached() and run.loss() == pytest.approx(1 / (1 + 0.3 * 100))
+
+
+def test_incremental_reindex_does_not_read_unchanged_directories(project: Path) -> None:
+    """Directories older than the 2-second guard whose mtime the index remembers are
+    not read again: a header corrupted in place (which leaves the directory's mtime as
+    it was) goes unnoticed by an incremental pass, is noticed in a changed directory,
+    and by a full pass."""
+    import os
+    import time
+
+    runs = [get("optimize", {"lr": lr}).launch() for lr in (0.1, 0.2, 0.3)]
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for run in runs:
+        os.utime(run.local_directory(), ns=(hour_ago, hour_ago))
+    first = Index.get().reindex()
+    assert first.indexed == 3 and first.unchanged == 0  # launch left no trusted mtime
+    second = Index.get().reindex()
+    assert second.unchanged == 3 and second.added == second.updated == 0
+
+    untouched, changed, _ = runs
+    for run in (untouched, changed):
+        with open(run.local_directory() / "model.json", "r+b") as handle:  # in place
+            handle.write(b"\x00garbage")
+    (changed.local_directory() / "notes.txt").write_text("a new entry bumps the mtime")
+    assert os.stat(untouched.local_directory()).st_mtime_ns == hour_ago
+
+    report = Index.get().reindex()
+    assert report.unchanged == 2  # the untouched one was not read: its corruption unseen
+    assert [os.path.basename(path) for path, _ in report.skipped] == [changed.uuid]
+    assert Index.get().status(untouched.uuid) == "finished"
+
+    full = Index.get().reindex(full=True)
+    assert sorted(os.path.basename(path) for path, _ in full.skipped) == sorted([untouched.uuid, changed.uuid])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,17 +72,6 @@ class Containers(Interface):
         named: dict[str, Layer] = {}
 """
 
-SLOW = """
-import time
-from machinable import Interface
-
-
-class Slow(Interface):
-    def __call__(self):
-        with open(self.project.path / "calls.txt", "a") as handle:
-            handle.write(self.uuid + "\\n")
-        time.sleep(0.5)
-"""
 
 
 def index_rows(project: Path) -> list[tuple]:
@@ -174,25 +164,83 @@ def test_run_launched_in_another_process_is_found_here(project: Path) -> None:
     assert [r.uuid for r in get("optimize").all()] == [run.uuid]
 
 
+GATED = """
+import os
+import time
+from machinable import Interface
+
+
+class Gated(Interface):
+    def __call__(self):
+        with open(self.project.path / "calls.txt", "a") as handle:
+            handle.write(self.uuid + "\\n")
+        (self.project.path / "computing").write_text(str(os.getpid()))
+        while not (self.project.path / "gate").exists():  # opened by the test
+            time.sleep(0.01)
+"""
+
+# A launcher that says when it has tried the run's lock and found it held: the lock logs
+# "lock ... not acquired" at DEBUG before it waits.
+WAITER = """
+import logging, os, sys
+from pathlib import Path
+
+
+class Waiting(logging.Handler):
+    def emit(self, record):
+        if "not acquired" in record.getMessage():
+            Path(f"waiting-{os.getpid()}").touch()
+
+
+logging.getLogger("machinable.locks").addHandler(Waiting())
+logging.getLogger("machinable.locks").setLevel(logging.DEBUG)
+from machinable import get
+run = get("gated").launch()
+print(run.uuid, run.status())
+"""
+
+
 def test_concurrent_launches_in_separate_processes_compute_once(project: Path) -> None:
-    write_module(project, "slow", SLOW)
-    code = """
-        from machinable import get
-        run = get("slow").launch()
-        print(run.uuid, run.status())
-        """
-    outputs: list[str] = []
-    threads = [
-        threading.Thread(target=lambda: outputs.append(run_python(code, cwd=project).stdout))
-        for _ in range(3)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    uuid = get("slow").uuid
-    assert [out.split() for out in outputs] == [[uuid, "finished"]] * 3
+    """Certain overlap: the first launch holds the lock inside __call__ until the test
+    opens the gate, and it does so only after both other launches have found the lock
+    held and are waiting for it."""
+    write_module(project, "gated", GATED)
+    processes: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", WAITER], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        return process
+
+    try:
+        first = start()
+        wait_for(lambda: (project / "computing").exists(), first)
+        for waiter in (start(), start()):
+            wait_for(lambda w=waiter: (project / f"waiting-{w.pid}").exists(), waiter)
+        assert calls(project) == [get("gated").uuid]  # only the first, still inside __call__
+        (project / "gate").touch()
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    uuid = get("gated").uuid
+    assert [out.split() for out, _ in outputs] == [[uuid, "finished"]] * 3, outputs
     assert calls(project) == [uuid]
+
+
+def wait_for(condition, process, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"a launcher ended early: {out} {err[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("a launcher never got there")
+        time.sleep(0.01)
 
 
 def test_defaults_and_equivalent_configs_name_the_same_run(project: Path) -> None:

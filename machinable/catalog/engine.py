@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
 from machinable.locks import FileLock
@@ -101,11 +101,14 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     return kind
 
 
-def journal_mode_for(path: Path | None) -> str:
-    """WAL, unless the index sits on a network filesystem where WAL's shared memory is unsafe."""
+def journal_mode_for(path: Path | None, mounts: str | None = None) -> str:
+    """WAL, unless the index sits on a network filesystem where WAL's shared memory is unsafe.
+
+    ``mounts`` is a mount table in /proc/mounts format (default: this machine's).
+    """
     if path is None:
         return "WAL"
-    kind = filesystem_type(path.parent)
+    kind = filesystem_type(path.parent, mounts)
     if kind in NETWORK_FILESYSTEMS:
         warnings.warn(
             f"the index {path} is on a network filesystem ({kind}); SQLite's WAL mode is unsafe "
@@ -151,8 +154,33 @@ def json_serializer(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url`` with machinable's connection profile."""
+def make_engine(url: str, *, mounts: str | None = None) -> Engine:
+    """Create an engine for ``url`` with machinable's connection profile.
+
+    A URL naming an unknown database kind, or a driver that is not installed, is an
+    IndexError_ saying which.
+    """
+    try:
+        return _make_engine(url, mounts)
+    except NoSuchModuleError as exc:
+        kind = make_url(url).drivername
+        raise IndexError_(
+            f"the index URL {_display(url)} names an unknown database kind {kind!r} "
+            "(use a file path, sqlite:///path or postgresql+psycopg://...)",
+            url=url,
+        ) from exc
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        raise IndexError_(
+            f"the index URL {_display(url)} needs the Python package {missing!r}, which is not "
+            f"installed (for PostgreSQL: pip install 'psycopg[binary]')",
+            url=url,
+        ) from exc
+    except ArgumentError as exc:
+        raise IndexError_(f"invalid index URL {_display(url)}: {exc}", url=url) from exc
+
+
+def _make_engine(url: str, mounts: str | None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
@@ -163,7 +191,7 @@ def make_engine(url: str) -> Engine:
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
             json_serializer=json_serializer,
         )
-        event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path)))
+        event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path, mounts)))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, json_serializer=json_serializer)
@@ -221,6 +249,7 @@ def ensure_schema(engine: Engine, url: str) -> None:
     """Create or upgrade the schema to head, once, under a lock shared by processes."""
     try:
         if current_revision(engine) == SCHEMA_HEAD:
+            _check_tables(engine, url)
             return
         with _migration_lock(engine, url):
             revision = current_revision(engine)
@@ -242,6 +271,24 @@ def ensure_schema(engine: Engine, url: str) -> None:
                 url=url,
             ) from exc
         raise IndexError_(f"cannot open the index at {_display(url)}: {exc.orig}", url=url) from exc
+
+
+def _check_tables(engine: Engine, url: str) -> None:
+    """An index at head must hold every table; one dropped by hand is named, not queried."""
+    from sqlalchemy import inspect
+
+    from machinable.catalog.models import Base
+
+    with engine.connect() as conn:
+        present = set(inspect(conn).get_table_names())
+    missing = sorted(set(Base.metadata.tables) - present)
+    if missing:
+        raise IndexError_(
+            f"the index at {_display(url)} is damaged: table(s) {', '.join(missing)} are missing "
+            f"although it records schema revision {SCHEMA_HEAD!r}; move it aside (or drop it) and run "
+            "`machinable reindex` to rebuild it from the run directories",
+            url=url,
+        )
 
 
 def _upgrade(engine: Engine, url: str) -> None:

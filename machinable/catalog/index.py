@@ -529,6 +529,11 @@ class Index(Context):
                     )
                 )
             }
+        if storage is not None and not root.is_dir() and (root.exists() or not known):
+            # A mistyped path must not reindex "clean"; a deleted storage the index still
+            # lists is reindexed (its rows are dropped).
+            what = "is not a directory" if root.exists() else "does not exist"
+            raise FileNotFoundError(f"storage {root} {what}, and the index lists no runs there")
         rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
         found = rows or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
         if known and not found and not allow_empty:

@@ -13,7 +13,6 @@ value.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ TEXT_COLUMNS = ("uuid", "project", "module", "status", "config_key", "predicate_
 TIME_COLUMNS = ("created_at", "started_at", "finished_at", "failed_at", "updated_at")
 JSON_COLUMNS = ("config", "predicate")
 OPS = ("==", "!=", "<", "<=", ">", ">=")
+MAX_FIELD_LENGTH = 255
 _SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 
 
@@ -108,6 +108,8 @@ def check_field(name: str) -> tuple[str, tuple[str, ...]]:
     """Split a field into (column, json path), or raise QueryError naming it."""
     if not isinstance(name, str):
         raise QueryError(f"a field name must be a string, not {name!r}")
+    if len(name) > MAX_FIELD_LENGTH:
+        raise QueryError(f"field name {name[:40]!r}... is {len(name)} characters long; the limit is {MAX_FIELD_LENGTH}")
     head, _, rest = name.partition(".")
     if head in JSON_COLUMNS:
         path = tuple(rest.split(".")) if rest else ()
@@ -122,31 +124,123 @@ def check_field(name: str) -> tuple[str, tuple[str, ...]]:
     return head, ()
 
 
-# The string form.
+# The string form: a hand-written scanner and a recursive-descent parser. Every error
+# names the position (0-based) it was found at; size, nesting and term count are limited
+# so that no expression can exhaust the interpreter's stack or the database's.
 
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
-      | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-      | (?P<op>==|!=|<=|>=|<|>|=|\(|\)|,|\[|\])
-      | (?P<word>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)
-    )""",
-    re.X,
-)
+MAX_QUERY_LENGTH = 50_000  # characters: room for 'uuid in (...)' with MAX_TERMS uuids
+MAX_DEPTH = 24  # nested parentheses and 'not's: SQLite's parser stack overflows from about 30
+MAX_TERMS = 250  # comparisons and 'in' values: SQLite refuses expression trees deeper than 1000
+_INT64 = 2**63
+_NUMBER = re.compile(r"-?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+_OPERATORS = ("==", "!=", "<=", ">=", "<", ">", "=", "(", ")", ",", "[", "]")
+_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "/": "/", "n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
 _KEYWORDS = {"and", "or", "not", "in", "contains", "true", "false", "null", "none"}
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    position = 0
-    text = text.rstrip()
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if not match or match.end() == position:
-            raise QueryError(f"cannot parse {text[position:].strip()[:30]!r} in {text!r}")
-        kind = match.lastgroup or ""
-        out.append((kind, match.group(kind)))
-        position = match.end()
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # num, str, op, word
+    text: str  # as written
+    position: int
+    value: Any = None  # the decoded string or number
+
+
+def _excerpt(text: str, position: int) -> str:
+    if len(text) <= 60:
+        return repr(text)
+    start = max(0, position - 25)
+    return ("..." if start else "") + repr(text[start : position + 25]) + "..."
+
+
+def _error(text: str, message: str, position: int) -> QueryError:
+    return QueryError(f"{message} at position {position} of {_excerpt(text, position)}", position=position)
+
+
+def _string(text: str, start: int) -> tuple[str, int]:
+    """Decode the quoted string opening at ``start``; return it and the index past it."""
+    quote = text[start]
+    out: list[str] = []
+    i = start + 1
+    while i < len(text):
+        char = text[i]
+        if char == quote:
+            return "".join(out), i + 1
+        if char != "\\":
+            out.append(char)
+            i += 1
+            continue
+        escape = text[i + 1 : i + 2]
+        if escape in _ESCAPES:
+            out.append(_ESCAPES[escape])
+            i += 2
+        elif escape == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            code = int(text[i + 2 : i + 6], 16)
+            if 0xD800 <= code <= 0xDFFF:
+                raise _error(text, f"{text[i : i + 6]!r} is a lone surrogate, not a character", i)
+            out.append(chr(code))
+            i += 6
+        elif escape == "":
+            break
+        else:
+            raise _error(
+                text,
+                f"unknown escape {text[i : i + 2]} in a string (write \\\\ for a backslash, "
+                f"\\{quote} for a quote)",
+                i,
+            )
+    raise _error(text, f"unterminated string: no closing {quote} for the one", start)
+
+
+def _number(text: str, match: re.Match[str]) -> int | float:
+    written = match.group()
+    if not any(c in written for c in ".eE"):
+        digits = written.lstrip("-").lstrip("0")
+        # Bounded before int(): Python refuses to convert more than 4300 digits.
+        if len(digits) <= 19 and -_INT64 <= int(written) < _INT64:
+            return int(written)
+        raise _error(
+            text,
+            f"the integer {written[:30]}{'...' if len(written) > 30 else ''} does not fit in 64 bits "
+            f"(write it as a float, like {written.lstrip('-')[:1]}e{len(digits) - 1})",
+            match.start(),
+        )
+    value = float(written)
+    if value in (float("inf"), float("-inf")):
+        raise _error(text, f"the number {written[:30]} is too large for a float", match.start())
+    return value
+
+
+def _tokens(text: str) -> list[_Token]:
+    out: list[_Token] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            i += 1
+            continue
+        if char in "'\"":
+            value, end = _string(text, i)
+            out.append(_Token("str", text[i:end], i, value))
+            i = end
+            continue
+        number = _NUMBER.match(text, i)
+        if number and not _WORD.match(text, number.end()):
+            out.append(_Token("num", number.group(), i, _number(text, number)))
+            i = number.end()
+            continue
+        operator = next((op for op in _OPERATORS if text.startswith(op, i)), None)
+        if operator is not None:
+            out.append(_Token("op", operator, i))
+            i += len(operator)
+            continue
+        word = _WORD.match(text, i)
+        if word:
+            out.append(_Token("word", word.group(), i))
+            i = word.end()
+            continue
+        raise _error(text, f"cannot parse {text[i : i + 20]!r}", i)
     return out
 
 
@@ -155,35 +249,39 @@ class _Parser:
         self.text = text
         self.tokens = _tokens(text)
         self.i = 0
+        self.depth = 0
+        self.terms = 0
 
-    def peek(self) -> tuple[str, str] | None:
+    def error(self, message: str, token: _Token | None) -> QueryError:
+        return _error(self.text, message, token.position if token else len(self.text))
+
+    def peek(self) -> _Token | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
-    def take(self) -> tuple[str, str]:
+    def take(self, wanted: str) -> _Token:
         token = self.peek()
         if token is None:
-            raise QueryError(f"unexpected end of {self.text!r}")
+            raise self.error(f"expected {wanted} at the end of the expression", None)
         self.i += 1
         return token
 
     def word(self, value: str) -> bool:
         token = self.peek()
-        if token and token[0] == "word" and token[1].lower() == value:
+        if token and token.kind == "word" and token.text.lower() == value:
             self.i += 1
             return True
         return False
 
     def expect(self, value: str) -> None:
-        if self.peek() is None:
-            raise QueryError(f"expected {value!r} before the end of {self.text!r}")
-        kind, text = self.take()
-        if text != value:
-            raise QueryError(f"expected {value!r} but found {text!r} in {self.text!r}")
+        token = self.take(repr(value))
+        if token.text != value:
+            raise self.error(f"expected {value!r} but found {token.text[:30]!r}", token)
 
     def parse(self) -> Expr:
         expr = self.or_expr()
-        if self.peek() is not None:
-            raise QueryError(f"unexpected {self.peek()[1]!r} in {self.text!r}")  # type: ignore[index]
+        token = self.peek()
+        if token is not None:
+            raise self.error(f"unexpected {token.text[:30]!r} (join conditions with 'and' or 'or')", token)
         return expr
 
     def or_expr(self) -> Expr:
@@ -198,62 +296,88 @@ class _Parser:
             items.append(self.not_expr())
         return items[0] if len(items) == 1 else And(tuple(items))
 
+    def nest(self, token: _Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nested deeper than {MAX_DEPTH} levels of parentheses and 'not'", token)
+
     def not_expr(self) -> Expr:
-        if self.word("not"):
-            return Not(self.not_expr())
         token = self.peek()
-        if token and token[1] == "(":
-            self.take()
+        if self.word("not"):
+            self.nest(token)  # type: ignore[arg-type]
+            expr: Expr = Not(self.not_expr())
+            self.depth -= 1
+            return expr
+        if token and token.text == "(":
+            self.nest(token)
+            self.i += 1
             expr = self.or_expr()
             self.expect(")")
+            self.depth -= 1
             return expr
         return self.comparison()
 
+    def count(self, token: _Token) -> None:
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise self.error(f"expression has more than {MAX_TERMS} comparisons and 'in' values", token)
+
     def comparison(self) -> Expr:
-        kind, name = self.take()
-        if kind != "word" or name.lower() in _KEYWORDS:
-            raise QueryError(f"expected a field name but found {name!r} in {self.text!r}")
-        check_field(name)
+        token = self.take("a field name")
+        name = token.text
+        if token.kind != "word" or name.lower() in _KEYWORDS:
+            raise self.error(f"expected a field name but found {name[:30]!r}", token)
+        try:
+            check_field(name)
+        except QueryError as exc:
+            raise self.error(str(exc), token) from None
+        self.count(token)
         if self.word("in"):
             return Compare(name, "in", tuple(self.sequence()))
         if self.word("contains"):
             return Compare(name, "contains", self.value())
-        kind, op = self.take()
-        if kind != "op" or op not in OPS + ("=",):
-            raise QueryError(f"expected a comparison after {name!r} but found {op!r} in {self.text!r}")
-        return Compare(name, "==" if op == "=" else op, self.value())
+        op = self.take(f"a comparison after {name!r}")
+        if op.kind != "op" or op.text not in OPS + ("=",):
+            raise self.error(f"expected a comparison (=, !=, <, <=, >, >=, in, contains) after {name!r} but found {op.text[:30]!r}", op)
+        return Compare(name, "==" if op.text == "=" else op.text, self.value())
 
     def sequence(self) -> list[Any]:
-        kind, opening = self.take()
-        closing = {"(": ")", "[": "]"}.get(opening)
+        opening = self.take("'(' after 'in'")
+        closing = {"(": ")", "[": "]"}.get(opening.text)
         if closing is None:
-            raise QueryError(f"expected '(' after 'in' in {self.text!r}")
+            raise self.error(f"expected '(' after 'in' but found {opening.text[:30]!r}", opening)
         values = [self.value()]
-        while self.peek() and self.peek()[1] == ",":  # type: ignore[index]
-            self.take()
+        while (token := self.peek()) is not None and token.text == ",":
+            self.i += 1
+            self.count(token)
             values.append(self.value())
         self.expect(closing)
         return values
 
     def value(self) -> Any:
-        kind, text = self.take()
-        if kind == "num":
-            return float(text) if any(c in text for c in ".eE") else int(text)
-        if kind == "str":
-            return json.loads('"' + text[1:-1].replace('"', '\\"').replace("\\'", "'") + '"')
-        if kind == "word" and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        if kind == "word" and text.lower() in ("null", "none"):
+        token = self.take("a value")
+        if token.kind in ("num", "str"):
+            return token.value
+        if token.kind == "word" and token.text.lower() in ("true", "false"):
+            return token.text.lower() == "true"
+        if token.kind == "word" and token.text.lower() in ("null", "none"):
             return None
-        if kind == "word":
-            raise QueryError(f"{text!r} is not a value; quote strings ('{text}') in {self.text!r}")
-        raise QueryError(f"expected a value but found {text!r} in {self.text!r}")
+        if token.kind == "word":
+            raise self.error(f"{token.text[:30]!r} is not a value; quote strings ('{token.text[:30]}')", token)
+        raise self.error(f"expected a value but found {token.text[:30]!r}", token)
 
 
 def parse(text: str) -> Expr:
-    """Parse the string form, e.g. ``"config.lr > 0.1 and status = 'finished'"``."""
-    if not isinstance(text, str) or not text.strip():
-        raise QueryError("empty search expression")
+    """Parse the string form, e.g. ``"config.lr > 0.1 and status = 'finished'"``.
+
+    Raises QueryError with ``.position`` (0-based) for anything that is not an expression.
+    """
+    if not isinstance(text, str):
+        raise QueryError(f"a search expression must be a string, not {type(text).__name__}")
+    if len(text) > MAX_QUERY_LENGTH:
+        raise _error(text, f"search expression is {len(text)} characters long; the limit is {MAX_QUERY_LENGTH}", MAX_QUERY_LENGTH)
+    if not text.strip():
+        raise QueryError("empty search expression at position 0", position=0)
     return _Parser(text).parse()
 
 
