@@ -31,6 +31,7 @@ from machinable.errors import (
     ConfigError,
     MachinableError,
     NotMountedError,
+    ReadOnlyCatalog,
     RecordError,
     UnsafeFileError,
 )
@@ -325,6 +326,12 @@ class Interface:
             return self
         if self.config_error:
             raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
+        if self._index.read_only:
+            raise ReadOnlyCatalog(
+                f"run {self.uuid} ({self.module}) is not in {self._index!r}, a read-only remote "
+                "catalog: it cannot be launched from here",
+                url=self._index.resolved_url,
+            )
         self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
@@ -416,6 +423,8 @@ class Interface:
         ``save_file`` writes is signed) or with ``allow_pickle=True``: unpickling a
         collaborator's file would run whatever code it carries.
         """
+        if self._index.read_only and not self.is_mounted():
+            return self._index.load_file(self.uuid, name, default)  # type: ignore[attr-defined]
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:

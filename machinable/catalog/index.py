@@ -79,6 +79,24 @@ def set_defaults(defaults: Defaults) -> None:
 class Index(Context):
     """The catalog of runs: a SQLite file by default, any SQLAlchemy URL otherwise."""
 
+    #: True for catalogs that cannot record runs (a remote catalog server)
+    read_only: bool = False
+    #: URL schemes served by Index subclasses (``http`` -> catalog.remote.RemoteIndex)
+    _schemes: dict[str, type[Index]] = {}
+
+    def __new__(cls, spec: str | os.PathLike[str] | None = None) -> Index:
+        if cls is Index and spec is not None:
+            scheme = os.fspath(spec).partition("://")[0].lower()
+            kind = Index._schemes.get(scheme) if "://" in os.fspath(spec) else None
+            if kind is not None:
+                return super().__new__(kind)
+        return super().__new__(cls)
+
+    @classmethod
+    def register_scheme(cls, scheme: str, kind: type[Index]) -> None:
+        """Let ``Index(url)`` with this URL scheme make a ``kind`` (without an import cycle)."""
+        Index._schemes[scheme] = kind
+
     def __init__(self, spec: str | os.PathLike[str] | None = None):
         self.url = to_url(spec) if spec is not None else None
 
