@@ -282,11 +282,12 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             if state == "conflict" or (recorded is not None and theirs != recorded):
                 ours = f"the run's digest is {recorded}" if recorded else "the local copy differs"
                 note(name, "conflicting copy", f"{store} holds digest {theirs}; {ours}")
-        if checksums and row is not None:
-            _check_digest(index, directory, name, row["digest"], note)
         if checksums:
+            before = len(report.findings)
             if name not in stored or not _check_contents(index, directory, name, note):
                 report.unchecked.append(name)
+            if row is not None and len(report.findings) == before:  # no file named yet
+                _check_digest(index, directory, name, row["digest"], note)
 
 
 def _dead(directory: Path) -> bool:
