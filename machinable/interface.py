@@ -327,8 +327,10 @@ class Interface:
             raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
         directory = self._default_directory()
         header, model = self._headers()
-        fresh = write_record(directory, header, model)
+        # The lock is taken before the record is written, so a run directory that exists
+        # with its lock free is complete: verify tells runs in flight from broken ones.
         with filelock.FileLock(launch_lock(directory)):
+            fresh = write_record(directory, header, model)
             # Whoever wrote the record, another process may have taken the lock first
             # and finished the run while this one waited.
             if os.path.isfile(directory / "finished_at"):

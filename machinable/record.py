@@ -119,7 +119,7 @@ def launch_lock(directory: Path) -> str:
     """
     locks = directory.parent / LOCKS_DIR
     if locks not in _LOCK_DIRS:
-        locks.mkdir(exist_ok=True)
+        locks.mkdir(parents=True, exist_ok=True)
         _LOCK_DIRS.add(locks)
     return str(locks / f"{directory.name}.lock")
 

@@ -15,9 +15,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import filelock
+
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
 from machinable.progress import enabled
-from machinable.record import SENTINEL
+from machinable.record import SENTINEL, launch_lock
 from machinable.stores import transfer
 from machinable.stores.availability import Copy, copies, known_stores, record_copies, register
 from machinable.stores.manifest import build_manifest, manifest_checksum
@@ -263,8 +265,10 @@ def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
             f"Make one first with `machinable push {run.uuid} --to <store URL>` (or run.push(store))",
             uuid=run.uuid,
         )
-    _remove_tree(directory)
-    index.drop_location(run.uuid, directory)
+    # Under the run's launch lock: verify reports a run being evicted as in flight.
+    with filelock.FileLock(launch_lock(Path(directory))):
+        _remove_tree(directory)
+        index.drop_location(run.uuid, directory)
     return directory
 
 
