@@ -61,3 +61,23 @@ def test_an_upward_import_inside_a_function_breaks_both_checks(tmp_path: Path):
     assert counted.returncode == 1
     assert "upward imports from the catalog: 1" in counted.stdout
     assert "modules in import cycles: 0" not in counted.stdout
+
+
+def test_every_module_of_the_package_has_a_layer():
+    """A module missing from the contract would be free to import anything."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    [layers] = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    named = {
+        part.strip().strip("()")
+        for layer in layers["layers"]
+        for part in layer.replace(":", "|").split("|")
+    }
+    package = REPO / "machinable"
+    children = {
+        path.stem if path.is_file() else path.name
+        for path in package.iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()
+    }
+    assert children - named == set(), f"give these modules a layer in pyproject.toml: {sorted(children - named)}"
