@@ -366,8 +366,10 @@ class Interface:
         self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
-        fresh = write_record(directory, header, model)
+        # The lock is taken before the record is written, so a run directory that exists
+        # with its lock free is complete: verify tells runs in flight from broken ones.
         with FileLock(launch_lock(directory)):
+            fresh = write_record(directory, header, model)
             # Whoever wrote the record, another process may have taken the lock first
             # and finished the run while this one waited.
             if os.path.isfile(directory / "finished_at"):

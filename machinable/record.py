@@ -126,7 +126,7 @@ def launch_lock(directory: Path) -> str:
     locks = directory.parent / LOCKS_DIR
     if locks not in _LOCK_DIRS:
         try:
-            locks.mkdir()
+            locks.mkdir(parents=True)
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(locks).st_mode):  # a link would put locks elsewhere
                 raise UnsafeFileError(

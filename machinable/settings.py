@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 
@@ -55,3 +56,18 @@ def cache_setting() -> str:
         return explicit
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "machinable")
+
+
+def kill_point(name: str, count: int) -> None:
+    """A test hook, inert unless ``MACHINABLE_TEST_KILL_AT`` is ``name:N``: then the
+    process SIGKILLs itself when ``count`` reaches N (tests kill a child at a named
+    point instead of polling for a window to kill it in)."""
+    wanted = os.environ.get("MACHINABLE_TEST_KILL_AT")
+    if wanted and wanted.startswith(name + ":") and wanted[len(name) + 1 :].isdigit():
+        if count >= int(wanted[len(name) + 1 :]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at() -> str | None:
+    """``MACHINABLE_TEST_KILL_AT``: tests only (see ``kill_point``)."""
+    return os.environ.get("MACHINABLE_TEST_KILL_AT") or None

@@ -48,6 +48,10 @@ def test_install_and_test_commands_are_the_first_two_blocks() -> None:
     assert "pytest" in second
     ci = (REPO / ".ci" / "run").read_text()
     assert second.strip() in ci
+    # CI starts from a fresh environment, and provisions what the tests connect to.
+    assert ci.index("rm -rf .venv") < ci.index(second.strip())
+    assert "createuser --superuser $PG_ROLE" in ci and "createdb --owner $PG_ROLE $PG_DATABASE" in ci
+    assert "PG_ROLE=root" in ci and "PG_DATABASE=test" in ci
 
 
 def test_cli_examples_run(tmp_path: Path, index_backend: str) -> None:

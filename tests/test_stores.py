@@ -17,6 +17,7 @@ import os
 import pty
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1005,18 +1006,14 @@ def test_an_interrupted_push_is_never_reported_present_and_a_retry_completes(
     connected = s3.connect()
     _, root = connected._fs()
     observer = s3_server.filesystem()
-    seen: list[str] = []
 
-    def underway() -> bool:
-        observer.invalidate_cache()
-        try:
-            seen[:] = observer.find(root)
-        except FileNotFoundError:
-            return False
-        return len(seen) >= 60
-
-    process = machinable_process(["push", "--all", "--to", s3.url], project, child_env(s3))
-    kill_when(process, underway, "push")
+    # The push kills itself once 60 files have landed (a named point, not a polled window).
+    process = machinable_process(
+        ["push", "--all", "--to", s3.url], project, child_env(s3, MACHINABLE_TEST_KILL_AT="push-file:60")
+    )
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, (process.returncode, out, err[-3000:])
+    assert len(observer.find(root)) >= 60
 
     index = Index.get()
     present = []

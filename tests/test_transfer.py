@@ -6,6 +6,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import uuid as uuidlib
@@ -30,8 +31,6 @@ from machinable.stores.transfer import (
     store_uri,
     verify_remote,
 )
-
-from conftest import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -408,9 +407,12 @@ print("finished", flush=True)
 """
 
 
-def spawn(mode: str, url: str, options: dict, storage: Path, dest: Path) -> subprocess.Popen:
+def spawn(mode: str, url: str, options: dict, storage: Path, dest: Path, kill_at: str) -> subprocess.Popen:
+    """A push or fetch in a child that SIGKILLs itself at the named point (kill_at)."""
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        MACHINABLE_TEST_KILL_AT=kill_at,
     )
     argument = json.dumps([mode, url, options, str(storage), str(dest)])
     return subprocess.Popen(
@@ -421,6 +423,11 @@ def spawn(mode: str, url: str, options: dict, storage: Path, dest: Path) -> subp
         stderr=subprocess.PIPE,
     )
 
+
+
+def killed(process: subprocess.Popen) -> None:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, (process.returncode, out, err[-3000:])
 
 
 def many_runs(storage: Path, count: int = 150) -> list[Path]:
@@ -438,15 +445,11 @@ def test_interrupted_push_is_never_present_and_a_retry_completes_it(
     runs = many_runs(storage)
     fs, root = open_store(url, **options)
     observer = s3_server.filesystem()
-    seen: list[str] = []
 
-    def underway() -> bool:
-        observer.invalidate_cache()
-        seen[:] = observer.find(root)
-        return len(seen) >= 80
-
-    process = spawn("push", url, options, storage, tmp_path)
-    kill_when(process, underway, "push")
+    process = spawn("push", url, options, storage, tmp_path, kill_at="push-file:80")
+    killed(process)
+    seen = observer.find(root)
+    assert len(seen) >= 80  # it was killed once 80 files had landed, mid-transfer
     assert not any(p.endswith(MANIFEST_NAME) for p in seen)
 
     fs.invalidate_cache()
@@ -495,14 +498,10 @@ def test_interrupted_fetch_leaves_nothing_and_a_retry_completes_it(
     dest = tmp_path / "dest"
     dest.mkdir()
 
-    def underway() -> bool:
-        staged = sum(
-            len(files) for partial in dest.glob(".*.partial-*") for _, _, files in os.walk(partial)
-        )
-        return staged >= 80
-
-    process = spawn("fetch", url, options, storage, dest)
-    kill_when(process, underway, "fetch")
+    process = spawn("fetch", url, options, storage, dest, kill_at="fetch-file:80")
+    killed(process)
+    staged = sum(len(files) for partial in dest.glob(".*.partial-*") for _, _, files in os.walk(partial))
+    assert staged >= 80
     assert [
         p
         for p in dest.iterdir()

@@ -11,9 +11,11 @@ everywhere) and says what it changed. A checkpoint file makes long passes resuma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from sqlalchemy import delete, select, tuple_
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
 from machinable.catalog.rows import read_markers, row_values
-from machinable.errors import MachinableError, RecordError, StoreError, UnsafeFileError
-from machinable.locks import is_held
+from machinable.errors import LockTimeout, MachinableError, RecordError, StoreError, UnsafeFileError
+from machinable.locks import FileLock, is_held
 from machinable.progress import track
 from machinable.record import LOCKS_DIR, atomic_write, is_uuid, read_record, status_of
 from machinable.storage import Storage
@@ -56,6 +58,7 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     resumed_after: str | None = None
     unchecked: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
 
     @property
     def unrepaired(self) -> list[Finding]:
@@ -77,6 +80,12 @@ class VerifyReport:
             f"checked {self.checked} run directories in {self.storage}: "
             f"{len(self.findings)} problem(s), {repaired} repaired, {len(self.unrepaired)} left"
         )
+        if self.in_flight:
+            lines.append(
+                f"{len(self.in_flight)} run(s) in flight (being launched or evicted by another "
+                f"process, their lock held): not problems; verify again later to check them: "
+                f"{', '.join(self.in_flight[:5])}{' ...' if len(self.in_flight) > 5 else ''}"
+            )
         if self.unchecked:
             lines.append(
                 f"{len(self.unchecked)} run(s) have no verified store copy, so their file "
@@ -185,12 +194,18 @@ def verify(
     for directory, run_uuid in _located(index, str(root)):
         if directory.startswith(prefix) and directory[len(prefix) :] in seen or os.path.isdir(directory):
             continue
-        note(
-            run_uuid,
-            "directory missing",
-            f"indexed at {directory}, which is gone",
-            lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
-        )
+        with _settled(Path(directory)) as free:
+            if free is False:  # an eviction under way: its lock is held
+                report.in_flight.append(run_uuid)
+                continue
+            if os.path.isdir(directory) or not _still_located(index, run_uuid, directory):
+                continue  # changed before the lock was ours: nothing is wrong
+            note(
+                run_uuid,
+                "directory missing",
+                f"indexed at {directory}, which is gone",
+                lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
+            )
     if checkpoint.exists():
         checkpoint.unlink()
     return report
@@ -249,34 +264,24 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
     for name in names:
         directory = root / name
         report.checked += 1
-        try:
-            header, model, entries = read_record(directory)
-        except RecordError as exc:
-            note(str(directory), "invalid record", str(exc).replace(f"{directory}: ", ""))
+        pending: list[tuple[Any, ...]] = []
+        if not _check_run(index, directory, name, rows.get(name), located, lambda *a, p=pending: p.append(a)):
             continue
-        except FileNotFoundError:
-            continue
+        if pending:
+            # Something looks wrong: look again with the run's lock held. A launch or an
+            # eviction in another process holds it from start to finish, so a held lock
+            # means in flight, and what is still wrong under the lock is a real problem.
+            with _settled(directory) as free:
+                if free is False:
+                    report.in_flight.append(name)
+                    continue
+                if free is True:
+                    row, here = _fresh_row(index, name)
+                    _check_run(index, directory, name, row, here, note, holding=True)
+                else:  # no run was ever launched here: no lock to look under
+                    for finding in pending:
+                        note(*finding)
         row = rows.get(name)
-        ingest = lambda d=directory: index.ingest_directory(d)  # noqa: E731
-        disk_status = status_of(entries)
-        if row is None:
-            note(name, "not indexed", f"{directory} holds a run the index does not know", ingest)
-        else:
-            differing = [k for k in ("project", "module", "config_key", "predicate_key") if row[k] != header[k]]
-            if differing:
-                note(name, "identity collision", f"the index row has a different {', '.join(differing)}")
-                continue
-            if row["status"] != disk_status:
-                expected = row_values(header, model, read_markers(directory, entries))["status"]
-                note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
-            elif (name, str(directory)) not in located:
-                note(name, "location missing", f"the index does not list {directory}", ingest)
-        if disk_status == "started":
-            try:
-                if _dead(directory):
-                    note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
-            except UnsafeFileError as exc:
-                note(name, "unsafe lock", f"{exc}; remove it")
         for store, state, theirs in conflicts.get(name, []):
             recorded = row["digest"] if row is not None else None
             if state == "conflict" or (recorded is not None and theirs != recorded):
@@ -288,6 +293,82 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 report.unchecked.append(name)
             if row is not None and len(report.findings) == before:  # no file named yet
                 _check_digest(index, directory, name, row["digest"], note)
+
+
+def _check_run(
+    index: Index, directory: Path, name: str, row: Any, located: set[tuple[str, str]], note: Any, holding: bool = False
+) -> bool:
+    """Note what is wrong with one run directory; False when it is gone."""
+    try:
+        header, model, entries = read_record(directory)
+    except RecordError as exc:
+        note(str(directory), "invalid record", str(exc).replace(f"{directory}: ", ""))
+        return True
+    except FileNotFoundError:
+        return False
+    ingest = lambda d=directory: index.ingest_directory(d)  # noqa: E731
+    disk_status = status_of(entries)
+    if row is None:
+        note(name, "not indexed", f"{directory} holds a run the index does not know", ingest)
+    else:
+        differing = [k for k in ("project", "module", "config_key", "predicate_key") if row[k] != header[k]]
+        if differing:
+            note(name, "identity collision", f"the index row has a different {', '.join(differing)}")
+            return True
+        if row["status"] != disk_status:
+            expected = row_values(header, model, read_markers(directory, entries))["status"]
+            note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
+        elif (name, str(directory)) not in located:
+            note(name, "location missing", f"the index does not list {directory}", ingest)
+    if disk_status == "started":
+        try:
+            if holding or _dead(directory):
+                note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
+        except UnsafeFileError as exc:
+            note(name, "unsafe lock", f"{exc}; remove it")
+    return True
+
+
+def _fresh_row(index: Index, name: str) -> tuple[Any, set[tuple[str, str]]]:
+    with index.engine.connect() as conn:
+        row = conn.execute(select(RUNS).where(RUNS.c.uuid == name)).mappings().first()
+        located = {
+            (run_uuid, directory)
+            for run_uuid, directory in conn.execute(
+                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == name)
+            )
+        }
+    return row, located
+
+
+def _still_located(index: Index, uuid: str, directory: str) -> bool:
+    with index.engine.connect() as conn:
+        return (
+            conn.execute(
+                select(LOCATIONS.c.id).where(LOCATIONS.c.run_uuid == uuid, LOCATIONS.c.directory == directory)
+            ).first()
+            is not None
+        )
+
+
+@contextlib.contextmanager
+def _settled(directory: Path) -> Iterator[bool | None]:
+    """Hold the run's launch lock if it is free: yields True while holding it, False
+    when another process holds it, None when no run was ever launched in this storage."""
+    path = directory.parent / LOCKS_DIR / f"{directory.name}.lock"
+    if not path.parent.is_dir():
+        yield None
+        return
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except LockTimeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _dead(directory: Path) -> bool:

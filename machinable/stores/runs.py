@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from machinable.errors import CopyConflict, EvictionRefused, NotMountedError, StoreError
+from machinable.locks import FileLock
 from machinable.progress import enabled
-from machinable.record import SENTINEL, removal_problem, remove_record
+from machinable.record import SENTINEL, launch_lock, removal_problem, remove_record
 from machinable.stores import transfer
 from machinable.stores.availability import Copy, copies, known_stores, record_copies, register
 from machinable.stores.manifest import build_manifest, manifest_digest
@@ -358,9 +359,11 @@ def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
             "(or run.push(store))",
             uuid=run.uuid,
         )
-    index.set_digest(run.uuid, digest)
-    remove_record(directory, run.uuid, root)
-    index.drop_location(run.uuid, directory)
+    # Under the run's launch lock: verify reports a run being evicted as in flight.
+    with FileLock(launch_lock(Path(directory))):
+        index.set_digest(run.uuid, digest)
+        remove_record(directory, run.uuid, root)
+        index.drop_location(run.uuid, directory)
     return directory
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.callbacks import Callback
 
 from machinable.errors import StoreError
 from machinable.locks import FileLock
 from machinable.progress import transfer_callback
 from machinable.record import SENTINEL
+from machinable.settings import kill_at, kill_point
 from machinable.stores.manifest import (
     CHUNK,
     MANIFEST_NAME,
@@ -521,6 +523,31 @@ def _upload_present(
             if not gone:
                 raise
             uuids = [uuid for uuid in uuids if uuid not in gone]
+def _with_kill_point(callback: Callback, name: str) -> Callback:
+    """The callback itself, unless a test asked to be killed after ``name:N`` files."""
+    if kill_at() is None:
+        return callback
+    return _CountingCallback(callback, name)
+
+
+class _CountingCallback(Callback):
+    """Forwards to ``inner`` and passes kill_point(name, files done) after each file."""
+
+    def __init__(self, inner: Callback, name: str) -> None:
+        super().__init__()
+        self._inner, self._name = inner, name
+
+    def set_size(self, size: int) -> None:
+        self._inner.set_size(size)
+        super().set_size(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._inner.relative_update(inc)
+        super().relative_update(inc)
+        kill_point(self._name, self.value)
+
+    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Any:
+        return self._inner.branched(path_1, path_2, **kwargs)
 
 
 def _remove(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -562,7 +589,7 @@ def _upload(
             fs.makedirs(parent, exist_ok=True)
     with transfer_callback(progress, f"push {len(uuids)} run(s)") as callback:
         try:
-            fs.put(local, remote, callback=callback)
+            fs.put(local, remote, callback=_with_kill_point(callback, "push-file"))
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -697,7 +724,7 @@ def _download_runs(
         return
     with transfer_callback(progress, f"fetch {len(manifests)} run(s)") as callback:
         try:
-            fs.get(remote, local, callback=callback)
+            fs.get(remote, local, callback=_with_kill_point(callback, "fetch-file"))
         except FileNotFoundError as exc:
             raise StoreError(
                 f"{store_uri(fs, root)} lost a file during the fetch: {exc}",
