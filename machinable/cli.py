@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from machinable.errors import MachinableError, ProjectNotFound
+from machinable.redact import redact
 
 
 class _UsageError(click.ClickException):
@@ -54,7 +55,7 @@ class _Group(click.Group):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join((str(exc) or type(exc).__name__).split())
+    text = redact(" ".join((str(exc) or type(exc).__name__).split()))
     if len(text) > MAX_MESSAGE:  # a message quoting a huge argument back
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
     return printable(text)
@@ -335,15 +336,16 @@ def _config_checker(project: Any) -> Callable[[Any], str | None]:
 @click.argument("storage", required=False, callback=_given)
 @click.option("--full", is_flag=True, help="Read every directory, not only those changed since the last pass.")
 @click.option("--remotes", is_flag=True, help="Also rebuild store availability by listing every known store.")
+@click.option("--allow-empty", is_flag=True, help="Drop the runs of a storage that is missing or empty (refused otherwise).")
 @click.pass_obj
-def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool) -> None:
+def reindex_command(obj: dict[str, Any], storage: str | None, full: bool, remotes: bool, allow_empty: bool) -> None:
     """Bring the index in line with the run directories of STORAGE (default: the connected storage)."""
     from machinable import Index
     from machinable.operations.reindex import reindex_stores
 
     with _contexts(obj):
         index = Index.get()
-        report = index.reindex(storage, full=full, progress=_progress(obj))
+        report = index.reindex(storage, full=full, progress=_progress(obj), allow_empty=allow_empty)
         if remotes:
             reindex_stores(index, report)
     click.echo(str(report))
@@ -409,6 +411,8 @@ def push_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str, select
         results = push(Index.get(), target, [(ref.uuid, ref.local_directory()) for ref in refs], progress=_progress(obj))
     size = sum(result.size for result in results.values())
     click.echo(f"pushed {len(results)} run(s), {size} bytes, to {target.uri} (verified)")
+    if len(results) < len(refs):
+        click.echo(f"skipped {len(refs) - len(results)} run(s) no longer here (evicted meanwhile)")
 
 
 @cli.command("pull")
@@ -437,19 +441,33 @@ def pull_command(obj: dict[str, Any], uuids: tuple[str, ...], store: str | None,
 @click.option("--max-age", type=click.FloatRange(min=0, max=24 * 365 * 1000), callback=_hours_or_seconds, default=24.0, show_default=True, help="Trust a store's verification this many hours; older ones are re-verified now.")
 @click.pass_obj
 def evict_command(obj: dict[str, Any], uuids: tuple[str, ...], select_all: bool, where: str | None, max_age: float) -> None:
-    """Delete local copies of runs that have a verified copy in a store."""
+    """Delete local copies of runs that have a verified copy in a store.
+
+    Named runs that cannot be evicted are an error; with --all or --where such runs
+    (no store copy with their digest, not finished) are kept and counted.
+    """
     from datetime import timedelta
 
+    from machinable.errors import EvictionRefused
     from machinable.stores import evict
 
     with _contexts(obj):
         evicted = 0
+        kept: list[str] = []
         for ref in _refs(uuids, select_all, where):
             if not ref.is_mounted():
                 continue
-            evict(ref, max_age=timedelta(hours=max_age))
+            try:
+                evict(ref, max_age=timedelta(hours=max_age))
+            except EvictionRefused:
+                if uuids:
+                    raise
+                kept.append(ref.uuid)
+                continue
             evicted += 1
     click.echo(f"evicted {evicted} run(s)")
+    if kept:
+        click.echo(f"kept {len(kept)} run(s) that no store holds with the same digest (push them first)")
 
 
 @cli.command("whereis")
@@ -466,15 +484,15 @@ def whereis_command(obj: dict[str, Any], uuid: str) -> None:
         (ref,) = _refs((uuid,), False, None)
         found = whereis(ref)
     table = Table(box=None, pad_edge=False)
-    for column in ("store", "where", "state", "size", "checksum", "verified"):
-        table.add_column(column, no_wrap=column in ("where", "checksum"))
+    for column in ("store", "where", "state", "size", "digest", "verified"):
+        table.add_column(column, no_wrap=column in ("where", "digest"))
     for copy in found:
         table.add_row(
             _cell(copy.store),
             _cell(copy.url),
             _cell(copy.state),
             _cell("" if copy.size is None else str(copy.size)),
-            _cell((copy.checksum or "")[:16]),
+            _cell(copy.checksum or ""),
             _cell(copy.verified_at.strftime("%Y-%m-%d %H:%M:%S") if copy.verified_at else ""),
         )
     Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000).print(table)
@@ -572,13 +590,13 @@ def find_command(obj: dict[str, Any], uuid: str) -> None:
 @cli.command("fetch")
 @click.argument("names", nargs=-1)
 @click.option("--check", is_flag=True, help="Verify cached remotes against interface/remotes.lock; fetch nothing.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=24 * 3600), callback=_hours_or_seconds, default=None, help="Seconds before a download gives up (default 30).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=24 * 3600), callback=_hours_or_seconds, default=None, help="Seconds to wait for the server each time (default 30, MACHINABLE_REMOTE_TIMEOUT).")
 @click.pass_obj
 def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, timeout: float | None) -> None:
     """Download the project's declared remotes (or NAMES) without importing them."""
     from machinable import Project
     from machinable import remotes as remote_fetch
-    from machinable.settings import remote_timeout
+    from machinable.redact import redact
 
     with _contexts(obj):
         project = Project.get()
@@ -602,10 +620,10 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
     if not wanted:
         click.echo("the project declares no remotes (interface/project.py, on_resolve_remotes)")
         return
-    fetched = remote_fetch.fetch_all(project.path, wanted, timeout=timeout or remote_timeout())
+    fetched = remote_fetch.fetch_all(project.path, wanted, timeout=timeout)
     for item in fetched:
         verb = "fetched" if item.fetched else "cached "
-        click.echo(f"{verb} {item.name} from {item.source}\n  -> {item.path}\n  sha256 {item.sha256}")
+        click.echo(f"{verb} {item.name} from {redact(item.source)}\n  -> {item.path}\n  sha256 {item.sha256}")
 
 
 @cli.command("serve")

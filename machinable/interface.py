@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
-import filelock
 from pydantic import BaseModel
 
 from machinable.catalog.index import Index
@@ -34,6 +33,7 @@ from machinable.errors import (
     NotMountedError,
     ReadOnlyCatalog,
     RecordError,
+    UnsafeFileError,
 )
 from machinable.identity import (
     canonical_config,
@@ -42,6 +42,7 @@ from machinable.identity import (
     config_key,
     predicate_key,
 )
+from machinable.locks import FileLock, is_held, open_regular
 from machinable.project import Project
 from machinable.record import (
     ERROR_FILE,
@@ -254,13 +255,7 @@ class Interface:
             return on_disk
         # launch() holds the lock from started_at to finished_at; a process that dies
         # releases it. (Only a lock taken on this machine's filesystem is seen.)
-        lock = filelock.FileLock(launch_lock(directory), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            return "started"
-        lock.release()
-        return "stale"
+        return "started" if is_held(launch_lock(directory)) else "stale"
 
     def cached(self) -> bool:
         """True when the run finished and its data exists: here, in another location
@@ -337,10 +332,11 @@ class Interface:
                 "catalog: it cannot be launched from here",
                 url=self._index.resolved_url,
             )
+        self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
         fresh = write_record(directory, header, model)
-        with filelock.FileLock(launch_lock(directory)):
+        with FileLock(launch_lock(directory)):
             # Whoever wrote the record, another process may have taken the lock first
             # and finished the run while this one waited.
             if os.path.isfile(directory / "finished_at"):
@@ -420,18 +416,33 @@ class Interface:
         atomic_write(path, encode_file(path, data))
         return path
 
-    def load_file(self, name: str, default: Any = None) -> Any:
-        """Read a file of the run back, or ``default`` if it does not exist."""
+    def load_file(self, name: str, default: Any = None, *, allow_pickle: bool = False) -> Any:
+        """Read a file of the run back, or ``default`` if it does not exist.
+
+        A ``.p`` file is unpickled only when this user's key signed it (every pickle
+        ``save_file`` writes is signed) or with ``allow_pickle=True``: unpickling a
+        collaborator's file would run whatever code it carries.
+        """
         if self._index.read_only and not self.is_mounted():
             return self._index.load_file(self.uuid, name, default)  # type: ignore[attr-defined]
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except (FileNotFoundError, IsADirectoryError):
+            # A FIFO or a device among a collaborator's files is refused, never read.
+            fd = open_regular(path, follow=True)
+        except FileNotFoundError:
+            if not os.path.isfile(os.path.join(directory, SENTINEL)):
+                # Evicted (or moved away) between the check above and the open: the
+                # directory leaves in one rename, so its sentinel tells.
+                return self.load_file(name, default, allow_pickle=allow_pickle)
             return default
-        return decode_file(path, raw)
+        except UnsafeFileError as exc:
+            if os.path.isdir(path):
+                return default
+            raise UnsafeFileError(f"run {self.uuid}: cannot load {name!r}: {exc}", path=path) from exc
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read()
+        return decode_file(path, raw, allow_pickle=allow_pickle)
 
     # Collections.
 

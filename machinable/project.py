@@ -21,7 +21,6 @@ from types import ModuleType
 from machinable import remotes as remote_fetch
 from machinable.context import Context, innermost
 from machinable.errors import ModuleResolutionError
-from machinable.settings import remote_timeout
 
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -214,9 +213,7 @@ def _remote_file(project: Project, module: str) -> Path | None:
     cached = remote_fetch.remote_path(project.path, module)
     if "#" not in source and cached.is_file():
         return cached  # already fetched and nothing pinned: no lock, no hashing
-    fetched = remote_fetch.fetch_remote(
-        project.path, module, remotes[module], timeout=remote_timeout()
-    )
+    fetched = remote_fetch.fetch_remote(project.path, module, remotes[module])
     return fetched.path
 
 

@@ -8,16 +8,22 @@ name first and is renamed into place, so a crash leaves the old or the new file.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import pickle
+import shutil
+import stat
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from machinable.errors import PathEscapeError, RecordError
+from machinable.errors import PathEscapeError, PickleRefused, RecordError, UnsafeFileError
 from machinable.identity import FORMAT_VERSION, UUID_LENGTH, compute_uuid
+from machinable.locks import open_regular
+from machinable.settings import key_file
 
 SENTINEL = ".machinable"
 ID_FILE = "id.json"
@@ -119,7 +125,15 @@ def launch_lock(directory: Path) -> str:
     """
     locks = directory.parent / LOCKS_DIR
     if locks not in _LOCK_DIRS:
-        locks.mkdir(exist_ok=True)
+        try:
+            locks.mkdir()
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(locks).st_mode):  # a link would put locks elsewhere
+                raise UnsafeFileError(
+                    f"{locks} is not a directory (a link?); machinable keeps its launch locks "
+                    "in a real directory there: remove it",
+                    path=locks,
+                ) from None
         _LOCK_DIRS.add(locks)
     return str(locks / f"{directory.name}.lock")
 
@@ -143,17 +157,32 @@ def clear(directory: Path, *names: str) -> None:
             pass
 
 
-def read_bytes(path: str | Path, dir_fd: int | None = None) -> bytes:
-    """Read a small file with plain syscalls (reindex reads millions of them)."""
-    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_MARKER_BYTES = 4096
+
+
+def read_bytes(path: str | Path, dir_fd: int | None = None, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """Read a small file of a record with plain syscalls (reindex reads millions of them).
+
+    Only a regular file that is not a link is read, and at most ``limit`` bytes: a FIFO
+    named ``id.json`` or a ``model.json`` linked to ``/dev/zero`` is an error, never a hang.
+    """
+    fd = open_regular(path, dir_fd=dir_fd)
     try:
         chunk = os.read(fd, 65536)
         if len(chunk) < 65536:  # a regular file read short of the buffer is complete
             return chunk
         chunks = [chunk]
+        size = len(chunk)
         while chunk:
             chunk = os.read(fd, 65536)
             chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UnsafeFileError(
+                    f"{os.fspath(path)} is larger than {limit} bytes; a record header is never that large",
+                    path=path,
+                )
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -176,8 +205,8 @@ def read_json(path: str | Path, dir_fd: int | None = None) -> Any:
 
 def read_marker(directory: Path, marker: str) -> datetime | None:
     try:
-        return parse_timestamp((directory / marker).read_text())
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return parse_timestamp(read_bytes(directory / marker, limit=MAX_MARKER_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError):  # missing, a FIFO, a link, too large: no marker
         return None
 
 
@@ -270,6 +299,61 @@ def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[s
     return header, model, names
 
 
+TRASH_PREFIX = ".trash-"
+
+
+def removal_problem(directory: str | os.PathLike[str], uuid: str, root: str | os.PathLike[str]) -> str | None:
+    """Why ``directory`` must not be deleted as run ``uuid``'s record, or None.
+
+    Only a real directory (not a link) directly under the storage ``root``, named
+    ``uuid``, holding the sentinel and an ``id.json`` that names ``uuid`` may go: an
+    index row, a store or a collaborator may point anywhere.
+    """
+    path = Path(os.path.abspath(directory))
+    base = Path(os.path.abspath(root))
+    if path.parent != base or os.path.realpath(path.parent) != os.path.realpath(base):
+        return f"{path} is not directly under the storage root {base}"
+    if path.name != uuid:
+        return f"{path} is not named after run {uuid}"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is {'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a directory'}"
+    try:
+        sentinel = os.lstat(path / SENTINEL)
+    except FileNotFoundError:
+        return f"{path} has no {SENTINEL} sentinel"
+    if not stat.S_ISREG(sentinel.st_mode):
+        return f"{path}/{SENTINEL} is not a regular file"
+    try:
+        header = read_json(path / ID_FILE)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{path}/{ID_FILE} cannot be read ({exc})"
+    if not isinstance(header, dict) or header.get("uuid") != uuid:
+        named = header.get("uuid") if isinstance(header, dict) else None
+        return f"{path}/{ID_FILE} names run {named!r}, not {uuid}"
+    return None
+
+
+def remove_record(directory: str | os.PathLike[str], uuid: str, root: str | os.PathLike[str]) -> None:
+    """Delete run ``uuid``'s record directory under ``root``, after checking it is one.
+
+    The directory leaves the storage in one rename (to a hidden name beside it that
+    reindex ignores) before anything in it is deleted, so a reader sees the whole run
+    or none of it, never a half-deleted directory. Raises ``RecordError`` when
+    ``removal_problem`` finds a reason not to.
+    """
+    problem = removal_problem(directory, uuid, root)
+    if problem is not None:
+        raise RecordError(f"refusing to delete {directory}: {problem}", path=directory)
+    path = Path(os.path.abspath(directory))
+    trash = path.with_name(f"{TRASH_PREFIX}{uuid}-{os.urandom(6).hex()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 def safe_path(directory: Path, name: str) -> Path:
     """The path of a run file, refusing names that leave the run directory."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -299,7 +383,7 @@ def encode_file(path: Path, data: Any) -> bytes:
             json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows
         ).encode("utf-8")
     if suffix == ".p":
-        return pickle.dumps(data)
+        return sign_pickle(pickle.dumps(data))
     if suffix == ".npy":
         import io
 
@@ -313,13 +397,22 @@ def encode_file(path: Path, data: Any) -> bytes:
     return str(data).encode("utf-8")
 
 
-def decode_file(path: Path, raw: bytes) -> Any:
+def decode_file(path: Path, raw: bytes, *, allow_pickle: bool = False) -> Any:
+    """Decode a run file by its extension. Nothing read here executes code, except a
+    pickle that this user's key signed or that the caller allows (``allow_pickle``)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         return json.loads(raw)
     if suffix == ".jsonl":
         return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if suffix == ".p":
+        if not allow_pickle and not pickle_is_signed(raw):
+            raise PickleRefused(
+                f"{path}: this pickle was not written with your key ({key_file()}), and "
+                "unpickling runs code; load it with allow_pickle=True only if you trust "
+                "whoever wrote it",
+                path=path,
+            )
         return pickle.loads(raw)
     if suffix == ".npy":
         import io
@@ -328,6 +421,58 @@ def decode_file(path: Path, raw: bytes) -> Any:
 
         return numpy.load(io.BytesIO(raw), allow_pickle=False)
     return raw.decode("utf-8")
+
+
+# Pickles carry a trailer after the pickle's STOP opcode, which pickle.loads ignores
+# (so other tools still read them): an HMAC of the pickle under this user's key.
+_SIGNATURE = b"\n#machinable-hmac-sha256:"
+_SIGNATURE_LENGTH = len(_SIGNATURE) + 64
+_KEY_DOMAIN = b"machinable pickle v1\0"
+
+
+def user_key(create: bool = False) -> bytes | None:
+    """This user's pickle signing key (from ``settings.key_file()``); made on first need."""
+    path = key_file()
+    try:
+        return bytes.fromhex(read_bytes(path, limit=4096).decode("ascii").strip())
+    except FileNotFoundError:
+        if not create:
+            return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"the pickle key {path} is malformed: {exc}", path=path) from exc
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+    try:
+        os.link(tmp, path)  # never replaces a key another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return user_key(create=False)
+
+
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, _KEY_DOMAIN + payload, hashlib.sha256).hexdigest().encode("ascii")
+
+
+def sign_pickle(payload: bytes) -> bytes:
+    key = user_key(create=True)
+    assert key is not None
+    return payload + _SIGNATURE + _mac(key, payload)
+
+
+def pickle_is_signed(raw: bytes) -> bool:
+    """Did this user's key sign ``raw`` (a pickle with its trailer)?"""
+    if len(raw) < _SIGNATURE_LENGTH or raw[-_SIGNATURE_LENGTH:-64] != _SIGNATURE:
+        return False
+    key = user_key()
+    if key is None:
+        return False
+    payload, mac = raw[:-_SIGNATURE_LENGTH], raw[-64:]
+    return hmac.compare_digest(mac, _mac(key, payload))
 
 
 def _json_default(value: Any) -> Any:

@@ -29,15 +29,19 @@ import keyword
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import filelock
 import requests
+import urllib3
 
-from machinable.errors import RemoteError
+from machinable.errors import LockTimeout, RemoteError
+from machinable.locks import FileLock
+from machinable.redact import has_credentials, redact
+from machinable.settings import remote_deadline, remote_max_bytes, remote_timeout
 
 __all__ = [
     "REMOTES_DIR",
@@ -210,16 +214,21 @@ def _record_lock(project_dir: Path, name: str, source: str, sha256: str, *, repl
     different remotes at once never drop each other's entries.
     """
     try:
-        with filelock.FileLock(str(lock_path(project_dir).with_name(".remotes.lock.flock")), timeout=60):
+        with FileLock(lock_path(project_dir).with_name(".remotes.lock.flock"), timeout=60):
             data = read_lock(project_dir)
-            entry = {"source": source, "sha256": sha256}
-            if not replace and name in data:
+            # The lock is committed with the project: it never holds a credential
+            # (entries written by older versions are cleaned on the next write).
+            entry = {"source": redact(source), "sha256": sha256}
+            leaked = any(has_credentials(item["source"]) for item in data.values())
+            if not replace and name in data and not leaked:
                 return
-            if data.get(name) == entry:
+            if data.get(name) == entry and not leaked:
                 return
-            data[name] = entry
+            if replace or name not in data:
+                data[name] = entry
+            data = {key: {**item, "source": redact(item["source"])} for key, item in data.items()}
             _write_lock(project_dir, data)
-    except (OSError, filelock.Timeout) as e:
+    except (OSError, LockTimeout) as e:
         raise RemoteError(
             f"remote {name!r}: cannot write lock file {lock_path(project_dir)}: {e}",
             name=name,
@@ -266,60 +275,98 @@ def _atomic_symlink(path: Path, target: str) -> None:
 # --------------------------------------------------------------------------- fetching
 
 
-def _download_url(url: str, *, name: str, source: str, timeout: float) -> bytes:
-    """GET ``url`` and return the complete body, or raise ``RemoteError``."""
+def _download_url(
+    url: str, *, name: str, source: str, timeout: float, deadline: float, max_bytes: int
+) -> bytes:
+    """GET ``url`` and return the complete body, or raise ``RemoteError``.
+
+    Each wait for the server is bounded by ``timeout``, the whole download by
+    ``deadline`` (a body that drips a byte a second ends there), and the body by
+    ``max_bytes`` (read in pieces, never held past the limit).
+    """
+    started = time.monotonic()
+    shown = redact(url)
+    wait = min(timeout, deadline)
     try:
-        response = requests.get(url, timeout=timeout, stream=False)
-    except requests.exceptions.Timeout as e:
-        raise RemoteError(
-            f"remote {name!r}: request to {url} timed out after {timeout:g}s",
-            name=name,
-            source=source,
-        ) from e
-    except (
-        requests.exceptions.ChunkedEncodingError,
-        requests.exceptions.ContentDecodingError,
-    ) as e:
-        raise RemoteError(
-            f"remote {name!r}: download from {url} was truncated or corrupt ({e})",
-            name=name,
-            source=source,
-        ) from e
-    except requests.exceptions.ConnectionError as e:
-        # a read timeout while the body streams in surfaces as a ConnectionError
-        what = f"timed out after {timeout:g}s" if "timed out" in str(e).lower() else "failed"
-        raise RemoteError(
-            f"remote {name!r}: request to {url} {what} ({e})", name=name, source=source
-        ) from e
+        response = requests.get(url, timeout=wait, stream=True)
     except requests.exceptions.RequestException as e:
-        raise RemoteError(
-            f"remote {name!r}: request to {url} failed ({e})", name=name, source=source
-        ) from e
+        raise _request_failed(e, name=name, source=source, url=shown, wait=wait) from e
 
     with response:
         if not 200 <= response.status_code < 300:
             raise RemoteError(
-                f"remote {name!r}: {url} answered HTTP {response.status_code}"
+                f"remote {name!r}: {shown} answered HTTP {response.status_code}"
                 + (f" {response.reason}" if response.reason else ""),
                 name=name,
-                source=source,
+                source=redact(source),
             )
-        body = response.content
         declared = response.headers.get("Content-Length")
+        try:
+            expected = int(declared) if declared is not None else None
+        except ValueError:
+            expected = None
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if declared is not None and encoding in ("", "identity"):
-            try:
-                expected = int(declared)
-            except ValueError:
-                expected = None
-            if expected is not None and expected != len(body):
+        if expected is not None and expected > max_bytes:
+            raise _too_large(name, source, shown, expected, max_bytes)
+        body = bytearray()
+        while True:
+            if time.monotonic() - started > deadline:
                 raise RemoteError(
-                    f"remote {name!r}: download from {url} was truncated: got {len(body)} "
-                    f"of {expected} bytes",
+                    f"remote {name!r}: download from {shown} did not finish within {deadline:g}s "
+                    f"({len(body)} bytes so far; MACHINABLE_REMOTE_DEADLINE sets the limit)",
                     name=name,
-                    source=source,
+                    source=redact(source),
                 )
-    return body
+            try:
+                # read1 returns what one read of the socket brings: the deadline is
+                # checked between reads however slowly the bytes come.
+                chunk = response.raw.read1(_CHUNK, decode_content=True)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise _request_failed(e, name=name, source=source, url=shown, wait=wait) from e
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_large(name, source, shown, None, max_bytes)
+        if expected is not None and encoding in ("", "identity") and expected != len(body):
+            raise RemoteError(
+                f"remote {name!r}: download from {shown} was truncated: got {len(body)} "
+                f"of {expected} bytes",
+                name=name,
+                source=redact(source),
+            )
+    return bytes(body)
+
+
+def _too_large(name: str, source: str, url: str, size: int | None, limit: int) -> RemoteError:
+    what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+    return RemoteError(
+        f"remote {name!r}: {url} sends {what}; a remote module may be at most {limit} bytes "
+        "(MACHINABLE_REMOTE_MAX_BYTES sets the limit)",
+        name=name,
+        source=redact(source),
+    )
+
+
+def _request_failed(e: BaseException, *, name: str, source: str, url: str, wait: float) -> RemoteError:
+    """One message for every way a request can fail, with credentials redacted."""
+    text = redact(str(e))
+    lowered = text.lower()
+    if isinstance(e, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in lowered:
+        message = f"request to {url} timed out after {wait:g}s"
+    elif isinstance(
+        e,
+        (
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+            urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.DecodeError,
+        ),
+    ):
+        message = f"download from {url} was truncated or corrupt ({text})"
+    else:
+        message = f"request to {url} failed ({text})"
+    return RemoteError(f"remote {name!r}: {message}", name=name, source=redact(source))
 
 
 def _read_local(src: Source, *, name: str, source: str) -> bytes:
@@ -327,6 +374,14 @@ def _read_local(src: Source, *, name: str, source: str) -> bytes:
     if not path.is_file():
         state = "does not exist" if not path.exists() else "is not a regular file"
         raise RemoteError(f"remote {name!r}: local source {path} {state}", name=name, source=source)
+    limit = remote_max_bytes()
+    if path.stat().st_size > limit:
+        raise RemoteError(
+            f"remote {name!r}: local source {path} is larger than {limit} bytes "
+            "(MACHINABLE_REMOTE_MAX_BYTES sets the limit)",
+            name=name,
+            source=source,
+        )
     try:
         return path.read_bytes()
     except OSError as e:
@@ -366,13 +421,20 @@ def _check_payload(data: bytes, *, name: str, source: str, pin: str | None) -> s
 
 
 def fetch_remote(
-    project_dir: Path, name: str, source: str, *, timeout: float = 30.0
+    project_dir: Path,
+    name: str,
+    source: str,
+    *,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> FetchedRemote:
     """Fetch remote ``name`` from ``source`` into the cache unless it is already there.
 
     A cached file is never fetched again; if ``source`` pins a sha256 the cached file
     must match it. Nothing is imported or executed. Raises ``RemoteError`` on failure,
-    in which case the cache is left untouched.
+    in which case the cache is left untouched. ``timeout``, ``deadline`` and
+    ``max_bytes`` default to the settings (``MACHINABLE_REMOTE_*``).
     """
     project_dir = Path(project_dir)
     validate_name(name)
@@ -401,10 +463,17 @@ def fetch_remote(
                 source=source,
             )
         _record_lock(project_dir, name, source, digest, replace=False)
-        return FetchedRemote(name, source, path, digest, fetched=False)
+        return FetchedRemote(name, redact(source), path, digest, fetched=False)
 
     if src.scheme == "url":
-        data = _download_url(src.target, name=name, source=source, timeout=timeout)
+        data = _download_url(
+            src.target,
+            name=name,
+            source=source,
+            timeout=remote_timeout() if timeout is None else timeout,
+            deadline=remote_deadline() if deadline is None else deadline,
+            max_bytes=remote_max_bytes() if max_bytes is None else max_bytes,
+        )
     else:
         data = _read_local(src, name=name, source=source)
     digest = _check_payload(data, name=name, source=source, pin=src.sha256)
@@ -412,7 +481,7 @@ def fetch_remote(
     if (
         src.scheme == "url"
         and locked is not None
-        and locked.get("source") == source
+        and locked.get("source") == redact(source)
         and locked.get("sha256") != digest
     ):
         # Same URL, different bytes than when it was locked: the host now serves other
@@ -435,11 +504,16 @@ def fetch_remote(
             f"remote {name!r}: cannot write {path}: {e}", name=name, source=source
         ) from e
     _record_lock(project_dir, name, source, digest, replace=True)
-    return FetchedRemote(name, source, path, digest, fetched=True)
+    return FetchedRemote(name, redact(source), path, digest, fetched=True)
 
 
 def fetch_all(
-    project_dir: Path, remotes: Mapping[str, str], *, timeout: float = 30.0
+    project_dir: Path,
+    remotes: Mapping[str, str],
+    *,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> list[FetchedRemote]:
     """Fetch every declared remote, in declaration order.
 
@@ -454,7 +528,10 @@ def fetch_all(
         except RemoteError as e:
             raise RemoteError(f"remote {name!r}: {e}", name=name, source=source) from e
     return [
-        fetch_remote(project_dir, name, source, timeout=timeout) for name, source in remotes.items()
+        fetch_remote(
+            project_dir, name, source, timeout=timeout, deadline=deadline, max_bytes=max_bytes
+        )
+        for name, source in remotes.items()
     ]
 
 
@@ -471,6 +548,11 @@ def check_lock(project_dir: Path, remotes: Mapping[str, str]) -> list[str]:
         return [str(e)]
 
     problems: list[str] = []
+    problems += [
+        f"{name!r}: the lock file holds a credential in its source; fetch any remote to clean it"
+        for name, entry in lock.items()
+        if has_credentials(entry["source"])
+    ]
     for name, source in remotes.items():
         try:
             validate_name(name)
@@ -490,10 +572,10 @@ def check_lock(project_dir: Path, remotes: Mapping[str, str]) -> list[str]:
         if entry is None:
             problems.append(f"{name!r}: cached {path} has no entry in the lock file")
         else:
-            if entry["source"] != source:
+            if entry["source"] != redact(source):
                 problems.append(
                     f"{name!r}: lock records source {entry['source']!r} but the project "
-                    f"declares {source!r}"
+                    f"declares {redact(source)!r}"
                 )
             if entry["sha256"] != digest:
                 problems.append(

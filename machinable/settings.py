@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def index_setting() -> str | None:
@@ -16,7 +17,8 @@ def storage_setting() -> str | None:
 
 
 def remote_timeout() -> float:
-    """``MACHINABLE_REMOTE_TIMEOUT``: seconds before a remote download gives up."""
+    """``MACHINABLE_REMOTE_TIMEOUT``: seconds a remote download may wait for the server
+    to connect or to send the next bytes."""
     return float(os.environ.get("MACHINABLE_REMOTE_TIMEOUT") or 30)
 
 
@@ -33,3 +35,23 @@ def cache_setting() -> str:
         return explicit
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "machinable")
+
+
+def remote_deadline() -> float:
+    """``MACHINABLE_REMOTE_DEADLINE``: seconds a remote download may take in all."""
+    return float(os.environ.get("MACHINABLE_REMOTE_DEADLINE") or 120)
+
+
+def remote_max_bytes() -> int:
+    """``MACHINABLE_REMOTE_MAX_BYTES``: the largest module a remote may deliver."""
+    return int(os.environ.get("MACHINABLE_REMOTE_MAX_BYTES") or 10 * 2**20)
+
+
+def key_file() -> Path:
+    """``MACHINABLE_KEY_FILE``: this user's signing key for pickles, kept outside every
+    project (default ``$XDG_CONFIG_HOME/machinable/key``, else ``~/.config/machinable/key``)."""
+    explicit = os.environ.get("MACHINABLE_KEY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "machinable" / "key"

@@ -51,10 +51,12 @@ def calls(project: Path) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch):
-    """Each test starts with no machinable environment variables and fresh engines."""
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Each test starts with no machinable environment variables and fresh engines
+    (and a pickle signing key of its own, never the user's)."""
     for name in ("MACHINABLE_INDEX", "MACHINABLE_STORAGE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MACHINABLE_KEY_FILE", str(tmp_path_factory.mktemp("home") / "machinable.key"))
     yield
     dispose_all()
 

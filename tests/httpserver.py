@@ -8,6 +8,8 @@ Routes are configured per test::
         http_server.add("/cut.py", b"x = 1\\n", truncate=100)   # promises 100 more bytes
         http_server.add("/slow.py", b"x = 1\\n", delay=2.0)     # sleeps before answering
         http_server.add("/stall.py", b"x = 1\\n", delay=2.0, delay_at=3)  # stalls mid-body
+        http_server.add("/drip.py", b"x = 1\\n", drip=1.0)   # one byte a second
+        http_server.add("/big.py", b"#" * 10**6, length=False)  # no Content-Length
         requests.get(http_server.url("/mod.py"))
         assert http_server.hits["/mod.py"] == 1
 
@@ -41,6 +43,10 @@ class Route:
     delay_at: int | None = None
     #: announce this many bytes more than the body holds, send the body, then hang up
     truncate: int = 0
+    #: send the body one byte at a time, this many seconds apart
+    drip: float = 0.0
+    #: send a Content-Length header (else the body ends when the connection closes)
+    length: bool = True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -67,8 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Content-Type": "text/x-python; charset=utf-8", **route.headers}
             for key, value in headers.items():
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(route.body) + route.truncate))
-            if route.truncate:
+            if route.length:
+                self.send_header("Content-Length", str(len(route.body) + route.truncate))
+            if route.truncate or not route.length:
                 self.send_header("Connection", "close")
             self.end_headers()
             if route.delay and route.delay_at is not None:
@@ -77,10 +84,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._pause(route.delay):
                     return
                 self.wfile.write(route.body[route.delay_at :])
+            elif route.drip:
+                for offset in range(len(route.body)):
+                    self.wfile.write(route.body[offset : offset + 1])
+                    self.wfile.flush()
+                    if self._pause(route.drip):
+                        return
             else:
                 self.wfile.write(route.body)
             self.wfile.flush()
-            if route.truncate:
+            if route.truncate or not route.length:
                 self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. after its timeout)
@@ -119,13 +132,17 @@ class TestHTTPServer(ThreadingHTTPServer):
         delay: float = 0.0,
         delay_at: int | None = None,
         truncate: int = 0,
+        drip: float = 0.0,
+        length: bool = True,
     ) -> str:
         """Serve ``body`` at ``path`` (see ``Route``); return the route's URL."""
         if isinstance(body, str):
             body = body.encode("utf-8")
         path = path if path.startswith("/") else "/" + path
         with self.lock:
-            self.routes[path] = Route(body, status, dict(headers or {}), delay, delay_at, truncate)
+            self.routes[path] = Route(
+                body, status, dict(headers or {}), delay, delay_at, truncate, drip, length
+            )
         return self.url(path)
 
     def remove(self, path: str) -> None:

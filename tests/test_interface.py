@@ -179,8 +179,8 @@ class Gated(Interface):
             time.sleep(0.01)
 """
 
-# A launcher that says when it has tried the run's lock and found it held: filelock logs
-# "Lock ... not acquired on ..." at DEBUG before each wait.
+# A launcher that says when it has tried the run's lock and found it held: the lock logs
+# "lock ... not acquired" at DEBUG before it waits.
 WAITER = """
 import logging, os, sys
 from pathlib import Path
@@ -192,8 +192,8 @@ class Waiting(logging.Handler):
             Path(f"waiting-{os.getpid()}").touch()
 
 
-logging.getLogger("filelock").addHandler(Waiting())
-logging.getLogger("filelock").setLevel(logging.DEBUG)
+logging.getLogger("machinable.locks").addHandler(Waiting())
+logging.getLogger("machinable.locks").setLevel(logging.DEBUG)
 from machinable import get
 run = get("gated").launch()
 print(run.uuid, run.status())

@@ -35,7 +35,12 @@ from machinable.catalog.engine import sqlite_path
 from machinable.catalog.models import Availability
 from machinable.errors import EvictionRefused, NotMountedError, StoreError
 from machinable.operations.reindex import reindex_stores
-from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_checksum
+from machinable.stores.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    manifest_checksum,
+    manifest_digest,
+)
 from machinable.stores.transfer import RemoteState, TransferResult
 
 from conftest import (
@@ -264,7 +269,7 @@ def test_mirror_on_commit_leaves_a_verified_copy(project: Path, store: StoreSpec
     state = connected.verify(run.uuid, manifest)
     assert (state.state, state.checksum, state.size) == (
         "present",
-        manifest["checksum"],
+        manifest["digest"],
         manifest["size"],
     )
     assert store.run_files(run.uuid) == tree(run.local_directory())
@@ -273,7 +278,7 @@ def test_mirror_on_commit_leaves_a_verified_copy(project: Path, store: StoreSpec
     assert (local.store, local.state, local.url) == ("local", "present", str(run.local_directory()))
     assert local.size == manifest["size"]
     assert (copy.store, copy.url, copy.state) == (connected.uri, connected.uri, "present")
-    assert (copy.size, copy.checksum) == (manifest["size"], manifest["checksum"])
+    assert (copy.size, copy.checksum) == (manifest["size"], manifest["digest"])
     assert recent(copy.verified_at)
     assert run.loss() == LOSS[0.2]
 
@@ -314,7 +319,7 @@ def test_push_then_evict_then_fetch_round_trip(project: Path, store: StoreSpec) 
     assert not evicted.is_mounted() and evicted.cached() and evicted.status() == "finished"
     local, copy = evicted.availability()
     assert (local.store, local.state) == ("local", "evicted")
-    assert (copy.state, copy.checksum) == ("present", build_manifest_of(before)["checksum"])
+    assert (copy.state, copy.checksum) == ("present", build_manifest_of(before)["digest"])
 
     # indexed metadata stays usable
     everything = get("optimize").all()
@@ -361,7 +366,7 @@ def build_manifest_of(files: dict[str, bytes]) -> dict:
         }
         for name, data in sorted(files.items())
     }
-    return {"files": listed, "checksum": manifest_checksum(listed)}
+    return {"files": listed, "checksum": manifest_checksum(listed), "digest": manifest_digest(listed)}
 
 
 def test_fetch_from_a_store_known_only_through_the_index(
@@ -638,11 +643,11 @@ def test_cli_push_evict_whereis_pull(project: Path, store: StoreSpec) -> None:
 
     where = invoke("whereis", run.uuid)
     lines = [line.split() for line in where.stdout.strip().splitlines()]
-    assert lines[0] == ["store", "where", "state", "size", "checksum", "verified"]
+    assert lines[0] == ["store", "where", "state", "size", "digest", "verified"]
     local, remote = lines[1:]
     assert local[:3] == ["local", str(run.local_directory()), "evicted"]
-    checksum = build_manifest_of(before)["checksum"]
-    assert remote[:5] == [uri, uri, "present", str(len(b"".join(before.values()))), checksum[:16]]
+    checksum = build_manifest_of(before)["digest"]
+    assert remote[:5] == [uri, uri, "present", str(len(b"".join(before.values()))), checksum]
     assert remote[5].startswith(datetime.now(timezone.utc).strftime("%Y-"))
     where_other = invoke("whereis", other.uuid).stdout
     assert "present" in where_other and str(other.local_directory()) in where_other
@@ -776,7 +781,7 @@ class DirectoryStore(RemoteStore):
             staging.rename(self.root / uuid)
             self._manifest(uuid).write_text(json.dumps(manifest))
             results[uuid] = TransferResult(
-                uuid, "present", manifest["size"], manifest["checksum"], datetime.now(timezone.utc)
+                uuid, "present", manifest["size"], manifest["digest"], datetime.now(timezone.utc)
             )
         return results
 
@@ -812,8 +817,9 @@ class DirectoryStore(RemoteStore):
             recorded
         ) != manifest_checksum(reference):
             return RemoteState("partial", problems=["content differs"])
+        # the protocol: a verified copy reports its content digest as its checksum
         return RemoteState(
-            "present", actual["size"], manifest_checksum(actual), datetime.now(timezone.utc)
+            "present", actual["size"], manifest_digest(actual), datetime.now(timezone.utc)
         )
 
     def delete(self, uuid):
@@ -863,7 +869,7 @@ def test_a_backend_fsspec_lacks_is_a_remote_store_subclass(project: Path, tmp_pa
     assert (copy.url, copy.state, copy.checksum) == (
         mirror.uri,
         "present",
-        build_manifest_of(before)["checksum"],
+        build_manifest_of(before)["digest"],
     )
 
     with mirror:
@@ -1025,13 +1031,13 @@ def test_an_interrupted_push_is_never_reported_present_and_a_retry_completes(
         copy = store_copy(run, connected)
         assert (copy.state, copy.checksum) == (
             "present",
-            build_manifest(run.local_directory())["checksum"],
+            build_manifest(run.local_directory())["digest"],
         )
     assert {uuid for uuid, _, has in connected.headers() if has} == {r.uuid for r in runs}
     for run in runs[::10]:
         manifest = build_manifest(run.local_directory())
         state = connected.verify(run.uuid, manifest)
-        assert (state.state, state.checksum) == ("present", manifest["checksum"])
+        assert (state.state, state.checksum) == ("present", manifest["digest"])
 
 
 @pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)

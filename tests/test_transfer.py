@@ -19,6 +19,7 @@ from machinable.errors import StoreError
 from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_checksum
 from machinable.stores.transfer import (
     RemoteState,
+    TransferError,
     TransferResult,
     delete_remote,
     fetch_run,
@@ -141,7 +142,7 @@ def test_push_then_present_with_matching_checksum(store: Store, storage: Path) -
     for run in runs:
         manifest = build_manifest(run)
         result = results[run.name]
-        assert result.state == "present" and result.checksum == manifest["checksum"]
+        assert result.state == "present" and result.checksum == manifest["digest"]
         assert result.size == sum(e["size"] for e in manifest["files"].values())
         assert result.verified_at is not None and result.verified_at.tzinfo is not None
         state = verify_remote(store.fs, store.root, run.name)
@@ -169,12 +170,12 @@ def test_fetch_back_byte_for_byte(store: Store, storage: Path, tmp_path: Path) -
         [(run.name, elsewhere / run.name) for run in runs[:2]], store.fs, store.root
     )
     single = fetch_run(store.fs, store.root, runs[2].name, elsewhere / runs[2].name)
-    assert single.state == "present" and single.checksum == build_manifest(runs[2])["checksum"]
+    assert single.state == "present" and single.checksum == build_manifest(runs[2])["digest"]
     for run in runs:
         assert tree(elsewhere / run.name) == tree(run)
         assert not (elsewhere / run.name / MANIFEST_NAME).exists()
         assert build_manifest(elsewhere / run.name)["checksum"] == build_manifest(run)["checksum"]
-    assert results[runs[0].name].checksum == build_manifest(runs[0])["checksum"]
+    assert results[runs[0].name].checksum == build_manifest(runs[0])["digest"]
     assert not [p for p in elsewhere.iterdir() if ".partial-" in p.name]
     with pytest.raises(FileExistsError):
         fetch_run(store.fs, store.root, runs[0].name, elsewhere / runs[0].name)
@@ -284,22 +285,28 @@ def test_repush_skips_unchanged_runs_and_updates_changed_ones(
     assert calls == []
     assert {u: r.checksum for u, r in again.items()} == {u: r.checksum for u, r in first.items()}
 
+    # a status marker is no part of the digest: the complete copy is kept as it is
+    touched = runs[0]
+    (touched / "updated_at").write_text("now")
+    kept = push(store, touched)
+    assert calls == [] and kept[touched.name].checksum == first[touched.name].checksum
+
+    # other content under the same uuid: refused as a conflict, the store unchanged
     changed = runs[1]
-    (changed / "updated_at").write_text("now")
+    before = {p: store.fs.cat_file(p) for p in store.fs.find(store.path(changed.name))}
     (changed / "data" / "deep" / "notes.txt").unlink()
     (changed / "glob[0]*.txt").unlink()
-    result = push(store, *runs)
-    assert len(calls) == 1 and all(f"/{changed.name}/" in p for p in calls[0])
-    assert (
-        result[changed.name].checksum
-        == build_manifest(changed)["checksum"]
-        != first[changed.name].checksum
-    )
-    state = verify_remote(store.fs, store.root, changed.name)
-    assert state.state == "present" and state.checksum == result[changed.name].checksum
-    # the files deleted locally are gone from the store too
-    names = {p.rsplit(f"{changed.name}/", 1)[1] for p in store.fs.find(store.path(changed.name))}
-    assert names == set(build_manifest(changed)["files"]) | {MANIFEST_NAME}
+    with pytest.raises(TransferError) as refused:
+        push(store, *runs)
+    assert set(refused.value.conflicts) == {changed.name}
+    theirs, ours = refused.value.conflicts[changed.name]
+    assert theirs == first[changed.name].checksum and ours == build_manifest(changed)["digest"]
+    assert set(refused.value.results) == {runs[0].name, runs[2].name}
+    assert calls == []
+    store.fs.invalidate_cache()
+    assert {p: store.fs.cat_file(p) for p in store.fs.find(store.path(changed.name))} == before
+    state = verify_remote(store.fs, store.root, changed.name, build_manifest(changed))
+    assert state.state == "conflict" and state.checksum == theirs
 
 
 def test_missing_and_delete(store: Store, storage: Path) -> None:
@@ -473,7 +480,7 @@ def test_interrupted_push_is_never_present_and_a_retry_completes_it(
     assert len(headers) == len(runs) and all(has for _, _, has in headers)
     for run in runs[:: len(runs) // 10]:
         state = verify_remote(fs, root, run.name)
-        assert state.state == "present" and state.checksum == build_manifest(run)["checksum"]
+        assert state.state == "present" and state.checksum == build_manifest(run)["digest"]
 
 
 def test_interrupted_fetch_leaves_nothing_and_a_retry_completes_it(

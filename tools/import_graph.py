@@ -20,6 +20,8 @@ BELOW_CATALOG = (
     "machinable.settings",
     "machinable.context",
     "machinable.progress",
+    "machinable.locks",
+    "machinable.redact",
     "machinable.record",
     "machinable.catalog",
 )

@@ -20,14 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import filelock
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from machinable.errors import IndexError_, IndexNewerThanCode
+from machinable.locks import FileLock
+from machinable.redact import redact
 
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0005"
 BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ def to_url(spec: str | os.PathLike[str]) -> str:
         try:
             make_url(text_spec)
         except ArgumentError as exc:
-            raise IndexError_(f"invalid index URL {text_spec!r}: {exc}", url=text_spec) from exc
+            raise IndexError_(f"invalid index URL {redact(text_spec)!r}: {exc}", url=text_spec) from exc
         return text_spec
     return f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
 
@@ -305,12 +306,12 @@ class _migration_lock:
     def __init__(self, engine: Engine, url: str):
         self.engine = engine
         self.path = sqlite_path(url)
-        self._file: filelock.FileLock | None = None
+        self._file: FileLock | None = None
         self._conn = None
 
     def __enter__(self) -> None:
         if self.path is not None:
-            self._file = filelock.FileLock(str(self.path) + ".lock", timeout=600)
+            self._file = FileLock(str(self.path) + ".lock", timeout=600)
             self._file.acquire()
         elif self.engine.dialect.name == "postgresql":
             self._conn = self.engine.connect()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, literal_column, select, text
+from sqlalchemy import Engine, and_, delete, false, func, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
@@ -37,9 +37,10 @@ from machinable.catalog.rows import (
     scan_names,
 )
 from machinable.context import Context, innermost
-from machinable.errors import IdentityCollision, QueryError
+from machinable.errors import IdentityCollision, IndexError_, QueryError, ReindexRefused
 from machinable.progress import track
-from machinable.record import SENTINEL, read_record
+from machinable.record import SENTINEL, is_uuid, read_record
+from machinable.redact import redact
 from machinable.settings import index_setting
 
 RUNS = Run.__table__
@@ -48,6 +49,7 @@ PAGE_SIZE = 1000
 SCAN_CHUNK = 2000
 PARALLEL_SCAN_MIN = 20_000
 _STATEMENTS: dict[tuple[str, str], Any] = {}
+_WRITABLE: dict[str, Engine] = {}
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class Index(Context):
         self.url = to_url(spec) if spec is not None else None
 
     def __repr__(self) -> str:
-        return f"Index({self.resolved_url!r})"
+        return f"Index({redact(self.resolved_url)!r})"
 
     @classmethod
     def get(cls) -> Index:
@@ -124,6 +126,33 @@ class Index(Context):
     def path(self) -> Path | None:
         """The SQLite file, or None for a server index."""
         return sqlite_path(self.resolved_url)
+
+    def check_writable(self) -> None:
+        """Raise ``IndexError_`` unless the index accepts writes (once per engine).
+
+        ``launch()`` asks before computing: a read-only index (a file without write
+        permission, a read-only database role) would otherwise refuse the run's row
+        after the whole computation.
+        """
+        engine = self.engine
+        if _WRITABLE.get(self.resolved_url) is engine:
+            return
+
+        def probe() -> None:
+            # Writes nothing, but needs the write lock (SQLite) or write permission and
+            # a read-write transaction (PostgreSQL), exactly as recording a run does.
+            with engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(delete(RUNS).where(false()))
+
+        try:
+            retry_busy(probe)
+        except IndexError_ as exc:
+            raise IndexError_(
+                f"the index {redact(self.resolved_url)} does not accept writes, so nothing can be "
+                f"launched into it ({exc}); use a writable index (MACHINABLE_INDEX) or read only",
+                url=self.resolved_url,
+            ) from exc
+        _WRITABLE[self.resolved_url] = engine
 
     # Lookups.
 
@@ -345,9 +374,16 @@ class Index(Context):
         if stmt is None:
             if name == "upsert_runs":
                 stmt = self.upsert(RUNS)
+                # A row rebuilt from a directory carries no digest: keep the recorded one.
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[RUNS.c.uuid],
-                    set_={c.name: stmt.excluded[c.name] for c in RUNS.c if c.name != "uuid"},
+                    set_={
+                        c.name: stmt.excluded[c.name]
+                        if c.name != "digest"
+                        else func.coalesce(stmt.excluded.digest, RUNS.c.digest)
+                        for c in RUNS.c
+                        if c.name != "uuid"
+                    },
                 )
             elif name == "add_locations":
                 stmt = self.upsert(LOCATIONS).on_conflict_do_nothing(
@@ -426,6 +462,23 @@ class Index(Context):
 
         retry_busy(write)
 
+    def digest(self, uuid: str) -> str | None:
+        """The content digest the index recorded for a run, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(RUNS.c.digest).where(RUNS.c.uuid == uuid)).scalar()
+
+    def set_digest(self, uuid: str, digest: str, *, only_if_unset: bool = False) -> None:
+        """Record a run's content digest (``only_if_unset``: keep one already recorded)."""
+        condition = [RUNS.c.uuid == uuid]
+        if only_if_unset:
+            condition.append(RUNS.c.digest.is_(None))
+
+        def write() -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                conn.execute(update(RUNS).where(*condition).values(digest=digest))
+
+        retry_busy(write)
+
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         """Upsert run rows that have no local directory (known from a store)."""
 
@@ -468,6 +521,7 @@ class Index(Context):
         *,
         full: bool = False,
         progress: bool | None = None,
+        allow_empty: bool = False,
     ) -> ReindexReport:
         """Bring the index in line with a storage directory's record directories.
 
@@ -476,6 +530,10 @@ class Index(Context):
         ``full=True`` reads every directory. Rows of directories that are gone are
         removed. Headers only are read; user code is never imported. Store availability
         is rebuilt by ``machinable.operations.reindex.reindex_stores``.
+
+        A storage root that is missing or holds no run while the index lists runs there
+        (an unmounted disk, a moved folder) is refused with ``ReindexRefused`` and
+        nothing changes; ``allow_empty=True`` says the runs are really gone.
         """
         root = Path(storage) if storage is not None else _defaults.storage_directory()
         root = Path(os.path.abspath(root))
@@ -495,6 +553,16 @@ class Index(Context):
             what = "is not a directory" if root.exists() else "does not exist"
             raise FileNotFoundError(f"storage {root} {what}, and the index lists no runs there")
         rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
+        found = rows or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
+        if known and not found and not allow_empty:
+            state = "does not exist" if not os.path.lexists(root) else "holds no run directory"
+            raise ReindexRefused(
+                f"{root} {state}, but the index lists {len(known)} run director"
+                f"{'y' if len(known) == 1 else 'ies'} there; nothing was changed. Is a disk "
+                "unmounted or the folder moved? If the runs are really gone, reindex with "
+                "--allow-empty (allow_empty=True) to drop them.",
+                storage=str(root),
+            )
 
         def write() -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:

@@ -59,6 +59,9 @@ class Run(Base):
     finished_at: Mapped[datetime | None]
     failed_at: Mapped[datetime | None]
     updated_at: Mapped[datetime | None]
+    # sha256 of the run's manifest (every file but the status markers), recorded when
+    # first computed: the content every copy of this run must have.
+    digest: Mapped[str | None] = mapped_column(String(64))
 
     locations: Mapped[list[Location]] = relationship(
         back_populates="run", lazy="raise", cascade="all, delete-orphan", passive_deletes=True

@@ -17,6 +17,7 @@ from typing import Any
 
 from machinable.record import (
     ID_FILE,
+    MAX_MARKER_BYTES,
     MODEL_FILE,
     SENTINEL,
     is_uuid,
@@ -49,6 +50,7 @@ class RunRecord:
     finished_at: datetime | None = None
     failed_at: datetime | None = None
     updated_at: datetime | None = None
+    digest: str | None = None
     directories: tuple[str, ...] = ()
 
 
@@ -126,7 +128,11 @@ def read_markers(directory: str | Path, names: Iterable[str], dir_fd: int | None
     for name in STATUS_MARKERS:
         if name in names:
             try:
-                raw = read_bytes(name, dir_fd) if dir_fd is not None else read_bytes(os.path.join(base, name))
+                raw = (
+                    read_bytes(name, dir_fd, MAX_MARKER_BYTES)
+                    if dir_fd is not None
+                    else read_bytes(os.path.join(base, name), limit=MAX_MARKER_BYTES)
+                )
                 markers[name] = parse_timestamp(raw.decode("utf-8")) or _mtime(os.path.join(base, name))
             except (OSError, UnicodeDecodeError):  # gone, a directory, unreadable: not a marker
                 markers[name] = None
@@ -161,7 +167,13 @@ def scan_names(
             info = os.lstat(directory)
         except FileNotFoundError:
             continue
+        if stat.S_ISLNK(info.st_mode):
+            # A link could point anywhere: gc or evict following it would delete there.
+            skipped.append((directory, "a symbolic link, not a run directory; move the run here instead"))
+            continue
         if not stat.S_ISDIR(info.st_mode):
+            if is_uuid(name):
+                skipped.append((directory, "named like a run but not a directory"))
             continue
         if not is_uuid(name):
             skipped.append((directory, "not named like a run uuid"))

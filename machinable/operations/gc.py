@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 from sqlalchemy import delete, select
 
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
-from machinable.errors import MachinableError, StoreError
-from machinable.record import LOCKS_DIR, is_uuid
+from machinable.errors import LockTimeout, MachinableError, StoreError, UnsafeFileError
+from machinable.locks import FileLock
+from machinable.record import LOCKS_DIR, TRASH_PREFIX, is_uuid, remove_record
 from machinable.storage import Storage
 from machinable.stores import AVAILABILITY, REMOTES, known_stores, resolve_store
 
@@ -85,12 +85,14 @@ def collect(
                 .where(RUNS.c.status == "failed", LOCATIONS.c.storage == str(root))
             ):
                 found.append(
-                    Garbage("failed run", uuid, directory, lambda u=uuid, d=directory: _drop_failed(index, u, d))
+                    Garbage("failed run", uuid, directory, lambda u=uuid, d=directory: _drop_failed(index, u, d, root))
                 )
 
     if root.is_dir():
         for entry in os.scandir(root):
-            if _PARTIAL.match(entry.name) and entry.is_dir(follow_symlinks=False) and _old(entry.path):
+            if entry.name.startswith(TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
+                found.append(Garbage("half-deleted directory", entry.path, "left by an interrupted evict or gc", lambda p=entry.path: shutil.rmtree(p)))
+            elif _PARTIAL.match(entry.name) and entry.is_dir(follow_symlinks=False) and _old(entry.path):
                 found.append(Garbage("half-fetched directory", entry.path, "left by an interrupted fetch", lambda p=entry.path: shutil.rmtree(p)))
             elif is_uuid(entry.name) and entry.is_dir(follow_symlinks=False):
                 for temp in os.scandir(entry.path):
@@ -129,12 +131,16 @@ def _old(path: str) -> bool:
 def _drop_lock(path: str, run_dir: Path) -> None:
     """Delete a launch lock whose run directory is gone, unless a launch took it since."""
 
-    if run_dir.is_dir() or not os.path.exists(path):
+    if run_dir.is_dir() or not os.path.lexists(path):
         return  # a launch created the directory since the listing, or it is gone
-    lock = filelock.FileLock(path, timeout=0)
+    lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
-    except filelock.Timeout:
+    except LockTimeout:
+        return
+    except UnsafeFileError:
+        if os.path.islink(path):
+            os.unlink(path)  # removes the link itself, never what it points at
         return
     try:
         if not run_dir.is_dir():
@@ -183,15 +189,14 @@ def _drop_availability(index: Index, row_id: int) -> None:
     retry_busy(write)
 
 
-def _drop_failed(index: Index, uuid: str, directory: str) -> None:
+def _drop_failed(index: Index, uuid: str, directory: str, root: Path) -> None:
 
     if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
         return  # relaunched and finished since the listing: keep it
     path = Path(directory)
-    if path.is_symlink():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    if os.path.lexists(path):
+        # The row may lie: only a record of this run directly under the storage goes.
+        remove_record(path, uuid, root)
     index.drop_location(uuid, path)
     _drop_lock(str(path.parent / LOCKS_DIR / f"{path.name}.lock"), path)
 

@@ -18,18 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 from sqlalchemy import delete, select
 
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
 from machinable.catalog.rows import read_markers, row_values
-from machinable.errors import MachinableError, RecordError, StoreError
+from machinable.errors import MachinableError, RecordError, StoreError, UnsafeFileError
+from machinable.locks import is_held
 from machinable.progress import track
 from machinable.record import LOCKS_DIR, atomic_write, is_uuid, read_record, status_of
 from machinable.storage import Storage
-from machinable.stores import AVAILABILITY, copies, resolve_store
-from machinable.stores.manifest import MANIFEST_NAME
+from machinable.stores import AVAILABILITY, REMOTES, copies, resolve_store
+from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_digest
 
 CHECKPOINT = ".machinable-verify.json"
 CHECKPOINT_EVERY = 1000
@@ -153,7 +153,10 @@ def verify(
     saved_at = report.checked
     for name in track(names, total=len(names), description=f"verify {root}", show=progress):
         directory = root / name
-        if not directory.is_dir() or directory.is_symlink():
+        if directory.is_symlink():
+            note(str(directory), "symlinked run directory", "a link, not a run directory: move the run here")
+            continue
+        if not directory.is_dir():
             continue
         if not is_uuid(name):
             note(str(directory), "stray directory", "not named like a run uuid")
@@ -205,9 +208,19 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
             )
         }
+        conflicts: dict[str, list[tuple[str, str, str]]] = {}
+        for run_uuid, store, state, theirs in conn.execute(
+            select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.state, AVAILABILITY.c.checksum)
+            .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
+            .where(
+                AVAILABILITY.c.run_uuid.in_(names),
+                AVAILABILITY.c.state.in_(("present", "conflict")),
+                AVAILABILITY.c.checksum.is_not(None),
+            )
+        ):
+            conflicts.setdefault(run_uuid, []).append((store, state, theirs))
         stored: set[str] = set()
         if checksums:  # one query per batch, not one per run, for who has a store copy
-
             stored = set(
                 conn.execute(
                     select(AVAILABILITY.c.run_uuid).where(
@@ -240,26 +253,42 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
                 note(name, "stale row", f"index says {row['status']!r}, the directory says {expected!r}", ingest)
             elif (name, str(directory)) not in located:
                 note(name, "location missing", f"the index does not list {directory}", ingest)
-        if disk_status == "started" and _dead(directory):
-            note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
+        if disk_status == "started":
+            try:
+                if _dead(directory):
+                    note(name, "dead run", "started but never finished, and no process holds its lock; relaunch it")
+            except UnsafeFileError as exc:
+                note(name, "unsafe lock", f"{exc}; remove it")
+        for store, state, theirs in conflicts.get(name, []):
+            recorded = row["digest"] if row is not None else None
+            if state == "conflict" or (recorded is not None and theirs != recorded):
+                ours = f"the run's digest is {recorded}" if recorded else "the local copy differs"
+                note(name, "conflicting copy", f"{store} holds digest {theirs}; {ours}")
+        if checksums and row is not None:
+            _check_digest(index, directory, name, row["digest"], note)
         if checksums:
             if name not in stored or not _check_contents(index, directory, name, note):
                 report.unchecked.append(name)
 
 
 def _dead(directory: Path) -> bool:
-
-
+    """No process holds the run's launch lock (a linked lock file is an UnsafeFileError)."""
     path = directory.parent / LOCKS_DIR / f"{directory.name}.lock"
     if not path.parent.is_dir():
         return True
-    lock = filelock.FileLock(str(path), timeout=0)
+    return not is_held(path)
+
+
+def _check_digest(index: Index, directory: Path, uuid: str, recorded: str | None, note: Any) -> None:
+    """Compute the local copy's digest: record it when first computed, else compare."""
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        return False
-    lock.release()
-    return True
+        digest = manifest_digest(build_manifest(directory))
+    except FileNotFoundError:
+        return
+    if recorded is None:
+        index.set_digest(uuid, digest, only_if_unset=True)
+    elif digest != recorded:
+        note(uuid, "content changed", f"the local copy has digest {digest}, the index recorded {recorded}")
 
 
 def _check_contents(index: Index, directory: Path, uuid: str, note: Any) -> bool:

@@ -1,7 +1,10 @@
-"""Manifests: what a run directory holds, file by file, and its content checksum.
+"""Manifests: what a run directory holds, file by file, and its content digest.
 
 A manifest lists every regular file of a run directory with its size, sha256 and md5,
-sorted by relative path; its checksum is the sha256 of that files map in canonical JSON.
+sorted by relative path; its checksum is the sha256 of that files map in canonical JSON
+(the manifest's own integrity), and the run's *digest* is the sha256 of the sorted
+(path, size, sha256) entries of every file but the status markers: the content every
+copy of the run must have (DESIGN.md, "Copies and their content").
 Links that point outside the directory and special files are listed as skipped. A store
 copy carries its manifest as ``.manifest.json``, written last.
 """
@@ -15,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from machinable.record import now
+from machinable.record import ID_FILE, MARKERS, MODEL_FILE, SENTINEL, now
 
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_FORMAT = 1
@@ -41,7 +44,11 @@ def scan_directory(directory: Path) -> tuple[dict, dict[str, Path]]:
     files: dict[str, dict] = {}
     sources: dict[str, Path] = {}
     skipped: list[str] = []
-    for current, dirnames, filenames in os.walk(directory, followlinks=False):
+
+    def vanished(error: OSError) -> None:  # a directory evicted or moved during the scan
+        raise FileNotFoundError(f"run directory {directory} vanished during the scan") from error
+
+    for current, dirnames, filenames in os.walk(directory, onerror=vanished, followlinks=False):
         rel_dir = os.path.relpath(current, directory)
         for name in list(dirnames):
             if os.path.islink(os.path.join(current, name)):
@@ -76,6 +83,7 @@ def scan_directory(directory: Path) -> tuple[dict, dict[str, Path]]:
         "skipped": sorted(skipped),
         "size": sum(entry["size"] for entry in files.values()),
         "checksum": manifest_checksum({"files": files}),
+        "digest": manifest_digest({"files": files}),
     }
     return manifest, {rel: sources[rel] for rel in files}
 
@@ -94,6 +102,29 @@ def manifest_checksum(manifest: dict) -> str:
     files = manifest["files"] if "files" in manifest else manifest
     canonical = json.dumps(files, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The run's content digest: sha256 of the sorted (path, size, sha256) entries of
+    every file except the status markers (they change without the content changing)."""
+    files = manifest["files"] if "files" in manifest else manifest
+    entries = sorted(
+        [rel, entry["size"], entry["sha256"]] for rel, entry in files.items() if rel not in MARKERS
+    )
+    canonical = json.dumps(entries, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+HEADER_FILES = (SENTINEL, ID_FILE, MODEL_FILE)
+
+
+def header_problems(manifest: dict) -> list[str]:
+    """A copy without its headers is no copy of a run: say which are not in the record."""
+    return [
+        f"{name} is not a regular file inside the run directory (a link outside it?)"
+        for name in HEADER_FILES
+        if name not in manifest["files"]
+    ]
 
 
 def manifest_problems(manifest: Any) -> list[str]:
@@ -127,6 +158,7 @@ def manifest_bytes(uuid: str, manifest: dict) -> bytes:
         "format": MANIFEST_FORMAT,
         "uuid": uuid,
         "checksum": manifest_checksum(manifest),
+        "digest": manifest_digest(manifest),
         "size": sum(entry["size"] for entry in manifest["files"].values()),
         "files": manifest["files"],
         "skipped": manifest.get("skipped", []),

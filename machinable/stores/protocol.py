@@ -7,7 +7,8 @@ Credentials come from the environment or fsspec's configuration, never from the 
 A backend that fsspec lacks subclasses ``RemoteStore`` and overrides the protocol
 methods ``push``, ``fetch``, ``verify``, ``delete``, ``headers`` and ``read`` (and
 ``uri`` when it has no fsspec URL). Every method acts on runs as (uuid, directory)
-pairs; none knows about the index.
+pairs; none knows about the index. Results report a copy's content digest as their
+``checksum``; ``fetch`` may take ``digests`` (else its result is checked after landing).
 """
 
 from __future__ import annotations
@@ -68,13 +69,26 @@ class RemoteStore(Context):
         fs, root = self._fs()
         return transfer.push_runs(items, fs, root, progress=progress)
 
-    def fetch(self, items: list[tuple[str, Path]], *, progress: bool = False) -> dict[str, transfer.TransferResult]:
-        """Download runs to local directories that do not exist yet, verified."""
+    def fetch(
+        self,
+        items: list[tuple[str, Path]],
+        *,
+        progress: bool = False,
+        digests: dict[str, str | None] | None = None,
+    ) -> dict[str, transfer.TransferResult]:
+        """Download runs to local directories that do not exist yet, verified; a copy
+        whose digest is not the one ``digests`` names for its run is refused."""
         fs, root = self._fs()
-        return transfer.fetch_runs(items, fs, root, progress=progress)
+        return transfer.fetch_runs(items, fs, root, progress=progress, digests=digests)
+
+    def manifest(self, uuid: str) -> dict | None:
+        """The store's manifest of a run, read now; None if it has no complete copy."""
+        fs, root = self._fs()
+        return transfer.read_manifest(fs, root, uuid)
 
     def verify(self, uuid: str, expected_manifest: dict | None = None) -> transfer.RemoteState:
-        """Check the store's copy of a run by checksum."""
+        """Check the store's copy of a run file by file; its ``checksum`` is the copy's
+        digest, and with ``expected_manifest`` another digest is a ``conflict``."""
         fs, root = self._fs()
         return transfer.verify_remote(fs, root, uuid, expected_manifest)
 

@@ -8,19 +8,19 @@ the CLI does for runs it knows by uuid alone.
 
 from __future__ import annotations
 
+import inspect
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from machinable.errors import EvictionRefused, NotMountedError, StoreError
+from machinable.errors import CopyConflict, EvictionRefused, NotMountedError, StoreError
 from machinable.progress import enabled
-from machinable.record import SENTINEL
+from machinable.record import SENTINEL, removal_problem, remove_record
 from machinable.stores import transfer
 from machinable.stores.availability import Copy, copies, known_stores, record_copies, register
-from machinable.stores.manifest import build_manifest, manifest_checksum
+from machinable.stores.manifest import build_manifest, manifest_digest
 from machinable.stores.protocol import RemoteStore
 
 if TYPE_CHECKING:
@@ -82,10 +82,36 @@ def push(index: Index, store: RemoteStore, runs: list[tuple[str, Path]], *, prog
         results = store.push(runs, progress=enabled(progress))
     except transfer.TransferError as error:
         _record_results(index, remote_id, error.results)
-        record_copies(index, remote_id, {uuid: {"state": "partial"} for uuid in error.problems})
+        _record_digests(index, error.results)
+        record_copies(
+            index,
+            remote_id,
+            {uuid: {"state": "partial"} for uuid in error.problems if uuid not in error.conflicts},
+        )
+        if error.conflicts:
+            # The store's copy is complete, with other content: known as a conflict. The
+            # local digest is not recorded, so that pulling the store's copy stays possible.
+            record_copies(
+                index,
+                remote_id,
+                {uuid: {"state": "conflict", "checksum": theirs} for uuid, (theirs, _) in error.conflicts.items()},
+            )
+            raise CopyConflict(
+                f"{error} (see `machinable whereis UUID`; README, 'Trust', says how to resolve it)",
+                uuid=error.uuid,
+                store=store.uri,
+                conflicts=error.conflicts,
+            ) from error
         raise
     _record_results(index, remote_id, results)
+    _record_digests(index, results)
     return results
+
+
+def _record_digests(index: Index, results: dict[str, transfer.TransferResult]) -> None:
+    """A verified copy of the local content: that is the run's digest now."""
+    for uuid, result in results.items():
+        index.set_digest(uuid, result.checksum)
 
 
 def _record_results(index: Index, remote_id: int, results: dict[str, transfer.TransferResult]) -> None:
@@ -134,17 +160,49 @@ def candidate_stores(index: Index, uuid: str, store: RemoteStore | str | None = 
     return found
 
 
+def _fetch_checked(
+    store: RemoteStore, items: list[tuple[str, Path]], digests: dict[str, str | None], progress: bool
+) -> dict[str, transfer.TransferResult]:
+    """``store.fetch`` that lands only copies with the recorded digests.
+
+    The built-in backend checks the digest before downloading. A custom backend whose
+    ``fetch`` predates the ``digests`` argument is checked after landing: a copy with
+    other content is moved out of the storage again and refused.
+    """
+    if "digests" in inspect.signature(store.fetch).parameters:
+        return store.fetch(items, progress=progress, digests=digests)
+    results = store.fetch(items, progress=progress)
+    for uuid, dest in items:
+        expected = digests.get(uuid)
+        if uuid not in results or expected is None:
+            continue
+        landed = manifest_digest(build_manifest(dest))
+        if landed != expected:
+            remove_record(dest, uuid, Path(dest).parent)
+            raise StoreError(
+                f"{store.name} delivered run {uuid} with digest {landed}, but the index recorded "
+                f"digest {expected}: refused",
+                uuid=uuid,
+                store=store.uri,
+            )
+    return results
+
+
 def fetch(run: RunRef, store: RemoteStore | str | None = None, *, progress: bool | None = None) -> Path:
     """Bring a run's directory here from a store with a verified copy."""
+
     if run.is_mounted():
         return run.local_directory()
     index = run.index
     dest = run.default_directory()
     problems: list[str] = []
+    expected = index.digest(run.uuid)
     for candidate in candidate_stores(index, run.uuid, store):
         try:  # a store that cannot be opened here (unknown protocol) must not stop the others
             remote_id = register(index, candidate)
-            result = candidate.fetch([(run.uuid, dest)], progress=enabled(progress))[run.uuid]
+            result = _fetch_checked(candidate, [(run.uuid, dest)], {run.uuid: expected}, enabled(progress))[
+                run.uuid
+            ]
         except (StoreError, OSError) as exc:
             problems.append(f"{candidate._name or candidate.url}: {exc}")
             continue
@@ -153,6 +211,7 @@ def fetch(run: RunRef, store: RemoteStore | str | None = None, *, progress: bool
             index.ingest_directory(dest)
         else:
             index.add_location(run.uuid, dest)
+        index.set_digest(run.uuid, result.checksum, only_if_unset=True)
         return dest
     detail = "; ".join(problems) if problems else "no store is known to hold it"
     raise NotMountedError(
@@ -167,6 +226,7 @@ def fetch_many(
 ) -> dict[str, Path]:
     """Fetch many evicted runs: one bulk transfer per store, then one run at a time
     (trying every store that may hold it) for whatever the bulk pass did not bring."""
+
     wanted = [run for run in runs if not run.is_mounted()]
     done: dict[str, Path] = {}
     if not wanted:
@@ -181,8 +241,11 @@ def fetch_many(
     for candidate, members in groups.values():
         try:
             remote_id = register(index, candidate)
-            results = candidate.fetch(
-                [(run.uuid, run.default_directory()) for run in members], progress=enabled(progress)
+            results = _fetch_checked(
+                candidate,
+                [(run.uuid, run.default_directory()) for run in members],
+                {run.uuid: index.digest(run.uuid) for run in members},
+                enabled(progress),
             )
         except transfer.TransferError as error:
             results = error.results
@@ -196,6 +259,7 @@ def fetch_many(
                     index.ingest_directory(dest)
                 else:
                     index.add_location(run.uuid, dest)
+                index.set_digest(run.uuid, results[run.uuid].checksum, only_if_unset=True)
                 done[run.uuid] = dest
     for run in wanted:
         if run.uuid not in done:
@@ -204,7 +268,13 @@ def fetch_many(
 
 
 def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
-    """Delete the local copy once another copy is verified (within ``max_age``, or now)."""
+    """Delete the local copy once a store holds a copy with the same digest.
+
+    Checked now, at the moment of eviction: each candidate store's manifest is read
+    again (its digest must equal the local copy's), and a copy last verified longer
+    ago than ``max_age`` is re-verified file by file. The directory must be a record
+    of this run directly under the storage root; it leaves in one rename.
+    """
     directory = run.local_directory()
     if not os.path.isfile(os.path.join(directory, SENTINEL)):
         raise NotMountedError(f"run {run.uuid} has no local copy to evict", uuid=run.uuid)
@@ -212,6 +282,10 @@ def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
         raise EvictionRefused(
             f"run {run.uuid} is not finished; only finished runs can be evicted", uuid=run.uuid
         )
+    root = run.default_directory().parent
+    problem = removal_problem(directory, run.uuid, root)
+    if problem is not None:
+        raise EvictionRefused(f"refusing to evict run {run.uuid}: {problem}", uuid=run.uuid)
     index = run.index
     manifest = build_manifest(directory)
     if manifest.get("skipped"):
@@ -220,60 +294,69 @@ def evict(run: RunRef, *, max_age: timedelta = VERIFY_WINDOW) -> Path:
             f"({', '.join(manifest['skipped'])}); a store copy would not hold them",
             uuid=run.uuid,
         )
-    checksum = manifest_checksum(manifest)
+    digest = manifest_digest(manifest)
     now = datetime.now(timezone.utc)
+    recent = {
+        copy.url: copy.verified_at
+        for copy in copies(index, run.uuid)
+        if copy.state == "present" and copy.checksum == digest and copy.verified_at is not None
+    }
     verified_copy = None
-    for copy in copies(index, run.uuid):
-        if (
-            copy.state == "present"
-            and copy.checksum == checksum
-            and copy.verified_at is not None
-            and now - copy.verified_at <= max_age
-        ):
-            verified_copy = copy
-            break
-    unreachable: list[str] = []
-    if verified_copy is None:
-        for candidate in candidate_stores(index, run.uuid):
-            try:
-                remote_id = register(index, candidate)
+    notes: list[str] = []
+    for candidate in candidate_stores(index, run.uuid):
+        try:
+            remote_id = register(index, candidate)
+            verified_at = recent.get(candidate.uri)
+            state = None
+            if verified_at is not None and now - verified_at <= max_age:
+                # verified recently: the manifest, read again now, must still say so
+                # (a custom backend without manifests is verified in full instead)
+                try:
+                    remote = candidate.manifest(run.uuid)
+                except (StoreError, NotImplementedError):
+                    remote = None
+                if remote is not None:
+                    theirs = manifest_digest(remote)
+                    state = transfer.RemoteState(
+                        "present" if theirs == digest else "conflict",
+                        size=manifest["size"],
+                        checksum=theirs,
+                        verified_at=verified_at,
+                    )
+            if state is None:
                 state = candidate.verify(run.uuid, manifest)
-            except (StoreError, OSError) as exc:
-                unreachable.append(f"{candidate._name or candidate.url} could not be checked ({exc})")
-                continue
-            record_copies(
-                index,
-                remote_id,
-                {
-                    run.uuid: {
-                        "state": state.state,
-                        "size": state.size,
-                        "checksum": state.checksum,
-                        "verified_at": state.verified_at,
-                    }
-                },
-            )
-            if state.state == "present" and state.checksum == checksum:
-                verified_copy = Copy(candidate.name, candidate.uri, "present", state.size, checksum, state.verified_at)
-                break
+        except (StoreError, OSError) as exc:
+            notes.append(f"{candidate._name or candidate.url} could not be checked ({exc})")
+            continue
+        record_copies(
+            index,
+            remote_id,
+            {
+                run.uuid: {
+                    "state": state.state,
+                    "size": state.size,
+                    "checksum": state.checksum,
+                    "verified_at": state.verified_at,
+                }
+            },
+        )
+        if state.state == "present" and state.checksum == digest:
+            verified_copy = Copy(candidate.name, candidate.uri, "present", state.size, digest, state.verified_at)
+            break
+        if state.checksum and state.checksum != digest:
+            notes.append(f"{candidate.name} holds digest {state.checksum}")
     if verified_copy is None:
-        hint = f" ({'; '.join(unreachable)}; connect it with its options to re-verify)" if unreachable else ""
+        hint = f" ({'; '.join(notes)})" if notes else ""
         raise EvictionRefused(
-            f"refusing to evict run {run.uuid}: no other copy with the same content is verified{hint}. "
-            f"Make one first with `machinable push {run.uuid} --to <store URL>` (or run.push(store))",
+            f"refusing to evict run {run.uuid}: no store holds a verified copy with its digest "
+            f"{digest}{hint}. Make one first with `machinable push {run.uuid} --to <store URL>` "
+            "(or run.push(store))",
             uuid=run.uuid,
         )
-    _remove_tree(directory)
+    index.set_digest(run.uuid, digest)
+    remove_record(directory, run.uuid, root)
     index.drop_location(run.uuid, directory)
     return directory
-
-
-def _remove_tree(directory: Path) -> None:
-    """Delete a run directory without following any link inside it."""
-    if directory.is_symlink():
-        directory.unlink()
-        return
-    shutil.rmtree(directory)
 
 
 def whereis(run: RunRef) -> list[Copy]:
@@ -281,8 +364,15 @@ def whereis(run: RunRef) -> list[Copy]:
     directory = run.local_directory()
     here = os.path.isfile(os.path.join(directory, SENTINEL))
     size = _tree_size(directory) if here else None
-    local = Copy("local", str(directory), "present" if here else "evicted", size)
-    return [local, *copies(run.index, run.uuid)]
+    recorded = run.index.digest(run.uuid)
+    local = Copy("local", str(directory), "present" if here else "evicted", size, recorded)
+    found = [
+        replace(copy, state="conflict")
+        if copy.state == "present" and recorded and copy.checksum and copy.checksum != recorded
+        else copy
+        for copy in copies(run.index, run.uuid)
+    ]
+    return [local, *found]
 
 
 def _tree_size(directory: Path) -> int:

@@ -34,13 +34,16 @@ from typing import Any
 import fsspec
 
 from machinable.errors import StoreError
+from machinable.locks import FileLock
 from machinable.progress import transfer_callback
+from machinable.record import SENTINEL
 from machinable.stores.manifest import (
     CHUNK,
     MANIFEST_NAME,
     hash_file,
+    header_problems,
     manifest_bytes,
-    manifest_checksum,
+    manifest_digest,
     manifest_problems,
     now,
     scan_directory,
@@ -88,11 +91,14 @@ class TransferError(StoreError):
         results: dict[str, TransferResult],
         problems: dict[str, list[str]],
         store: str | None = None,
+        conflicts: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         failed = sorted(problems)
         super().__init__(message, uuid=failed[0] if len(failed) == 1 else None, store=store)
         self.results = results
         self.problems = problems
+        #: uuid -> (the store's digest, this copy's digest) for copies left untouched
+        self.conflicts = dict(conflicts or {})
 
 
 # -- stores -----------------------------------------------------------------------------
@@ -305,7 +311,11 @@ def _file_problems(
 def verify_remote(
     fs: fsspec.AbstractFileSystem, root: str, uuid: str, expected_manifest: dict | None = None
 ) -> RemoteState:
-    """Check a run's copy in a store by checksum against its manifest (or an expected one)."""
+    """Check a run's copy in a store, file by file, against the store's own manifest.
+
+    ``checksum`` of the result is the copy's digest. With ``expected_manifest`` (the
+    local copy's), a complete copy with another digest is a ``conflict``.
+    """
     _check_uuid(uuid)
     root = _normalize_root(fs, root)
     run_path = join(root, uuid)
@@ -314,18 +324,32 @@ def verify_remote(
         return RemoteState(state="missing", problems=["no copy in the store"])
     manifest_path = join(run_path, MANIFEST_NAME)
     remote, problems = _parse_manifest(read_many(fs, [manifest_path])[manifest_path])
-    reference = expected_manifest if expected_manifest is not None else remote
-    checksum = manifest_checksum(reference) if reference is not None else None
-    size = sum(e["size"] for e in reference["files"].values()) if reference is not None else None
-    if expected_manifest is not None and remote is not None:
-        if manifest_checksum(remote) != checksum:
-            problems.append("the store's manifest describes different content")
-    if reference is not None:
-        file_problems, extras = _file_problems(fs, run_path, reference["files"], listing)
-        problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
+    if remote is None:
+        return RemoteState("partial", problems=problems)
+    digest = manifest_digest(remote)
+    size = sum(e["size"] for e in remote["files"].values())
+    file_problems, extras = _file_problems(fs, run_path, remote["files"], listing)
+    problems += file_problems + [f"{rel}: not in the manifest" for rel in extras]
     if problems:
-        return RemoteState("partial", size=size, checksum=checksum, problems=problems)
-    return RemoteState("present", size=size, checksum=checksum, verified_at=now())
+        return RemoteState("partial", size=size, checksum=digest, problems=problems)
+    if expected_manifest is not None and manifest_digest(expected_manifest) != digest:
+        return RemoteState(
+            "conflict",
+            size=size,
+            checksum=digest,
+            verified_at=now(),
+            problems=[f"the store's copy has digest {digest}, this copy {manifest_digest(expected_manifest)}"],
+        )
+    return RemoteState("present", size=size, checksum=digest, verified_at=now())
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uuid: str) -> dict | None:
+    """The store's manifest of a run, read now (None when missing or unreadable)."""
+    _check_uuid(uuid)
+    root = _normalize_root(fs, root)
+    path = join(root, uuid, MANIFEST_NAME)
+    manifest, _ = _parse_manifest(read_many(fs, [path])[path])
+    return manifest
 
 
 # -- push -------------------------------------------------------------------------------
@@ -339,15 +363,32 @@ def push_runs(
     progress: bool = False,
     verify: bool = True,
 ) -> dict[str, TransferResult]:
-    """Copy run directories to a store in bulk, verify them, then write their manifests."""
+    """Copy run directories to a store in bulk, verify them, then write their manifests.
+
+    A complete copy in the store (a valid manifest) is never changed: one with the same
+    digest is kept as it is, one with another digest is a conflict (``TransferError``
+    with ``conflicts``). A run whose directory vanished (evicted meanwhile) is left out
+    of the results; a run whose headers are not files inside it is refused.
+    """
     root = _normalize_root(fs, root)
     uri = store_uri(fs, root)
     uuids = [_check_uuid(uuid) for uuid, _ in items]
     if len(set(uuids)) != len(uuids):
         raise ValueError("push_runs got the same uuid twice")
-    scanned = {uuid: scan_directory(Path(path)) for uuid, path in items}
+    sources = {uuid: Path(path) for uuid, path in items}
+    problems: dict[str, list[str]] = {}
+    scanned: dict[str, tuple[dict, dict[str, Path]]] = {}
+    for uuid in uuids:
+        try:
+            scanned[uuid] = scan_directory(sources[uuid])
+        except FileNotFoundError:
+            continue  # evicted or moved since it was listed: nothing to push
+        missing = header_problems(scanned[uuid][0])
+        if missing:
+            problems[uuid] = missing
+    uuids = [uuid for uuid in uuids if uuid in scanned and uuid not in problems]
     manifests = {uuid: scanned[uuid][0] for uuid in uuids}
-    checksums = {uuid: manifest_checksum(manifests[uuid]) for uuid in uuids}
+    digests = {uuid: manifest_digest(manifests[uuid]) for uuid in uuids}
     manifest_paths = {uuid: join(root, uuid, MANIFEST_NAME) for uuid in uuids}
 
     files = sum(len(manifest["files"]) for manifest in manifests.values())
@@ -370,26 +411,30 @@ def push_runs(
             }
     else:
         existing = read_many(fs, list(manifest_paths.values()))
-    claimed: set[str] = set()
+    claimed: dict[str, dict] = {}
+    conflicts: dict[str, tuple[str, str]] = {}
     stale: list[str] = []
     for uuid in uuids:
         data = existing[manifest_paths[uuid]]
         if data is None:
             continue
-        remote, problems = _parse_manifest(data)
-        if not problems and remote is not None and manifest_checksum(remote) == checksums[uuid]:
-            claimed.add(uuid)
+        remote, found = _parse_manifest(data)
+        if found or remote is None:
+            stale.append(uuid)  # an unreadable manifest: the copy is incomplete
+        elif manifest_digest(remote) == digests[uuid]:
+            claimed[uuid] = remote
         else:
-            stale.append(uuid)
-    # a manifest describing other content must go before any file changes under it
+            conflicts[uuid] = (manifest_digest(remote), digests[uuid])
+    uuids = [uuid for uuid in uuids if uuid not in conflicts]
+    # a manifest that cannot be read must go before any file changes under it
     _remove(fs, [manifest_paths[uuid] for uuid in stale])
 
     results: dict[str, TransferResult] = {}
-    problems: dict[str, list[str]] = {}
     to_upload = [uuid for uuid in uuids if uuid not in claimed]
     verified: dict[str, datetime | None] = {}
     for attempt in range(2):
-        _upload(fs, root, to_upload, scanned, progress, skip=landed if attempt == 0 else {})
+        to_upload = _upload_present(fs, root, to_upload, scanned, sources, progress, landed if attempt == 0 else {})
+        uuids = [uuid for uuid in uuids if uuid in to_upload or uuid in claimed or uuid in verified]
         if not verify:
             verified.update({uuid: None for uuid in uuids})
             break
@@ -399,14 +444,18 @@ def push_runs(
         extras: list[str] = []
         for uuid in check:
             run_path = join(root, uuid)
-            found, extra = _file_problems(fs, run_path, manifests[uuid]["files"], listings[uuid])
+            # a claimed copy is checked against its own manifest, and never changed
+            reference = claimed[uuid]["files"] if uuid in claimed else manifests[uuid]["files"]
+            found, extra = _file_problems(fs, run_path, reference, listings[uuid])
             if not found:
+                # files outside the copy's manifest (stale uploads, intruders) are no part
+                # of its content: removing them repairs the copy, never changes its digest
                 extras += [join(run_path, rel) for rel in extra]
                 verified[uuid] = now()
                 problems.pop(uuid, None)
             elif uuid in claimed and attempt == 0:
                 # the store claimed this content but does not hold it: upload it again
-                claimed.discard(uuid)
+                del claimed[uuid]
                 retry.append(uuid)
             else:
                 problems[uuid] = found
@@ -429,19 +478,49 @@ def push_runs(
                 uuid=uuid,
                 state="present",
                 size=manifests[uuid]["size"],
-                checksum=checksums[uuid],
+                checksum=digests[uuid],
                 verified_at=verified[uuid],
             )
-    if problems:
-        detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+    if problems or conflicts:
+        lines = [
+            f"conflict: {uri} holds a complete copy of run {uuid} with digest {theirs}, "
+            f"this copy has digest {ours}; nothing in the store was changed"
+            for uuid, (theirs, ours) in sorted(conflicts.items())
+        ]
+        if problems:
+            detail = "; ".join(f"{uuid}: {', '.join(p[:3])}" for uuid, p in sorted(problems.items()))
+            lines.append(f"{len(problems)} run(s) could not be pushed to {uri} and verified: {detail}")
         raise TransferError(
-            f"{len(problems)} run(s) did not verify in {uri} after upload "
-            f"(were they modified during the push?): {detail}",
+            "; ".join(lines),
             results=results,
-            problems=problems,
+            problems={**problems, **{uuid: ["conflict"] for uuid in conflicts}},
             store=uri,
+            conflicts=conflicts,
         )
     return results
+
+
+def _upload_present(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    uuids: list[str],
+    scanned: dict[str, tuple[dict, dict[str, Path]]],
+    sources: dict[str, Path],
+    progress: bool,
+    skip: dict[str, set[str]],
+) -> list[str]:
+    """Upload, leaving out runs whose directory vanished meanwhile; returns the rest."""
+    while True:
+        try:
+            _upload(fs, root, uuids, scanned, progress, skip)
+            return uuids
+        except FileNotFoundError:
+            # An eviction moves a run's directory away in one rename: those runs have
+            # a verified copy elsewhere, so the push goes on without them.
+            gone = {uuid for uuid in uuids if not os.path.isfile(sources[uuid] / SENTINEL)}
+            if not gone:
+                raise
+            uuids = [uuid for uuid in uuids if uuid not in gone]
 
 
 def _remove(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -517,8 +596,14 @@ def fetch_runs(
     root: str,
     *,
     progress: bool = False,
+    digests: dict[str, str | None] | None = None,
 ) -> dict[str, TransferResult]:
-    """Download many runs with one bulk get; each lands at its dest only once verified."""
+    """Download many runs with one bulk get; each lands at its dest only once verified.
+
+    ``digests`` holds the digest the index recorded for a run: a store copy whose
+    manifest describes other content is refused before anything is downloaded (its
+    files are then checked against that manifest, so the bytes match the digest).
+    """
     root = _normalize_root(fs, root)
     uri = store_uri(fs, root)
     dests = {_check_uuid(uuid): Path(dest) for uuid, dest in items}
@@ -536,6 +621,14 @@ def fetch_runs(
         if manifest is None:
             raise StoreError(
                 f"{uri} has no complete copy of run {uuid} ({'; '.join(problems)})",
+                uuid=uuid,
+                store=uri,
+            )
+        expected = (digests or {}).get(uuid)
+        if expected is not None and manifest_digest(manifest) != expected:
+            raise StoreError(
+                f"{uri} holds run {uuid} with digest {manifest_digest(manifest)}, but the index "
+                f"recorded digest {expected}: refusing a copy with other content",
                 uuid=uuid,
                 store=uri,
             )
@@ -563,9 +656,7 @@ def fetch_runs(
 @contextlib.contextmanager
 def _parent_lock(parent: Path) -> Iterator[None]:
     """Serialize fetches into one directory so a retry may reclaim leftovers safely."""
-    from filelock import FileLock
-
-    with FileLock(os.fspath(parent / LOCK_NAME)):
+    with FileLock(parent / LOCK_NAME):
         yield
 
 
@@ -646,7 +737,7 @@ def _land(
             uuid=uuid,
             state="present",
             size=sum(e["size"] for e in manifest["files"].values()),
-            checksum=manifest_checksum(manifest),
+            checksum=manifest_digest(manifest),
             verified_at=now(),
         )
     if problems:
