@@ -5,6 +5,8 @@ Library errors become one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
 import os
@@ -115,7 +117,9 @@ def _hours_or_seconds(ctx: click.Context, param: click.Parameter, value: float |
     return value
 
 
-@click.group(cls=_Group, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option("--project", type=click.Path(file_okay=False), callback=_given, help="Project directory (default: cwd).")
 @click.option(
     "--storage",
@@ -128,20 +132,69 @@ def _hours_or_seconds(ctx: click.Context, param: click.Parameter, value: float |
 @click.pass_context
 def cli(ctx: click.Context, project: str | None, storage: str | None, index_spec: str | None, quiet: bool) -> None:
     """machinable: a content-addressed catalog of research runs."""
+    if ctx.invoked_subcommand is None:  # bare `machinable`: the help, and success
+        click.echo(ctx.get_help())
+        ctx.exit(0)
     ctx.ensure_object(dict)
     ctx.obj.update(project=project, storage=storage, index=index_spec, quiet=quiet)
 
 
+MAX_CALL_LENGTH = 10_000
+
+
+def parse_call(arg: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """``--greet(name='CLI', repeat=2)`` -> ``("greet", (), {"name": "CLI", "repeat": 2})``.
+
+    Arguments are Python literals, read with ``ast.literal_eval``: never evaluated.
+    """
+    text = arg[2:]
+    name, paren, rest = text.partition("(")
+    name = name.replace("-", "_")
+    if not name.isidentifier():
+        raise click.ClickException(f"{arg!r} is not a method name")
+    if not paren:
+        return name, (), {}
+    if len(arg) > MAX_CALL_LENGTH:
+        raise click.ClickException(f"the arguments of --{name} are longer than {MAX_CALL_LENGTH} characters")
+    if not rest.endswith(")"):
+        raise click.ClickException(f"{arg!r}: the arguments must end with ')'")
+    try:
+        call = ast.parse(f"f({rest}", mode="eval").body
+        if not isinstance(call, ast.Call) or any(k.arg is None for k in call.keywords):
+            raise ValueError("only literal arguments and name=literal pairs are allowed")
+        if any(isinstance(a, ast.Starred) for a in call.args):
+            raise ValueError("only literal arguments and name=literal pairs are allowed")
+        names = [k.arg for k in call.keywords]
+        if len(set(names)) != len(names):
+            raise ValueError("a keyword argument is given twice")
+        args = tuple(ast.literal_eval(a) for a in call.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
+        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc) or type(exc).__name__
+        raise click.ClickException(
+            f"invalid arguments for --{name}: {_one_line_text(detail)} (use Python literals, "
+            "like --greet(name='CLI', repeat=2))"
+        ) from None
+    return name, args, kwargs
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
 def parse_assignments(args: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Split ``key=value`` (JSON where it parses) from ``--method`` flags."""
+    config, calls = parse_arguments(args)
+    return config, [name for name, _, _ in calls]
+
+
+def parse_arguments(args: list[str]) -> tuple[dict[str, Any], list[tuple[str, tuple[Any, ...], dict[str, Any]]]]:
+    """Split ``key=value`` (JSON where it parses) from ``--method`` and ``--method(...)`` calls."""
     config: dict[str, Any] = {}
-    methods: list[str] = []
+    methods: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
     for arg in args:
         if arg.startswith("--"):
-            name = arg[2:].replace("-", "_")
-            if not name.isidentifier():
-                raise click.ClickException(f"{arg!r} is not a method name")
-            methods.append(name)
+            methods.append(parse_call(arg))
         elif "=" in arg:
             key, _, raw = arg.partition("=")
             if not key:
@@ -176,22 +229,31 @@ def get_command(obj: dict[str, Any], module: str, args: tuple[str, ...]) -> None
     """Name a run: MODULE key=value ... [--launch] [--METHOD ...].
 
     Dotted keys nest (optimizer.name=adam); values are parsed as JSON where they can be.
-    Each --METHOD calls that method of the run and prints what it returns.
+    Each --METHOD calls that method of the run and prints what it returns;
+    --METHOD(name='x', n=2) passes Python literals as arguments (never evaluated).
     """
     from machinable import get
 
-    config, methods = parse_assignments(list(args))
+    config, methods = parse_arguments(list(args))
     with _contexts(obj):
         run = get(module, config)
         if not methods:
             click.echo(f"{run.uuid}  {run.module}  {run.status()}  {run.local_directory()}")
-        for name in methods:  # check every method before calling any (nothing half-done)
+        for name, call_args, call_kwargs in methods:  # check every call before making any
             method = getattr(run, name, None)
             if name.startswith("_") or not callable(method):
                 raise click.ClickException(f"{type(run).__name__} has no method {name!r}")
-            _check_callable_without_arguments(method, name)
-        for name in methods:
-            result = getattr(run, name)()
+            if not call_args and not call_kwargs:
+                _check_callable_without_arguments(method, name)
+                continue
+            try:
+                inspect.signature(method).bind(*call_args, **call_kwargs)
+            except TypeError as exc:
+                raise click.ClickException(f"--{name}: {exc}") from None
+            except ValueError:  # no signature to check (a builtin): the call will say
+                pass
+        for name, call_args, call_kwargs in methods:
+            result = getattr(run, name)(*call_args, **call_kwargs)
             if name == "launch":
                 click.echo(f"{run.uuid}  {run.status()}  {run.local_directory()}")
             elif result is not None:
@@ -616,7 +678,7 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
             raise click.ClickException(f"{len(problems)} problem(s) with the cached remotes")
         click.echo(f"{len(names) or len(declared)} remote(s) match {remote_fetch.lock_path(project.path)}")
         return
-    wanted = {name: declared[name] for name in (names or declared)}
+    wanted = {name: declared[name] for name in project.remote_dependencies(list(names or declared))}
     if not wanted:
         click.echo("the project declares no remotes (interface/project.py, on_resolve_remotes)")
         return
@@ -650,6 +712,25 @@ def serve_command(
         click.echo(f"serving {len(names)} project(s) on http://{host}:{port}/", err=True)
 
     serve(list(projects), list(roots), host=host, port=port, token_file=token_file, ready=ready)
+
+
+@cli.command("import")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option(
+    "--live-window",
+    type=click.FloatRange(min=0),
+    default=90.0,
+    show_default=True,
+    help="Seconds: an unfinished run whose heartbeat is younger may still be running and is skipped.",
+)
+@click.pass_obj
+def import_command(obj: dict[str, Any], source: str, live_window: float) -> None:
+    """Import the runs of a machinable 5.x storage folder SOURCE (it is only read)."""
+    from machinable.operations.upstream import import_storage
+
+    with _contexts(obj):
+        report = import_storage(source, progress=_progress(obj), live_window=live_window)
+    click.echo(str(report))
 
 
 @cli.command("version")

@@ -72,6 +72,8 @@ def normalize_version(version: Any, module: str) -> list[dict[str, Any]]:
         )
     out = []
     for item in items:
+        if item is None:  # as in machinable 5.x: [base, None] is [base]
+            continue
         if not isinstance(item, Mapping):
             raise ConfigError(
                 f"config for module {module!r} must be a dict, not {type(item).__name__}: {item!r}",
@@ -144,8 +146,8 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
-    if model.model_config.get("extra") == "allow":
-        return []
+    # A model that allows or ignores extras says so itself; its nested models still count.
+    lenient = model.model_config.get("extra") in ("allow", "ignore")
     fields: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         fields[name] = info
@@ -155,7 +157,8 @@ def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = 
     for key, value in data.items():
         info = fields.get(key)
         if info is None:
-            bad.append(prefix + key)
+            if not lenient:
+                bad.append(prefix + key)
             continue
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
@@ -170,8 +173,9 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
     ``Optional``, unions, lists and dicts.
     """
     if isinstance(value, BaseModel):
-        if not isinstance(data, Mapping) or type(value).model_config.get("extra") == "allow":
+        if not isinstance(data, Mapping):
             return []
+        lenient = type(value).model_config.get("extra") in ("allow", "ignore")
         names: dict[str, str] = {}
         for name, info in type(value).model_fields.items():
             names[name] = name
@@ -181,7 +185,8 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
         for key, item in data.items():
             where = f"{path}.{key}" if path else str(key)
             if key not in names:
-                bad.append(where)
+                if not lenient:
+                    bad.append(where)
             else:
                 bad.extend(dropped_keys(getattr(value, names[key]), item, where))
         return bad

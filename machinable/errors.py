@@ -26,6 +26,9 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     │   └── EvictionRefused      no other verified copy exists
     ├── RemoteError              a shareable module could not be fetched or trusted
     └── ServeError               the catalog server cannot start as asked
+
+    IdentityWarning (a UserWarning)  runs that differ only in non-identifying fields
+                                     would share one uuid
 """
 
 from __future__ import annotations
@@ -202,3 +205,7 @@ class RemoteError(MachinableError):
 
 class ServeError(MachinableError):
     """The catalog server cannot start as asked (a bad flag, token file or project)."""
+
+
+class IdentityWarning(UserWarning):
+    """Runs that differ only in non-identifying fields would share one uuid."""

@@ -106,6 +106,30 @@ def canonical_config(config: BaseModel) -> dict[str, Any]:
     return out
 
 
+def non_identifying_values(config: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of non-identifying fields that hold a value other than their default.
+
+    Runs that differ only in these share one uuid unless a predicate separates them.
+    """
+    found: list[str] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if not is_identifying(field):
+            if field.is_required():
+                found.append(prefix + name)
+                continue
+            default = field.get_default(call_default_factory=True, validated_data={})
+            try:
+                same = canonical_json(_jsonable(default)) == canonical_json(_jsonable(value))
+            except ConfigError:
+                same = False
+            if not same:
+                found.append(prefix + name)
+        elif isinstance(value, BaseModel):
+            found.extend(non_identifying_values(value, f"{prefix}{name}."))
+    return found
+
+
 def check_finite(value: Any, path: str = "config") -> None:
     """Refuse NaN, infinities and unstorable text (lone surrogates, NUL), naming where."""
     if isinstance(value, float):

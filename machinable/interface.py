@@ -8,7 +8,9 @@ it once into ``<storage>/<uuid>/`` and records it in the index.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +31,7 @@ from machinable.config import (
 from machinable.context import Context, active
 from machinable.errors import (
     ConfigError,
+    IdentityWarning,
     MachinableError,
     NotMountedError,
     ReadOnlyCatalog,
@@ -40,10 +43,11 @@ from machinable.identity import (
     check_finite,
     compute_uuid,
     config_key,
+    non_identifying_values,
     predicate_key,
 )
 from machinable.locks import FileLock, is_held, open_regular
-from machinable.project import Project
+from machinable.project import Project, interface_classes, primary_class
 from machinable.record import (
     ERROR_FILE,
     MODEL_FILE,
@@ -113,7 +117,14 @@ class Interface:
 
     @classmethod
     def _module_name(cls) -> str:
-        return cls.__machinable_module__ or cls.__module__.rsplit(".", 1)[-1]
+        # Only the class's own name counts: a subclass never inherits its parent's (it
+        # would share the parent's runs).
+        own = cls.__dict__.get("__machinable_module__")
+        if own:
+            return own
+        name = module_name_of(cls)
+        cls.__machinable_module__ = name
+        return name
 
     @classmethod
     def make(
@@ -123,8 +134,14 @@ class Interface:
         project: Project | None = None,
         storage: Storage | None = None,
         index: Index | None = None,
+        predicate: Mapping[str, Any] | None = None,
     ) -> Interface:
-        """Validate a config and name the run it describes (nothing is written)."""
+        """Validate a config and name the run it describes (nothing is written).
+
+        ``predicate``, when given, is the run's predicate as it is (an imported run keeps
+        the one it was computed under); otherwise the active scopes and
+        ``on_compute_predicate()`` make it.
+        """
         project = project or Project.get()
         module = cls._module_name()
         config, full, recorded = validate_config(cls._config_class(), version, module)
@@ -139,12 +156,15 @@ class Interface:
         run._full = full
         run._canonical = canonical_config(config)
         run._record_cache = None
-        predicate = {}
-        for scope in active(Scope):
-            predicate.update(scope.predicate)
-        own = run.on_compute_predicate()
-        if own:
-            predicate.update(own)
+        if predicate is not None:
+            predicate = dict(predicate)
+        else:
+            predicate = {}
+            for scope in active(Scope):
+                predicate.update(scope.predicate)
+            own = run.on_compute_predicate()
+            if own:
+                predicate.update(own)
         try:
             check_finite(predicate, "predicate")
             run.predicate = predicate
@@ -154,6 +174,17 @@ class Interface:
             run._predicate_key = predicate_key(predicate)
         except ConfigError as exc:
             raise ConfigError(f"module {module!r}: {exc}", module=module) from exc
+        if not predicate:
+            hidden = non_identifying_values(config)
+            if hidden:
+                warnings.warn(
+                    f"module {module!r}: {', '.join(hidden)} is not identifying and differs from "
+                    "its default, but no predicate separates runs (no Scope, empty "
+                    "on_compute_predicate()): runs that differ only there share uuid "
+                    f"{run.uuid}",
+                    IdentityWarning,
+                    stacklevel=3,  # the caller of get()
+                )
         return run
 
     @classmethod
@@ -462,23 +493,113 @@ class Interface:
         scope: dict[str, Any] = {}
         for item in active(Scope):
             scope.update(item.predicate)
-        records = self._index.search(
-            where,
-            project=self._project_name,
-            module=self.module,
-            predicate=scope,
-            order_by=order_by,
-            limit=limit,
-            offset=offset,
-        )
-        return RunList(
-            type(self)._from_record(record, project=self._project, storage=self._storage, index=self._index)
-            for record in records
-        )
+        cls, project, storage, index = type(self), self._project, self._storage, self._index
+        query = {"project": self._project_name, "module": self.module, "predicate": scope}
+
+        def make(record: RunRecord) -> Interface:
+            return cls._from_record(record, project=project, storage=storage, index=index)
+
+        # Bad input fails here, at the call, not later at the first use of the list.
+        index.check_query(where, order_by=order_by, limit=limit, offset=offset)
+        return RunList.lazy(index, where, query, order_by, limit, offset, make)
 
 
-class RunList(list):  # type: ignore[type-arg]
-    """A list of runs, with a table view."""
+class RunList(Sequence):  # type: ignore[type-arg]
+    """Runs from ``all()``: a sequence that reads the index page by page as it is used.
+
+    ``len()`` asks the index to count; indexing and slicing fetch just those runs;
+    iterating reads pages of ``PAGE`` runs, so a loop over a million runs holds one
+    page at a time. It compares equal to a list of the same runs, and ``list(runs)``
+    makes a plain list (a snapshot). Built from runs directly, it is a plain list.
+    """
+
+    PAGE = 1000
+
+    def __init__(self, runs: Any = ()):
+        self._items: list[Any] | None = list(runs)
+        self._lazy: tuple[Any, ...] | None = None
+        self._length: int | None = None
+        self._page: tuple[int, list[Any]] | None = None
+
+    @classmethod
+    def lazy(cls, index: Index, where: Any, query: dict[str, Any], order_by: Any, limit: int | None,
+             offset: int, make: Any) -> RunList:
+        runs = cls()
+        runs._items = None
+        runs._lazy = (index, where, query, order_by, limit, offset, make)
+        return runs
+
+    def _fetch(self, start: int, count: int) -> list[Any]:
+        """Runs ``start`` .. ``start + count`` of this list (positions within it)."""
+        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
+        if limit is not None:
+            count = max(0, min(count, limit - start))
+        if count <= 0:
+            return []
+        records = index.search(where, **query, order_by=order_by, limit=count, offset=offset + start)
+        return [make(record) for record in records]
+
+    def __len__(self) -> int:
+        if self._items is not None:
+            return len(self._items)
+        if self._length is None:
+            index, where, query, _, limit, offset, _ = self._lazy  # type: ignore[misc]
+            total = max(0, index.count(where, **query) - offset)
+            self._length = total if limit is None else min(total, limit)
+        return self._length
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._items is not None:
+            found = self._items[key]
+            return RunList(found) if isinstance(key, slice) else found
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return RunList(self[start:stop])[::step]
+            return RunList(self._fetch(start, stop - start))
+        if not isinstance(key, int):
+            raise TypeError(f"RunList indices must be integers or slices, not {type(key).__name__}")
+        position = key + len(self) if key < 0 else key
+        if not 0 <= position < len(self):
+            raise IndexError("RunList index out of range")
+        base = position - position % self.PAGE
+        if self._page is None or self._page[0] != base:
+            self._page = (base, self._fetch(base, self.PAGE))
+        page = self._page[1]
+        if position - base >= len(page):  # the index changed since len()
+            raise IndexError("RunList index out of range")
+        return page[position - base]
+
+    def __iter__(self) -> Any:
+        if self._items is not None:
+            yield from self._items
+            return
+        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
+        if order_by is None and limit is None and not offset:
+            # uuid order: page by key, each page one indexed range (no growing offset)
+            for record in index.runs(where, **query, page_size=self.PAGE):
+                yield make(record)
+            return
+        start = 0
+        while True:
+            page = self._fetch(start, self.PAGE)
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            start += len(page)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, RunList)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"RunList({list(self)!r})" if self._items is not None or len(self) <= 20 else f"<RunList of {len(self)} runs>"
 
     def as_dataframe(self) -> Any:
         """A pandas DataFrame: uuid, module, status, created_at, and one column per config key."""
@@ -519,6 +640,27 @@ def _read_model(directory: Path, fallback: dict[str, Any]) -> dict[str, Any]:
         return read_json(directory / MODEL_FILE)
     except (FileNotFoundError, ValueError):
         return fallback
+
+
+def module_name_of(cls: type[Interface]) -> str:
+    """The module name of a class not resolved by name (passed to ``get()`` directly).
+
+    A project module's dotted path inside its project, else the last part of its Python
+    module; ``module:Class`` when the module defines other Interfaces and this one is
+    not the one the module's name stands for.
+    """
+    path = cls.__module__
+    prefix, _, rest = path.partition(".")
+    if prefix.startswith("_machinable_") and rest:
+        path = rest
+    else:
+        path = path.rsplit(".", 1)[-1]
+    mod = sys.modules.get(cls.__module__)
+    classes = interface_classes(mod) if mod is not None else [cls]
+    if cls not in classes or primary_class(classes, path) is cls:
+        return path
+    qualname = cls.__qualname__ if "<" not in cls.__qualname__ else cls.__name__
+    return f"{path}:{qualname}"
 
 
 def get(

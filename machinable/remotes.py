@@ -58,6 +58,8 @@ __all__ = [
     "fetch_remote",
     "fetch_all",
     "check_lock",
+    "split_declaration",
+    "with_dependencies",
 ]
 
 #: Cache directory, relative to the project directory.
@@ -505,6 +507,58 @@ def fetch_remote(
         ) from e
     _record_lock(project_dir, name, source, digest, replace=True)
     return FetchedRemote(name, redact(source), path, digest, fetched=True)
+
+
+def split_declaration(
+    declared: Mapping[str, object],
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """A provider's ``{name: source}`` or ``{name: [source, dependency, ...]}`` as
+    ``(sources, dependencies)``; every dependency must name another declared remote."""
+    sources: dict[str, str] = {}
+    dependencies: dict[str, list[str]] = {}
+    for name, entry in declared.items():
+        if isinstance(entry, (list, tuple)):
+            if not entry:
+                raise RemoteError(f"remote {name!r} is declared as an empty list", name=str(name))
+            source, *needs = entry
+        else:
+            source, needs = entry, []
+        if not isinstance(source, str):
+            raise RemoteError(f"remote {name!r}: the source must be a string, not {source!r}", name=str(name))
+        bad = [need for need in needs if not isinstance(need, str)]
+        if bad:
+            raise RemoteError(f"remote {name!r}: dependency {bad[0]!r} is not a name", name=str(name))
+        sources[name] = source
+        dependencies[name] = list(needs)
+    for name, needs in dependencies.items():
+        unknown = [need for need in needs if need not in sources]
+        if unknown:
+            raise RemoteError(
+                f"remote {name!r} depends on {', '.join(map(repr, unknown))}, which the project "
+                "does not declare",
+                name=name,
+            )
+    return sources, dependencies
+
+
+def with_dependencies(names: list[str], dependencies: Mapping[str, list[str]]) -> list[str]:
+    """``names`` and everything they depend on, transitively, dependencies first, each once."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for start in names:
+        stack: list[tuple[str, bool]] = [(start, False)]
+        while stack:
+            name, expanded = stack.pop()
+            if expanded:
+                if name not in order:
+                    order.append(name)
+                continue
+            if name in seen:
+                continue
+            seen.add(name)
+            stack.append((name, True))
+            stack.extend((need, False) for need in reversed(dependencies.get(name, [])))
+    return order
 
 
 def fetch_all(

@@ -52,6 +52,47 @@ def test_a_finished_run_whose_data_is_gone_everywhere_is_computed_again(project:
     assert run.cached() and run.loss() == pytest.approx(1 / (1 + 0.3 * 100))
 
 
+def test_an_index_file_deleted_while_the_process_runs_is_noticed(sqlite_project: Path):
+    """The process's connections still reach the deleted file; writes must go to the new one."""
+    from conftest import run_python
+
+    run = get("optimize", {"lr": 0.3}).launch()
+    path = Index.get().path
+    assert Index.get().find(run.uuid) is not None
+    for suffix in ("", "-wal", "-shm"):  # as a user would: rm .machinable.sqlite*
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    assert Index.get().find(run.uuid) is None  # the file at the path, not the deleted one
+    report = Index.get().reindex()
+    assert report.added == 1
+    assert path.exists()
+    result = run_python(
+        f"""
+        from machinable import Index
+        print(Index.get().find({run.uuid!r}).status)
+        """,
+        cwd=sqlite_project,
+    )
+    assert result.stdout.split() == ["finished"]
+
+
+def test_an_index_file_replaced_while_the_process_runs_is_opened_again(sqlite_project: Path, tmp_path: Path):
+    from machinable.catalog.engine import get_engine
+
+    ours = get("optimize", {"lr": 0.3}).launch()
+    path = Index.get().path
+    other = Index(tmp_path / "other.sqlite")
+    with other:
+        theirs = get("optimize", {"lr": 0.7}).launch()
+    get_engine(other.resolved_url).dispose()  # its last connection closes: the WAL is folded in
+    shutil.move(tmp_path / "other.sqlite", path)  # mv other.sqlite .machinable.sqlite
+
+    assert Index.get().find(theirs.uuid) is not None
+    assert Index.get().find(ours.uuid) is None
+    Index.get().reindex()
+    assert Index.get().find(ours.uuid) is not None
+
+
 def test_incremental_reindex_does_not_read_unchanged_directories(project: Path) -> None:
     """Directories older than the 2-second guard whose mtime the index remembers are
     not read again: a header corrupted in place (which leaves the directory's mtime as

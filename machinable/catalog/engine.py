@@ -28,12 +28,14 @@ from machinable.errors import IndexError_, IndexNewerThanCode
 from machinable.locks import FileLock
 from machinable.redact import redact
 
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 
 _engines: dict[str, Engine] = {}
 _ready: set[str] = set()
+_paths: dict[str, Path] = {}  # SQLite urls: the index file
+_identities: dict[str, tuple[int, int] | None] = {}  # its (device, inode) when opened
 _lock = threading.Lock()
 
 
@@ -197,20 +199,83 @@ def _make_engine(url: str, mounts: str | None) -> Engine:
     return create_engine(url, pool_pre_ping=True, json_serializer=json_serializer)
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite index file, or None when it does not exist."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def get_engine(url: str) -> Engine:
-    """The process-wide engine for ``url``, with its schema at head."""
+    """The process-wide engine for ``url``, with its schema at head.
+
+    A SQLite index file that was deleted or replaced since the engine opened it (same
+    path, another inode) is noticed here: the old connections still reach the deleted
+    file, and whatever they wrote would vanish with the process. The engine is then
+    disposed and the file at the path opened (created and migrated if need be).
+    """
     engine = _engines.get(url)
     if engine is not None and url in _ready:
-        return engine
+        path = _paths.get(url)
+        if path is None or _file_identity(path) == _identities.get(url):
+            return engine
     with _lock:
         engine = _engines.get(url)
+        path = sqlite_path(url)
+        if engine is not None and path is not None and url in _ready:
+            if _file_identity(path) != _identities.get(url):
+                _reopen(engine, path)
+                engine = None
+                _ready.discard(url)
         if engine is None:
             engine = make_engine(url)
             _engines[url] = engine
         if url not in _ready:
             ensure_schema(engine, url)
+            if path is not None:
+                _paths[url] = path
+                _identities[url] = _file_identity(path)
             _ready.add(url)
     return engine
+
+
+def _reopen(engine: Engine, path: Path) -> None:
+    """Close the connections to a deleted or replaced index file, and its stale journal.
+
+    SQLite does not fold the write-ahead log into a file that was unlinked or renamed
+    under it, and leaves ``-wal``/``-shm`` at the path: a new connection would read the
+    old database's pages from them into the new file. The ones this process holds open
+    belonged to the old file (every connection here pointed at it), so they go.
+    """
+    companions = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+    stale = {p: _file_identity(p) for p in _held_open(companions)}
+    engine.dispose()
+    for companion, identity in stale.items():
+        if _file_identity(companion) == identity:
+            companion.unlink(missing_ok=True)
+
+
+def _held_open(paths: list[Path]) -> list[Path]:
+    """Which of ``paths`` this process has open (Linux's /proc/self/fd; elsewhere none)."""
+    wanted = {identity: path for path in paths if (identity := _file_identity(path)) is not None}
+    if not wanted:
+        return []
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    held = []
+    for fd in descriptors:
+        try:
+            info = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        found = wanted.pop((info.st_dev, info.st_ino), None)
+        if found is not None:
+            held.append(found)
+    return held
 
 
 def dispose_all() -> None:
@@ -220,6 +285,8 @@ def dispose_all() -> None:
             engine.dispose()
         _engines.clear()
         _ready.clear()
+        _paths.clear()
+        _identities.clear()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -4,4 +4,5 @@
   reindexed by ``Index.reindex`` itself).
 - ``verify``: compare the index with the record directories; repair what is safe.
 - ``gc``: find what nothing needs; delete it only when asked.
+- ``upstream``: import a storage written by machinable 5.x.
 """

@@ -8,6 +8,7 @@ state between requests, so several workers can serve one PostgreSQL catalog.
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,9 +32,7 @@ def _one_line(text: str) -> str:
 
 def create_app(config: ServerConfig) -> Any:
     """The ASGI app serving ``config``'s projects: the JSON API, the page, the login form."""
-    from machinable import __version__
-
-    app = FastAPI(title="machinable catalog", version=__version__)
+    app = FastAPI(title="machinable catalog", version=version("machinable"))
     app.include_router(api.router(config))
     app.include_router(page.router(config))
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")

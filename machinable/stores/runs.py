@@ -206,11 +206,10 @@ def fetch(run: RunRef, store: RemoteStore | str | None = None, *, progress: bool
         except (StoreError, OSError) as exc:
             problems.append(f"{candidate._name or candidate.url}: {exc}")
             continue
+        # The run's row first: the store's availability row refers to it (an index
+        # that never knew the run would refuse it otherwise).
+        _take_in(index, run.uuid, dest)
         _record_results(index, remote_id, {run.uuid: result})
-        if index.status(run.uuid) is None:
-            index.ingest_directory(dest)
-        else:
-            index.add_location(run.uuid, dest)
         index.set_digest(run.uuid, result.checksum, only_if_unset=True)
         return dest
     detail = "; ".join(problems) if problems else "no store is known to hold it"
@@ -219,6 +218,14 @@ def fetch(run: RunRef, store: RemoteStore | str | None = None, *, progress: bool
         "(with RemoteStore(url): or `machinable pull UUID --from URL`)",
         uuid=run.uuid,
     )
+
+
+def _take_in(index: Index, uuid: str, directory: Path) -> None:
+    """Index a fetched directory: a new row when the index does not know the run."""
+    if index.status(uuid) is None:
+        index.ingest_directory(directory)
+    else:
+        index.add_location(uuid, directory)
 
 
 def fetch_many(
@@ -251,16 +258,14 @@ def fetch_many(
             results = error.results
         except (StoreError, OSError):
             continue
-        _record_results(index, remote_id, results)
         for run in members:
             if run.uuid in results:
                 dest = run.default_directory()
-                if index.status(run.uuid) is None:
-                    index.ingest_directory(dest)
-                else:
-                    index.add_location(run.uuid, dest)
-                index.set_digest(run.uuid, results[run.uuid].checksum, only_if_unset=True)
+                _take_in(index, run.uuid, dest)
                 done[run.uuid] = dest
+        _record_results(index, remote_id, results)
+        for uuid in done.keys() & results.keys():
+            index.set_digest(uuid, results[uuid].checksum, only_if_unset=True)
     for run in wanted:
         if run.uuid not in done:
             done[run.uuid] = fetch(run, store, progress=progress)
