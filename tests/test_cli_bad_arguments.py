@@ -116,6 +116,16 @@ TABLE: list[tuple[list[str], str]] = [
     (["fetch", "--timeout", "abc"], "--timeout"),
     (["fetch", "--timeout", "nan"], "--timeout"),
     (["version", "extra"], "extra"),
+    # serve: refused before anything listens
+    (["serve", "--project", ""], "--project is empty"),
+    (["serve", "--root", ""], "--root is empty"),
+    (["serve", "--project", HUGE], "is not a directory"),
+    (["serve", "--root", "no/such/dir"], "is not a directory"),
+    (["serve", "--host", "0.0.0.0"], "--token-file"),
+    (["serve", "--port", "abc"], "--port"),
+    (["serve", "--port", BIG], "--port"),
+    (["serve", "--token-file", ""], "token file"),
+    (["serve", "--token-file", HUGE], "token file"),
 ]
 
 

@@ -65,6 +65,9 @@ def test_api_serves_projects_runs_files(project: Path, tmp_path: Path) -> None:
         assert local["url"] == str(get("track", {"lr": 0.1}).local_directory())
         assert stored["url"] == f"file://{archive}" and stored["state"] == "present"
         assert stored["size"] > 0 and stored["verified_at"][:4] == detail["finished_at"][:4]
+        # Pushing recorded the run's digest (sha256 of its manifest); the API serves it.
+        assert isinstance(detail["digest"], str) and len(detail["digest"]) == 64
+        assert int(detail["digest"], 16) >= 0
         listed = {run["uuid"]: run for run in requests.get(server.url("/api/v1/projects/study/runs"), timeout=10).json()["runs"]}
         assert listed[uuids[0]]["copies"] == detail["copies"]
         assert len(listed[uuids[1]]["copies"]) == 1

@@ -368,7 +368,7 @@ class RemoteIndex(Index):
     def _read_only(self, *_: Any, **__: Any) -> NoReturn:
         raise ReadOnlyCatalog(f"{self.url} is a remote catalog, read-only: runs cannot be recorded through it", url=self.url)
 
-    add_run = add_location = drop_location = add_rows = ingest_directory = _read_only  # type: ignore[assignment]
+    add_run = add_location = drop_location = add_rows = ingest_directory = check_writable = _read_only  # type: ignore[assignment]
     reindex = add_search_index = drop_search_index = _read_only  # type: ignore[assignment]
 
 

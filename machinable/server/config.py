@@ -102,6 +102,24 @@ class ServerConfig:
         return sorted(names)
 
 
+def _short(spec: str | os.PathLike[str]) -> str:
+    text = os.fspath(spec)
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+
+
+def _directory(flag: str, spec: str | os.PathLike[str]) -> Path:
+    """A flag's directory, resolved; an empty or missing one is refused (never the cwd)."""
+    if not os.fspath(spec):
+        raise ServeError(f"{flag} is empty; name a directory")
+    try:
+        path = Path(os.path.realpath(os.path.expanduser(os.fspath(spec))))
+        if path.is_dir():
+            return path
+    except (OSError, ValueError):
+        pass
+    raise ServeError(f"{flag} {_short(spec)} is not a directory")
+
+
 def read_token_file(path: str | os.PathLike[str]) -> list[Token]:
     """Tokens, one per line, each optionally followed by the project names it may reach.
 
@@ -112,7 +130,7 @@ def read_token_file(path: str | os.PathLike[str]) -> list[Token]:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_TOKEN_FILE + 1)
     except OSError as exc:
-        raise ServeError(f"cannot read the token file {os.fspath(path)!r}: {exc.strerror or exc}") from exc
+        raise ServeError(f"cannot read the token file {_short(path)}: {exc.strerror or exc}") from exc
     if len(raw) > MAX_TOKEN_FILE:
         raise ServeError(f"the token file {os.fspath(path)!r} is larger than 1 MiB")
     try:
@@ -170,21 +188,16 @@ def make_config(
     if not projects and not roots:
         projects = [os.getcwd()]
     for spec in projects:
-        path = Path(os.path.realpath(os.path.expanduser(os.fspath(spec))))
-        if not path.is_dir():
-            raise ServeError(f"--project {os.fspath(spec)!r} is not a directory")
+        path = _directory("--project", spec)
         try:
             name = check_name(path.name)
         except InvalidName as exc:
-            raise ServeError(f"--project {os.fspath(spec)!r}: {exc}") from exc
+            raise ServeError(f"--project {_short(spec)}: {exc}") from exc
         if name in config.projects and config.projects[name] != path:
             raise ServeError(f"two projects are named {name!r}: {config.projects[name]} and {path}")
         config.projects[name] = path
     for spec in roots:
-        path = Path(os.path.realpath(os.path.expanduser(os.fspath(spec))))
-        if not path.is_dir():
-            raise ServeError(f"--root {os.fspath(spec)!r} is not a directory")
-        config.roots.append(path)
+        config.roots.append(_directory("--root", spec))
     if token_file is not None:
         config.tokens = read_token_file(token_file)
     return config

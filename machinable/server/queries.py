@@ -32,7 +32,7 @@ from sqlalchemy.sql import operators
 
 from machinable.catalog.engine import get_engine, sqlite_path
 from machinable.catalog.models import Availability, Location, Remote, Run
-from machinable.catalog.query import as_expr, compile_expr, order_clause
+from machinable.catalog.query import as_expr, check_field, compile_expr, json_value
 from machinable.catalog.rows import aware
 from machinable.errors import QueryError
 from machinable.record import SENTINEL
@@ -134,6 +134,26 @@ def list_runs(
     if rows and len(rows) == limit:
         cursor = _encode_cursor(where, order_by, [rows[-1][f"_k{i}"] for i in range(len(keys))])
     return [_run(row, copies.get(row["uuid"], [])) for row in rows], total, cursor
+
+
+def order_clause(spec: str | None, dialect: str) -> list[Any]:
+    """``"config.lr"``, ``"-created_at"`` or ``"config.lr desc"``, comma-separated; uuid breaks ties."""
+    clauses: list[Any] = []
+    for item in [part for part in (spec or "").split(",") if part.strip()]:
+        text = item.strip()
+        descending = text.startswith("-")
+        text = text.lstrip("-").strip()
+        parts = text.split()
+        if len(parts) == 2 and parts[1].lower() in ("asc", "desc"):
+            descending = parts[1].lower() == "desc"
+            text = parts[0]
+        elif len(parts) != 1:
+            raise QueryError(f"cannot order by {item.strip()!r}; write e.g. 'config.lr desc' or '-created_at'")
+        column, path = check_field(text)
+        expr = json_value(RUNS.c[column], path, dialect) if path else RUNS.c[column]
+        clauses.append(expr.desc() if descending else expr.asc())
+    clauses.append(RUNS.c.uuid.asc())
+    return clauses
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
