@@ -689,10 +689,11 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
 
 
 @cli.command("import")
-@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("source", type=click.Path(file_okay=False), callback=_given)
 @click.option(
     "--live-window",
     type=click.FloatRange(min=0),
+    callback=_hours_or_seconds,
     default=90.0,
     show_default=True,
     help="Seconds: an unfinished run whose heartbeat is younger may still be running and is skipped.",
