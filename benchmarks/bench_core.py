@@ -28,13 +28,39 @@ from machinable import Interface
 
 
 class Trivial(Interface):
+    # 20 config leaves: what the index keeps searchable per run (catalog/leaves.py)
     class Config(BaseModel):
         i: int = 0
         lr: float = 0.1
+        depth: int = 4
+        width: int = 256
+        dropout: float = 0.1
+        decay: float = 0.0001
+        momentum: float = 0.9
+        epochs: int = 10
+        batch: int = 64
+        seed: int = 0
+        optimizer: str = "adam"
+        schedule: str = "cosine"
+        dataset: str = "cifar10"
+        split: str = "train"
+        augment: bool = True
+        shuffle: bool = True
+        warmup: int = 100
+        clip: float = 1.0
+        precision: str = "fp32"
+        note: str = ""
 
     def __call__(self):
         pass
 '''
+
+FULL_CONFIG = {
+    "lr": 0.1, "depth": 4, "width": 256, "dropout": 0.1, "decay": 0.0001, "momentum": 0.9,
+    "epochs": 10, "batch": 64, "seed": 0, "optimizer": "adam", "schedule": "cosine",
+    "dataset": "cifar10", "split": "train", "augment": True, "shuffle": True, "warmup": 100,
+    "clip": 1.0, "precision": "fp32", "note": "",
+}
 
 
 def median_ms(samples: list[float]) -> float:
@@ -56,7 +82,7 @@ class BaselineLauncher:
         directory = self.root / "baseline" / uuid
         directory.mkdir(parents=True)
         header = json.dumps({"uuid": uuid, "module": "trivial"})
-        model = json.dumps({"module": "trivial", "config": {"i": i, "lr": 0.1}})
+        model = json.dumps({"module": "trivial", "config": {"i": i, **FULL_CONFIG}})
         for name, text in (
             ("model.json", model),
             ("id.json", header),
@@ -92,13 +118,13 @@ def interleaved_launches(root: Path, n: int) -> tuple[list[float], list[float]]:
     return ours, base
 
 
-def make_records(storage: Path, n: int, project: str) -> None:
-    """Write n finished record directories quickly (the same bytes launch() writes)."""
+def make_records(storage: Path, n: int, project: str, start: int = 0) -> None:
+    """Write finished record directories for i in [start, n) quickly (the same bytes launch() writes)."""
     from machinable.identity import compute_uuid, config_key, predicate_key
     from machinable.record import dump_json, id_header
 
     stamp = "2026-01-01T00:00:00+00:00"
-    for i in range(n):
+    for i in range(start, n):
         canonical = {"i": i}
         uuid = compute_uuid(project, "trivial", canonical, {})
         directory = storage / uuid
@@ -107,7 +133,7 @@ def make_records(storage: Path, n: int, project: str) -> None:
         model = {
             "module": "trivial",
             "project": project,
-            "config": {"i": i, "lr": 0.1},
+            "config": {"i": i, **FULL_CONFIG},
             "canonical": canonical,
             "version": [{"i": i}],
             "predicate": {},
@@ -121,29 +147,37 @@ def make_records(storage: Path, n: int, project: str) -> None:
 
 
 def scan_headers(storage: Path) -> list[tuple[str, str, str, str]]:
-    """The plain baseline's read side: scandir, json-load id.json and model.json of every run."""
+    """The plain baseline's read side: scandir, then per run list the directory, json-load
+    id.json and model.json, and read the status markers present (what reindex must read)."""
     rows = []
     with os.scandir(storage) as entries:
         for entry in entries:
             if not entry.is_dir() or entry.name.startswith("."):
                 continue
+            names = os.listdir(entry.path)
             with open(os.path.join(entry.path, "id.json"), "rb") as handle:
                 header = json.loads(handle.read())
             with open(os.path.join(entry.path, "model.json"), "rb") as handle:
                 model = json.loads(handle.read())
-            rows.append((header["uuid"], header["module"], json.dumps(model["config"]), entry.path))
+            status = "created"
+            for marker in ("started_at", "failed_at", "finished_at"):
+                if marker in names:
+                    with open(os.path.join(entry.path, marker), "rb") as handle:
+                        handle.read()
+                    status = marker
+            rows.append((header["uuid"], header["module"], json.dumps(model["config"]), entry.path, status))
     return rows
 
 
 def baseline_reindex(storage: Path, db_path: Path) -> float:
-    """scandir, json-load both headers, insert rows with one executemany."""
+    """scandir, read both headers and the markers present, insert rows with one executemany."""
     start = time.perf_counter()
     rows = scan_headers(storage)
     db = sqlite3.connect(db_path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, directory TEXT)")
-    db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)", rows)
+    db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, directory TEXT, status TEXT)")
+    db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", rows)
     db.commit()
     db.close()
     return time.perf_counter() - start

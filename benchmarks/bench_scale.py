@@ -42,8 +42,8 @@ def baseline_reindex(storage: Path, backend: str, target: str) -> float:
         db = sqlite3.connect(target)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, directory TEXT)")
-        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)", rows)
+        db.execute("CREATE TABLE runs (uuid TEXT PRIMARY KEY, module TEXT, config TEXT, directory TEXT, status TEXT)")
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", rows)
         db.commit()
         db.close()
     else:
@@ -51,10 +51,10 @@ def baseline_reindex(storage: Path, backend: str, target: str) -> float:
 
         with psycopg.connect(target) as db:
             db.execute(
-                "CREATE TABLE baseline_runs (uuid TEXT PRIMARY KEY, module TEXT, config JSONB, directory TEXT)"
+                "CREATE TABLE baseline_runs (uuid TEXT PRIMARY KEY, module TEXT, config JSONB, directory TEXT, status TEXT)"
             )
             with db.cursor() as cursor:
-                cursor.executemany("INSERT INTO baseline_runs VALUES (%s, %s, %s, %s)", rows)
+                cursor.executemany("INSERT INTO baseline_runs VALUES (%s, %s, %s, %s, %s)", rows)
             db.commit()
     return time.perf_counter() - start
 

@@ -1,4 +1,4 @@
-"""Config-filtered count() and search at 100,000 runs, without and with a search index.
+"""Config-filtered count() and search at 100,000 runs: the leaves index, with no setup.
 
     python benchmarks/bench_search_index.py            # SQLite and PostgreSQL
     python benchmarks/bench_search_index.py --runs 20000 --backend sqlite
@@ -28,6 +28,38 @@ def median_ms(action, repeat: int = 15) -> float:
     return statistics.median(samples) * 1000
 
 
+def query_set(index, low: int, width: int) -> dict:
+    """The measured queries, each a callable."""
+    return {
+        "baseline: count(), no filter": lambda: index.count(),
+        "baseline: page of 100, no filter": lambda: index.search(limit=100),
+        "count(config.i range, 10%)": lambda: index.count(
+            f"config.i >= {low} and config.i < {low + width}"
+        ),
+        "count(config.i = N)": lambda: index.count(f"config.i = {low}"),
+        "count(config.name = 'n005', 1%)": lambda: index.count("config.name = 'n005'"),
+        "count(range) within the module": lambda: index.count(
+            f"config.i >= {low} and config.i < {low + width}", project="bench", module="trivial"
+        ),
+        "page of 100, config.i range": lambda: index.search(
+            f"config.i >= {low} and config.i < {low + width}", limit=100
+        ),
+        "page of 100, range, order by -config.i": lambda: index.search(
+            f"config.i >= {low} and config.i < {low + width}", order_by="-config.i", limit=100
+        ),
+        "page of 100, order by config.i": lambda: index.search(order_by="config.i", limit=100),
+        "page of 100, config.name = 'n005'": lambda: index.search(
+            "config.name = 'n005'", limit=100
+        ),
+        "page of 100, config.i >= N and status": lambda: index.search(
+            f"config.i >= {low} and status = 'finished'", limit=100
+        ),
+        "100 of 100k, order by config.i": lambda: index.search(
+            f"config.i >= {low} and config.i < {low + 100}", order_by="config.i"
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
@@ -40,13 +72,29 @@ def main() -> None:
     from machinable.catalog.engine import dispose_all
     from machinable.identity import compute_uuid
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.runs} runs")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.runs} runs; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     now = datetime.now(timezone.utc)
     rows = [
-        dict(uuid=compute_uuid("bench", "trivial", {"i": k}, {}), project="bench", module="trivial",
-             config_key="k", predicate_key="p", config={"i": k, "lr": 0.1}, canonical={"i": k},
-             predicate={}, version=[{"i": k}], status="finished", created_at=now, started_at=now,
-             finished_at=now, failed_at=None, updated_at=now)
+        dict(
+            uuid=compute_uuid("bench", "trivial", {"i": k}, {}),
+            project="bench",
+            module="trivial",
+            config_key="k",
+            predicate_key="p",
+            config={"i": k, "lr": 0.1, "name": f"n{k % 100:03d}"},
+            canonical={"i": k},
+            predicate={},
+            version=[{"i": k}],
+            status="finished",
+            created_at=now,
+            started_at=now,
+            finished_at=now,
+            failed_at=None,
+            updated_at=now,
+        )
         for k in range(args.runs)
     ]
     for backend in ("sqlite", "postgresql") if args.backend == "both" else (args.backend,):
@@ -61,18 +109,11 @@ def main() -> None:
             index = Index(f"{args.postgres}?options=-csearch_path%3D{schema}")
         try:
             index.add_rows(rows)
-            if backend == "postgresql":
-                with index.engine.connect() as conn:
-                    conn.exec_driver_sql("ANALYZE runs")
             low = args.runs // 2
-            count = f"config.i >= {low} and config.i < {low + args.runs // 10}"
-            selective = f"config.i >= {low} and config.i < {low + 100}"
-            for label in ("no search index", "with index add config.i"):
-                if label.startswith("with"):
-                    index.add_search_index("config.i")
-                c = median_ms(lambda ix=index, q=count: ix.count(q))
-                s = median_ms(lambda ix=index, q=selective: ix.search(q, order_by="config.i"))
-                print(f"[{backend}] {label:26s} count(): {c:7.2f} ms   search of 100: {s:7.2f} ms")
+            width = args.runs // 10
+            queries = query_set(index, low, width)
+            for label, action in queries.items():
+                print(f"[{backend}] {label:42s} {median_ms(action):7.2f} ms")
         finally:
             dispose_all()
             if schema is not None:

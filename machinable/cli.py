@@ -688,6 +688,32 @@ def fetch_command(obj: dict[str, Any], names: tuple[str, ...], check: bool, time
         click.echo(f"{verb} {item.name} from {redact(item.source)}\n  -> {item.path}\n  sha256 {item.sha256}")
 
 
+@cli.command("serve")
+@click.option("--project", "projects", multiple=True, type=click.Path(file_okay=False), help="Serve this project (repeatable).")
+@click.option("--root", "roots", multiple=True, type=click.Path(file_okay=False), help="Serve every project folder directly in ROOT (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Tokens, one per line, optionally followed by the projects each reaches.")
+@click.pass_obj
+def serve_command(
+    obj: dict[str, Any], projects: tuple[str, ...], roots: tuple[str, ...], host: str, port: int, token_file: str | None
+) -> None:
+    """Serve project catalogs read-only over HTTP: a JSON API and a browser page."""
+    try:
+        from machinable.server import serve
+    except ImportError as exc:
+        raise click.ClickException(f"machinable serve needs the server extra: pip install 'machinable[server]' ({exc})") from exc
+
+    if not projects and not roots and obj.get("project"):
+        projects = (obj["project"],)
+
+    def ready(config: Any) -> None:
+        names = config.names()
+        click.echo(f"serving {len(names)} project(s) on http://{host}:{port}/", err=True)
+
+    serve(list(projects), list(roots), host=host, port=port, token_file=token_file, ready=ready)
+
+
 @cli.command("import")
 @click.argument("source", type=click.Path(file_okay=False), callback=_given)
 @click.option(

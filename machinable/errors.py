@@ -15,14 +15,17 @@ family (``FileNotFoundError``, ``FileExistsError``) where that is what they are.
     ├── LockTimeout              a lock stayed held by another process
     ├── PathEscapeError          a file name points outside the run directory
     ├── IndexError_              the index cannot be opened, migrated or queried
-    │   └── IndexNewerThanCode   the index schema is newer than this version
+    │   ├── IndexNewerThanCode   the index schema is newer than this version
+    │   └── RemoteCatalogError   a catalog server refused a request or cannot be reached
+    │       └── ReadOnlyCatalog  a remote catalog cannot launch or record runs
     ├── QueryError               a search expression is malformed
     ├── ReindexRefused           reindex of a missing or empty storage would drop every run there
     ├── StoreError               a remote store transfer or check failed
     │   ├── NotMountedError      the run's files are not present locally
     │   ├── CopyConflict         a store holds a complete copy of the run with another digest
     │   └── EvictionRefused      no other verified copy exists
-    └── RemoteError              a shareable module could not be fetched or trusted
+    ├── RemoteError              a shareable module could not be fetched or trusted
+    └── ServeError               the catalog server cannot start as asked
 
     IdentityWarning (a UserWarning)  runs that differ only in non-identifying fields
                                      would share one uuid
@@ -130,6 +133,18 @@ class IndexNewerThanCode(IndexError_):
     """The index was migrated by a newer machinable than this one."""
 
 
+class RemoteCatalogError(IndexError_):
+    """A catalog server refused a request, answered nonsense, or cannot be reached."""
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, url=url)
+        self.status = status
+
+
+class ReadOnlyCatalog(RemoteCatalogError):
+    """A remote catalog is read-only: runs cannot be launched or recorded through it."""
+
+
 class QueryError(MachinableError, ValueError):
     """A search expression is malformed or names an unknown field."""
 
@@ -186,6 +201,10 @@ class RemoteError(MachinableError):
         super().__init__(message)
         self.name = name
         self.source = redact(source) if source is not None else None
+
+
+class ServeError(MachinableError):
+    """The catalog server cannot start as asked (a bad flag, token file or project)."""
 
 
 class IdentityWarning(UserWarning):

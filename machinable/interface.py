@@ -34,6 +34,7 @@ from machinable.errors import (
     IdentityWarning,
     MachinableError,
     NotMountedError,
+    ReadOnlyCatalog,
     RecordError,
     UnsafeFileError,
 )
@@ -356,6 +357,12 @@ class Interface:
             return self
         if self.config_error:
             raise ConfigError(f"run {self.uuid}: {self.config_error}", module=self.module)
+        if self._index.read_only:
+            raise ReadOnlyCatalog(
+                f"run {self.uuid} ({self.module}) is not in {self._index!r}, a read-only remote "
+                "catalog: it cannot be launched from here",
+                url=self._index.resolved_url,
+            )
         self._index.check_writable()
         directory = self._default_directory()
         header, model = self._headers()
@@ -447,6 +454,8 @@ class Interface:
         ``save_file`` writes is signed) or with ``allow_pickle=True``: unpickling a
         collaborator's file would run whatever code it carries.
         """
+        if self._index.read_only and not self.is_mounted():
+            return self._index.load_file(self.uuid, name, default)  # type: ignore[attr-defined]
         directory = self._mounted_directory()
         path = safe_path(directory, name)
         try:
@@ -484,23 +493,113 @@ class Interface:
         scope: dict[str, Any] = {}
         for item in active(Scope):
             scope.update(item.predicate)
-        records = self._index.search(
-            where,
-            project=self._project_name,
-            module=self.module,
-            predicate=scope,
-            order_by=order_by,
-            limit=limit,
-            offset=offset,
-        )
-        return RunList(
-            type(self)._from_record(record, project=self._project, storage=self._storage, index=self._index)
-            for record in records
-        )
+        cls, project, storage, index = type(self), self._project, self._storage, self._index
+        query = {"project": self._project_name, "module": self.module, "predicate": scope}
+
+        def make(record: RunRecord) -> Interface:
+            return cls._from_record(record, project=project, storage=storage, index=index)
+
+        # Bad input fails here, at the call, not later at the first use of the list.
+        index.check_query(where, order_by=order_by, limit=limit, offset=offset)
+        return RunList.lazy(index, where, query, order_by, limit, offset, make)
 
 
-class RunList(list):  # type: ignore[type-arg]
-    """A list of runs, with a table view."""
+class RunList(Sequence):  # type: ignore[type-arg]
+    """Runs from ``all()``: a sequence that reads the index page by page as it is used.
+
+    ``len()`` asks the index to count; indexing and slicing fetch just those runs;
+    iterating reads pages of ``PAGE`` runs, so a loop over a million runs holds one
+    page at a time. It compares equal to a list of the same runs, and ``list(runs)``
+    makes a plain list (a snapshot). Built from runs directly, it is a plain list.
+    """
+
+    PAGE = 1000
+
+    def __init__(self, runs: Any = ()):
+        self._items: list[Any] | None = list(runs)
+        self._lazy: tuple[Any, ...] | None = None
+        self._length: int | None = None
+        self._page: tuple[int, list[Any]] | None = None
+
+    @classmethod
+    def lazy(cls, index: Index, where: Any, query: dict[str, Any], order_by: Any, limit: int | None,
+             offset: int, make: Any) -> RunList:
+        runs = cls()
+        runs._items = None
+        runs._lazy = (index, where, query, order_by, limit, offset, make)
+        return runs
+
+    def _fetch(self, start: int, count: int) -> list[Any]:
+        """Runs ``start`` .. ``start + count`` of this list (positions within it)."""
+        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
+        if limit is not None:
+            count = max(0, min(count, limit - start))
+        if count <= 0:
+            return []
+        records = index.search(where, **query, order_by=order_by, limit=count, offset=offset + start)
+        return [make(record) for record in records]
+
+    def __len__(self) -> int:
+        if self._items is not None:
+            return len(self._items)
+        if self._length is None:
+            index, where, query, _, limit, offset, _ = self._lazy  # type: ignore[misc]
+            total = max(0, index.count(where, **query) - offset)
+            self._length = total if limit is None else min(total, limit)
+        return self._length
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._items is not None:
+            found = self._items[key]
+            return RunList(found) if isinstance(key, slice) else found
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return RunList(self[start:stop])[::step]
+            return RunList(self._fetch(start, stop - start))
+        if not isinstance(key, int):
+            raise TypeError(f"RunList indices must be integers or slices, not {type(key).__name__}")
+        position = key + len(self) if key < 0 else key
+        if not 0 <= position < len(self):
+            raise IndexError("RunList index out of range")
+        base = position - position % self.PAGE
+        if self._page is None or self._page[0] != base:
+            self._page = (base, self._fetch(base, self.PAGE))
+        page = self._page[1]
+        if position - base >= len(page):  # the index changed since len()
+            raise IndexError("RunList index out of range")
+        return page[position - base]
+
+    def __iter__(self) -> Any:
+        if self._items is not None:
+            yield from self._items
+            return
+        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
+        if order_by is None and limit is None and not offset:
+            # uuid order: page by key, each page one indexed range (no growing offset)
+            for record in index.runs(where, **query, page_size=self.PAGE):
+                yield make(record)
+            return
+        start = 0
+        while True:
+            page = self._fetch(start, self.PAGE)
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            start += len(page)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, RunList)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"RunList({list(self)!r})" if self._items is not None or len(self) <= 20 else f"<RunList of {len(self)} runs>"
 
     def as_dataframe(self) -> Any:
         """A pandas DataFrame: uuid, module, status, created_at, and one column per config key."""

@@ -40,3 +40,18 @@ def key_file() -> Path:
         return Path(explicit).expanduser()
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(config) / "machinable" / "key"
+
+
+def token_setting() -> str | None:
+    """``MACHINABLE_TOKEN``: the bearer token sent to a remote catalog server."""
+    return (os.environ.get("MACHINABLE_TOKEN") or "").strip() or None
+
+
+def cache_setting() -> str:
+    """``MACHINABLE_CACHE``: where files read from remote catalogs are kept (default
+    ``$XDG_CACHE_HOME/machinable`` or ``~/.cache/machinable``)."""
+    explicit = os.environ.get("MACHINABLE_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "machinable")

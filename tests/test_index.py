@@ -562,3 +562,42 @@ def test_a_failed_run_found_through_the_index_relaunches(
     stored = Index.get().find(run.uuid).canonical.get("x", 0.0)
     assert float(stored) == value
     assert get("flaky", {"x": value}).cached()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_large_reindex_writes_in_batches_with_the_same_result(
+    project: Path, monkeypatch: pytest.MonkeyPatch, parallel: bool
+) -> None:
+    """Reindex streams: small chunks and batches (as a million runs would use) give the
+    same rows, leaves and locations as one pass, into an empty index and an existing one,
+    and stale rows still go."""
+    import machinable.catalog.index as catalog_index
+
+    uuids = launch_lrs(*(0.1 * i for i in range(1, 12)))
+    expected = {table: table_rows(table) for table in ("runs", "leaves", "locations")}
+    monkeypatch.setattr(catalog_index, "SCAN_CHUNK", 2)
+    monkeypatch.setattr(catalog_index, "WRITE_BATCH", 3)
+    if parallel:  # the process-pool scan, with at most a few chunks in flight
+        monkeypatch.setattr(catalog_index, "PARALLEL_SCAN_MIN", 1)
+    writes: list[int] = []
+    original = Index._write_batch
+
+    def counting(self, conn, root, rows, *args):  # type: ignore[no-untyped-def]
+        writes.append(len(rows))
+        return original(self, conn, root, rows, *args)
+
+    monkeypatch.setattr(Index, "_write_batch", counting)
+    wipe_index(project)
+    report = Index.get().reindex()
+    assert report.added == 11 and report.indexed == 11
+    assert len(writes) == 4 and sum(writes) == 11 and max(writes) <= 4  # batches of 3 or 4 (chunks of 2)
+
+    def without_ids(rows: list[tuple]) -> list[tuple]:  # (run, storage, directory): launch records no mtime
+        return sorted(row[1:4] for row in rows)
+
+    assert table_rows("runs") == expected["runs"] and table_rows("leaves") == expected["leaves"]
+    assert without_ids(table_rows("locations")) == without_ids(expected["locations"])
+    shutil.rmtree(project / "storage" / uuids[0])
+    again = Index.get().reindex(full=True)
+    assert (again.updated, again.removed, again.added) == (10, 1, 0)
+    assert Index.get().count() == 10 and all(row[0] != uuids[0] for row in table_rows("leaves"))

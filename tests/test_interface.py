@@ -507,7 +507,9 @@ def test_get_hydrates_only_the_run_it_names(project: Path) -> None:
     assert run.cached() and run.is_mounted() and run.status() == "finished"
     assert validated == [7]
     validated.clear()
-    assert len(get("counting", {"x": 7}).all()) == 20
+    runs = get("counting", {"x": 7}).all()
+    assert len(runs) == 20 and validated == [7]  # all() is lazy: counting hydrates no run
+    assert sorted(run.config.x for run in runs) == list(range(1, 21))
     assert sorted(validated) == sorted([7, *range(1, 21)])
 
 

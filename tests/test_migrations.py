@@ -47,7 +47,7 @@ from conftest import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"runs", "locations", "remotes", "availability"}
+TABLES = {"runs", "locations", "remotes", "availability", "leaves"}
 
 
 def _url(where: Path | str | Index) -> str:
@@ -235,6 +235,32 @@ def test_an_older_index_is_upgraded_on_first_use_and_keeps_its_runs(project: Pat
     assert Index.get().find(run.uuid) == before
     assert again.loss() == pytest.approx(1 / 51)
     assert calls(project) == [run.uuid]
+
+
+def test_upgrading_to_leaves_fills_them_from_the_indexed_runs_and_keeps_search_indexes(project: Path) -> None:
+    """An index from before 0004 gets its leaves from the rows it holds (no directories
+    are read), answers searches as before, and a search index the user added survives."""
+    runs = [get("optimize", {"lr": lr, "steps": steps}).launch() for lr, steps in ((0.5, 10), (0.25, 100), (2, 7))]
+    index = Index.get()
+    assert index.add_search_index("config.lr") == "ix_search_config_lr"
+    queries = ["config.lr > 0.3", "config.steps = 100", "config.lr >= 0.25 and config.steps < 50"]
+    before = {q: [r.uuid for r in index.search(q, order_by="config.lr")] for q in queries}
+    assert before[queries[0]] == [runs[0].uuid, runs[2].uuid]
+    leaves = table_rows("leaves")
+    assert len(leaves) == 6  # lr and steps of three runs
+    index_file = index_url(project)
+    dispose_all()
+    command.downgrade(alembic_config(index_file), "0005")
+    assert "leaves" not in tables(index_file)
+    # the index moves away from the directories: the upgrade must use the rows alone
+    (project / "storage").rename(project / "elsewhere")
+
+    index = Index.get()
+    assert index.count() == 3  # first use upgrades
+    assert revision(index_file) == SCHEMA_HEAD
+    assert table_rows("leaves") == leaves
+    assert {q: [r.uuid for r in index.search(q, order_by="config.lr")] for q in queries} == before
+    assert index.search_indexes() == ["ix_search_config_lr"]
 
 
 # --------------------------------------------------------------------------- refusals

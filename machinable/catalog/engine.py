@@ -28,7 +28,7 @@ from machinable.errors import IndexError_, IndexNewerThanCode
 from machinable.locks import FileLock
 from machinable.redact import redact
 
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 

@@ -6,6 +6,7 @@ The index is a cache of the record directories. Every row can be rebuilt with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -18,14 +19,19 @@ from sqlalchemy import Engine, and_, delete, false, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
-from machinable.catalog.models import Availability, Location, Run
+from machinable.catalog.leaves import leaf_rows, scope_key
+from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
+    And,
+    Expr,
     Field,
     as_expr,
     check_field,
     compile_expr,
+    first_order_numbers,
     json_value,
-    order_clause,
+    leaf_count,
+    plan,
 )
 from machinable.catalog.rows import (
     IDENTITY_KEYS,
@@ -45,11 +51,25 @@ from machinable.settings import index_setting
 
 RUNS = Run.__table__
 LOCATIONS = Location.__table__
+LEAVES = Leaf.__table__
+LEAF_COLUMNS = ("run_uuid", "path", "kind", "number", "text", "scope")
 PAGE_SIZE = 1000
+# A leaf test that at least this many runs pass is probed run by run in uuid order
+# rather than collected first (see query.plan).
+DENSE = 2000
+# Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
+ANALYZE_AFTER = 1000
 SCAN_CHUNK = 2000
+# Reindex commits the runs it has read every this many (memory holds one batch).
+WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 _WRITABLE: dict[str, Engine] = {}
+
+
+def _scope(project: str | None, module: str | None) -> int | None:
+    """The leaves' scope key of a search within one project and module, else None."""
+    return scope_key(project, module) if project is not None and module is not None else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,24 @@ def set_defaults(defaults: Defaults) -> None:
 
 class Index(Context):
     """The catalog of runs: a SQLite file by default, any SQLAlchemy URL otherwise."""
+
+    #: True for catalogs that cannot record runs (a remote catalog server)
+    read_only: bool = False
+    #: URL schemes served by Index subclasses (``http`` -> catalog.remote.RemoteIndex)
+    _schemes: dict[str, type[Index]] = {}
+
+    def __new__(cls, spec: str | os.PathLike[str] | None = None) -> Index:
+        if cls is Index and spec is not None:
+            scheme = os.fspath(spec).partition("://")[0].lower()
+            kind = Index._schemes.get(scheme) if "://" in os.fspath(spec) else None
+            if kind is not None:
+                return super().__new__(kind)
+        return super().__new__(cls)
+
+    @classmethod
+    def register_scheme(cls, scheme: str, kind: type[Index]) -> None:
+        """Let ``Index(url)`` with this URL scheme make a ``kind`` (without an import cycle)."""
+        Index._schemes[scheme] = kind
 
     def __init__(self, spec: str | os.PathLike[str] | None = None):
         self.url = to_url(spec) if spec is not None else None
@@ -226,6 +264,27 @@ class Index(Context):
                 return Path(directory)
         return None
 
+    def _filter(
+        self,
+        where: Any = None,
+        project: str | None = None,
+        module: str | None = None,
+        predicate: dict[str, Any] | None = None,
+    ) -> tuple[list[Any], Expr | None]:
+        """Column conditions (project, module) and the search expression (scope and where)."""
+        conditions = []
+        if project is not None:
+            conditions.append(RUNS.c.project == project)
+        if module is not None:
+            conditions.append(RUNS.c.module == module)
+        items = [Field(f"predicate.{key}") == value for key, value in (predicate or {}).items()]
+        expr = as_expr(where)
+        if expr is not None:
+            items.append(expr)
+        if not items:
+            return conditions, None
+        return conditions, items[0] if len(items) == 1 else And(tuple(items))
+
     def _conditions(
         self,
         where: Any = None,
@@ -233,16 +292,9 @@ class Index(Context):
         module: str | None = None,
         predicate: dict[str, Any] | None = None,
     ) -> list[Any]:
-        conditions = []
-        if project is not None:
-            conditions.append(RUNS.c.project == project)
-        if module is not None:
-            conditions.append(RUNS.c.module == module)
-        for key, value in (predicate or {}).items():
-            conditions.append(compile_expr(Field(f"predicate.{key}") == value, self.dialect))
-        expr = as_expr(where)
+        conditions, expr = self._filter(where, project, module, predicate)
         if expr is not None:
-            conditions.append(compile_expr(expr, self.dialect))
+            conditions.append(compile_expr(expr, self.dialect, _scope(project, module)))
         return conditions
 
     @property
@@ -290,6 +342,15 @@ class Index(Context):
             if len(rows) < page_size:
                 return
 
+    def check_query(
+        self, where: Any = None, *, order_by: str | list[str] | None = None, limit: int | None = None, offset: int = 0
+    ) -> None:
+        """Raise QueryError for a search that could not run, without running it."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0) or not isinstance(offset, int) or offset < 0:
+            raise QueryError("limit and offset must be whole numbers, not negative")
+        expr = as_expr(where)
+        plan(expr, [], order_by, self.dialect)
+
     def search(
         self,
         where: Any = None,
@@ -307,17 +368,51 @@ class Index(Context):
             raise QueryError("limit and offset must not be negative")
         if limit is None and not offset and order_by is None:
             return list(self.runs(where, project=project, module=module, predicate=predicate))
+        conditions, expr = self._filter(where, project, module, predicate)
+        with self.engine.connect() as conn:
+            dense = self._dense(conn) if limit is not None else None
+            scope = _scope(project, module)
+            # Two steps: the page's uuids first (a narrow sort, index only where the
+            # database can), then the rows of that page alone.
+            uuids: list[str] = []
+            if limit is not None and first_order_numbers(expr, order_by):
+                numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
+                uuids = self._page(conn, numbers, limit, offset)
+            if limit is None or len(uuids) < limit:
+                uuids = self._page(conn, plan(expr, conditions, order_by, self.dialect, dense, scope), limit, offset)
+            return self._with_directories(conn, self._rows(conn, uuids))
+
+    @staticmethod
+    def _page(conn: Any, compiled: Any, limit: int | None, offset: int) -> list[str]:
         statement = (
-            select(RUNS)
-            .where(*self._conditions(where, project, module, predicate))
-            .order_by(*order_clause(order_by, self.dialect))
+            select(RUNS.c.uuid)
+            .select_from(compiled.source)
+            .where(*compiled.where)
+            .order_by(*compiled.order)
             .offset(offset)
         )
         if limit is not None:
             statement = statement.limit(limit)
-        with self.engine.connect() as conn:
-            rows = conn.execute(statement).mappings().all()
-            return self._with_directories(conn, rows)
+        return list(conn.execute(statement).scalars().all())
+
+    def _rows(self, conn: Any, uuids: list[str]) -> list[Any]:
+        """The ``runs`` rows of ``uuids``, in that order."""
+        found: dict[str, Any] = {}
+        for start in range(0, len(uuids), 900):
+            chunk = uuids[start : start + 900]
+            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(chunk))).mappings():
+                found[row["uuid"]] = row
+        return [found[uuid] for uuid in uuids if uuid in found]
+
+    @staticmethod
+    def _dense(conn: Any) -> Callable[[Any], bool]:
+        """Do at least DENSE leaves pass a test? Reads at most DENSE index entries."""
+
+        def dense(probe: Any) -> bool:
+            capped = probe.limit(DENSE).subquery()
+            return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
+
+        return dense
 
     def count(
         self,
@@ -328,10 +423,16 @@ class Index(Context):
         predicate: dict[str, Any] | None = None,
     ) -> int:
         """How many runs match, without loading any of them."""
-        statement = select(func.count()).select_from(RUNS)
-        conditions = self._conditions(where, project, module, predicate)
-        if conditions:
-            statement = statement.where(*conditions)
+        conditions, expr = self._filter(where, project, module, predicate)
+        scope = _scope(project, module)
+        # Within one module, or with no column conditions, the leaves alone can count.
+        statement = leaf_count(expr, scope) if not conditions or scope is not None else None
+        if statement is None:
+            statement = select(func.count()).select_from(RUNS)
+            if expr is not None:
+                conditions.append(compile_expr(expr, self.dialect, scope))
+            if conditions:
+                statement = statement.where(*conditions)
         with self.engine.connect() as conn:
             return int(conn.execute(statement).scalar() or 0)
 
@@ -380,8 +481,34 @@ class Index(Context):
             _STATEMENTS[key] = stmt
         return stmt
 
-    def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+    def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]], fresh: bool = False) -> None:
+        """Upsert run rows and replace their config leaves, in the caller's transaction.
+
+        ``fresh``: the runs are known to be new (an empty index), so there are no old
+        leaves to delete.
+        """
+        if not rows:
+            return
         conn.execute(self._statement("upsert_runs"), rows)
+        if not fresh:
+            uuids = [row["uuid"] for row in rows]
+            for start in range(0, len(uuids), 500):
+                chunk = uuids[start : start + 500]
+                conn.execute(delete(LEAVES).where(LEAVES.c.run_uuid.in_(chunk)) if len(chunk) > 1
+                             else delete(LEAVES).where(LEAVES.c.run_uuid == chunk[0]))
+        leaves = [
+            leaf
+            for row in rows
+            for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
+        ]
+        if leaves:
+            # Plain tuples through the driver: SQLAlchemy's per-parameter processing
+            # costs more than the insert itself for a run's 20 leaves.
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            conn.exec_driver_sql(
+                f"INSERT INTO leaves ({', '.join(LEAF_COLUMNS)}) VALUES ({', '.join([mark] * len(LEAF_COLUMNS))})",
+                [tuple(leaf[c] for c in LEAF_COLUMNS) for leaf in leaves],
+            )
 
     def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         conn.execute(self._statement("add_locations"), rows)
@@ -470,6 +597,18 @@ class Index(Context):
                     self._upsert_runs(conn, rows[start : start + 5000])
 
         retry_busy(write)
+        self._analyze(len(rows))
+
+    def _analyze(self, written: int) -> None:
+        """After a bulk write, refresh PostgreSQL's statistics: a planner that still
+        believes the tables empty joins them by scanning one per row of the other."""
+        if written < ANALYZE_AFTER or self.dialect != "postgresql":
+            return
+        # VACUUM also marks the new pages all-visible, so that counts read the leaves
+        # index alone instead of visiting each row.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM (ANALYZE) runs, leaves, locations")
+
 
     def ingest_directory(self, path: str | os.PathLike[str]) -> RunRecord:
         """Index one run directory where it lies; idempotent; refuses identity collisions."""
@@ -520,58 +659,173 @@ class Index(Context):
         root = Path(storage) if storage is not None else _defaults.storage_directory()
         root = Path(os.path.abspath(root))
         report = ReindexReport(storage=str(root))
+        known: dict[str, tuple[str, int | None]] = {}
         with self.engine.connect() as conn:
-            known = {
-                directory: (run_uuid, mtime)
-                for directory, run_uuid, mtime in conn.execute(
-                    select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid, LOCATIONS.c.mtime_ns).where(
-                        LOCATIONS.c.storage == str(root)
-                    )
+            if full:  # the directories are all read again: only how many the index lists
+                known_count = int(
+                    conn.execute(
+                        select(func.count()).select_from(LOCATIONS).where(LOCATIONS.c.storage == str(root))
+                    ).scalar()
+                    or 0
                 )
-            }
-        if storage is not None and not root.is_dir() and (root.exists() or not known):
+            else:
+                known = {
+                    directory: (run_uuid, mtime)
+                    for directory, run_uuid, mtime in conn.execute(
+                        select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid, LOCATIONS.c.mtime_ns).where(
+                            LOCATIONS.c.storage == str(root)
+                        )
+                    )
+                }
+                known_count = len(known)
+        if storage is not None and not root.is_dir() and (root.exists() or not known_count):
             # A mistyped path must not reindex "clean"; a deleted storage the index still
             # lists is reindexed (its rows are dropped).
             what = "is not a directory" if root.exists() else "does not exist"
             raise FileNotFoundError(f"storage {root} {what}, and the index lists no runs there")
-        rows, locations, unchanged = self._scan(root, report, {} if full else known, progress)
-        found = rows or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
-        if known and not found and not allow_empty:
-            state = "does not exist" if not os.path.lexists(root) else "holds no run directory"
+        # Rows are written in batches as the scan yields them, so memory holds one batch
+        # (plus the set of uuids seen), not the whole storage. A storage of up to
+        # WRITE_BATCH runs is one transaction (the old rows or the new, never a mix);
+        # a larger one commits each batch with its runs' leaves and locations, and stale
+        # rows go in the last, so a reindex stopped midway removes nothing and the next
+        # one completes it.
+        keep: set[str] = set()
+        state: dict[str, bool] = {}
+
+        def write_batch(rows: list[dict[str, Any]], locations: list[dict[str, Any]], last: bool) -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                self._write_batch(conn, root, rows, locations, unchanged, keep, state, report)
+                if last:
+                    report.unchanged = len(unchanged)
+                    # A directory that is present but skipped (corrupt, colliding) keeps
+                    # its row: the index may hold the only readable copy of its config.
+                    present = {os.path.basename(path) for path, _ in report.skipped}
+                    report.removed = self._drop_stale(conn, root, keep | unchanged | present)
+
+        unchanged: set[str] = set()
+        batch: list[dict[str, Any]] = []
+        batch_locations: list[dict[str, Any]] = []
+        for part_rows, part_locations, part_unchanged, part_skipped in self._scan(root, known, progress):
+            batch.extend(part_rows)
+            batch_locations.extend(part_locations)
+            unchanged.update(part_unchanged)
+            report.skipped.extend(part_skipped)
+            if len(batch) >= WRITE_BATCH:
+                retry_busy(functools.partial(write_batch, batch, batch_locations, False))
+                batch, batch_locations = [], []
+        known = {}
+        found = keep or batch or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
+        if known_count and not found and not allow_empty:
+            condition = "does not exist" if not os.path.lexists(root) else "holds no run directory"
             raise ReindexRefused(
-                f"{root} {state}, but the index lists {len(known)} run director"
-                f"{'y' if len(known) == 1 else 'ies'} there; nothing was changed. Is a disk "
+                f"{root} {condition}, but the index lists {known_count} run director"
+                f"{'y' if known_count == 1 else 'ies'} there; nothing was changed. Is a disk "
                 "unmounted or the folder moved? If the runs are really gone, reindex with "
                 "--allow-empty (allow_empty=True) to drop them.",
                 storage=str(root),
             )
-
-        def write() -> None:
-            with self.engine.execution_options(machinable_write=True).begin() as conn:
-                # Rebuilding an empty index (the common case after deleting it) has
-                # nothing to collide with: skip the per-run lookups.
-                empty = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
-                collisions = self._check_identity(conn, rows) if rows and not empty else {}
-                good = [row for row in rows if row["uuid"] not in collisions]
-                for uuid, reason in collisions.items():
-                    report.skipped.append((str(root / uuid), reason))
-                keep = {row["uuid"] for row in good} | unchanged
-                existing = set() if empty else self._existing(conn, [row["uuid"] for row in good])
-                for start in range(0, len(good), 5000):
-                    self._upsert_runs(conn, good[start : start + 5000])
-                wanted = [loc for loc in locations if loc["run_uuid"] in keep]
-                for start in range(0, len(wanted), 5000):
-                    self._put_locations(conn, wanted[start : start + 5000])
-                report.added = sum(1 for row in good if row["uuid"] not in existing)
-                report.updated = len(good) - report.added
-                report.unchanged = len(unchanged)
-                # A directory that is present but skipped (corrupt, colliding) keeps its
-                # row: the index may hold the only readable copy of that run's config.
-                present = {os.path.basename(path) for path, _ in report.skipped}
-                report.removed = self._drop_stale(conn, root, keep | present)
-
-        retry_busy(write)
+        retry_busy(functools.partial(write_batch, batch, batch_locations, True))
+        self._analyze(report.added + report.updated)
         return report
+
+    def _write_batch(
+        self,
+        conn: Any,
+        root: Path,
+        rows: list[dict[str, Any]],
+        locations: list[dict[str, Any]],
+        unchanged: set[str],
+        keep: set[str],
+        state: dict[str, bool],
+        report: ReindexReport,
+    ) -> None:
+        """Write one reindex batch in the caller's transaction."""
+        if "empty" not in state:
+            # Rebuilding an empty index (the common case after deleting it) has
+            # nothing to collide with: skip the per-run lookups.
+            state["empty"] = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
+            state["bulk"] = state["empty"] and bool(rows) and self._lock_empty(conn)
+            if state["bulk"]:
+                self._bulk_load(conn, rows, locations)
+                report.added += len(rows)
+                keep.update(row["uuid"] for row in rows)
+                return
+        empty = state["empty"]
+        collisions = self._check_identity(conn, rows) if rows and not empty else {}
+        good = [row for row in rows if row["uuid"] not in collisions]
+        for uuid, reason in collisions.items():
+            report.skipped.append((str(root / uuid), reason))
+        fresh = {row["uuid"] for row in good}
+        existing = set() if empty else self._existing(conn, list(fresh))
+        for start in range(0, len(good), 5000):
+            self._upsert_runs(conn, good[start : start + 5000])
+        wanted = [loc for loc in locations if loc["run_uuid"] in fresh or loc["run_uuid"] in unchanged]
+        for start in range(0, len(wanted), 5000):
+            self._put_locations(conn, wanted[start : start + 5000])
+        added = sum(1 for uuid in fresh if uuid not in existing)
+        report.added += added
+        report.updated += len(good) - added
+        keep.update(fresh)
+
+    def _lock_empty(self, conn: Any) -> bool:
+        """Is the index still empty, with no other writer able to change that until commit?
+
+        SQLite's write transaction (BEGIN IMMEDIATE) already excludes other writers; on
+        PostgreSQL the tables are locked against writes (reads go on).
+        """
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE runs, leaves, locations IN EXCLUSIVE MODE")
+        return conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
+
+    def _bulk_load(self, conn: Any, rows: list[dict[str, Any]], locations: list[dict[str, Any]]) -> None:
+        """Fill an empty index in the caller's transaction: plain inserts through the driver,
+        leaves in primary-key order, and the leaves index built once at the end rather than
+        updated per row (dropped and created in the same transaction: atomic on both)."""
+        self._raw_insert(conn, RUNS, rows)
+        self._raw_insert(conn, LOCATIONS, locations, skip=("id",))
+        leaves = sorted(
+            (tuple(leaf[c] for c in LEAF_COLUMNS)
+             for row in rows
+             for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])),
+            key=lambda leaf: (leaf[0], leaf[1]),
+        )
+        indexes = sorted(LEAVES.indexes, key=lambda index: index.name)
+        for index in indexes:
+            index.drop(conn)
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        sql = f"INSERT INTO leaves ({', '.join(LEAF_COLUMNS)}) VALUES ({', '.join([mark] * len(LEAF_COLUMNS))})"
+        for start in range(0, len(leaves), 50_000):
+            conn.exec_driver_sql(sql, leaves[start : start + 50_000])
+        for index in indexes:
+            index.create(conn)
+
+    @staticmethod
+    def _raw_insert(conn: Any, table: Any, rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
+        """INSERT ``rows`` with one executemany through the driver, values converted by the
+        columns' own SQLAlchemy bind processors (the same stored form as the ORM path)."""
+        if not rows:
+            return
+        dialect = conn.dialect
+        columns = [column for column in table.c if column.name not in skip]
+        processors = [column.type._cached_bind_processor(dialect) for column in columns]
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+            f"VALUES ({', '.join([mark] * len(columns))})"
+        )
+        names = [column.name for column in columns]
+        pairs = list(zip(names, processors, strict=True))
+        for start in range(0, len(rows), 50_000):
+            conn.exec_driver_sql(
+                sql,
+                [
+                    tuple(
+                        process(row.get(name)) if process is not None else row.get(name)
+                        for name, process in pairs
+                    )
+                    for row in rows[start : start + 50_000]
+                ],
+            )
 
     def _existing(self, conn: Any, uuids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -589,51 +843,45 @@ class Index(Context):
     def _scan(
         self,
         root: Path,
-        report: ReindexReport,
         known: dict[str, tuple[str, int | None]],
         progress: bool | None,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
-        """Read the record directories under ``root`` that changed since ``known``."""
-        rows: list[dict[str, Any]] = []
-        locations: list[dict[str, Any]] = []
-        unchanged: set[str] = set()
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]]:
+        """Read the record directories under ``root`` that changed since ``known``, yielding
+        (rows, locations, unchanged uuids, skipped) one chunk of directories at a time."""
         try:
             names = os.listdir(root)
         except FileNotFoundError:
-            return rows, locations, unchanged
+            return
         storage = str(root)
         # A directory modified within this window could change again within the
         # filesystem's timestamp granularity unseen: do not trust its mtime next time.
         recent = time.time_ns() - 2_000_000_000
         names = [name for name in names if not name.startswith(".")]
         chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
-        jobs = [
-            (storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent)
-            for chunk in chunks
-        ]
+
+        def job(chunk: list[str]) -> tuple[Any, ...]:
+            return storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent
+
         workers = min(os.cpu_count() or 1, 4)
         if len(names) >= PARALLEL_SCAN_MIN and workers > 1 and hasattr(os, "fork"):
             # Reading headers is bound by syscalls and JSON parsing: spread it over
-            # processes. Workers only read files; they never touch the database.
+            # processes. Workers only read files; they never touch the database. At most
+            # a few chunks are in flight, so results never pile up in memory.
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                results = pool.map(scan_names, *zip(*jobs, strict=True))
-                for part in track(results, total=len(jobs), description=f"reindex {root}", show=progress):
-                    self._merge_scan(part, rows, locations, unchanged, report)
+                pending = [pool.submit(scan_names, *job(chunk)) for chunk in chunks[: 2 * workers]]
+                queued = len(pending)
+                for _ in track(range(len(chunks)), total=len(chunks), description=f"reindex {root}", show=progress):
+                    part = pending.pop(0).result()
+                    if queued < len(chunks):
+                        pending.append(pool.submit(scan_names, *job(chunks[queued])))
+                        queued += 1
+                    yield part
         else:
-            for job in track(jobs, total=len(jobs), description=f"reindex {root}", show=progress):
-                self._merge_scan(scan_names(*job), rows, locations, unchanged, report)
-        return rows, locations, unchanged
-
-    @staticmethod
-    def _merge_scan(part: Any, rows: list, locations: list, unchanged: set, report: ReindexReport) -> None:
-        part_rows, part_locations, part_unchanged, part_skipped = part
-        rows.extend(part_rows)
-        locations.extend(part_locations)
-        unchanged.update(part_unchanged)
-        report.skipped.extend(part_skipped)
+            for chunk in track(chunks, total=len(chunks), description=f"reindex {root}", show=progress):
+                yield scan_names(*job(chunk))
 
     def _drop_stale(self, conn: Any, root: Path, keep: set[str]) -> int:
         """Remove locations under ``root`` whose directory is gone, and runs left nowhere."""

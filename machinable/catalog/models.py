@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     MetaData,
@@ -76,6 +77,38 @@ class Run(Base):
         Index("ix_runs_project_module_uuid", "project", "module", "uuid"),
         Index("ix_runs_status_uuid", "status", "uuid"),
         Index("ix_runs_created_at", "created_at"),
+    )
+
+
+# Ordering and comparison of leaf text is by code point on both backends ("C" on PostgreSQL,
+# SQLite's BINARY), whatever the database's default collation.
+LEAF_TEXT = String(500).with_variant(String(500, collation="C"), "postgresql")
+
+
+class Leaf(Base):
+    """One value inside a run's config or predicate, typed (see ``catalog.leaves``).
+
+    Written in the same transaction as its run's row, deleted with it (cascade). One
+    index serves every kind: a number's ``text`` and a string's ``number`` are NULL,
+    which both databases seek as an equality, so a filter or an order on any path
+    seeks rather than scans. (One index, not one per kind: a launch's 20 leaves dirty
+    about 20 index pages per index, which is most of a launch's database cost.)
+    """
+
+    __tablename__ = "leaves"
+
+    run_uuid: Mapped[str] = mapped_column(
+        String(32), ForeignKey("runs.uuid", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(255), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(1))
+    number: Mapped[float | None] = mapped_column(Double)
+    text: Mapped[str | None] = mapped_column(LEAF_TEXT)
+    scope: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_leaves_path_kind_number_text", "path", "kind", "number", "text", "scope", "run_uuid"),
+        {"sqlite_with_rowid": False},
     )
 
 

@@ -14,19 +14,33 @@ value.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import and_, exists, false, func, literal, literal_column, not_, or_, select
+from sqlalchemy import and_, case, exists, false, func, literal, literal_column, not_, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from machinable.catalog.engine import json_serializer
-from machinable.catalog.models import Run
+from machinable.catalog.leaves import (
+    ARRAY,
+    FALSE,
+    MAX_EXACT,
+    MAX_TEXT,
+    NULL,
+    NUMBER,
+    OBJECT,
+    STRING,
+    TRUE,
+    leaf_path,
+)
+from machinable.catalog.models import Leaf, Run
 from machinable.errors import QueryError
 
 RUNS = Run.__table__
+LEAVES = Leaf.__table__
 TEXT_COLUMNS = ("uuid", "project", "module", "status", "config_key", "predicate_key")
 TIME_COLUMNS = ("created_at", "started_at", "finished_at", "failed_at", "updated_at")
 JSON_COLUMNS = ("config", "predicate")
@@ -396,18 +410,288 @@ def as_expr(where: Expr | str | dict[str, Any] | None) -> Expr | None:
 
 
 # Compilation to SQL.
+#
+# A comparison on a config or predicate path becomes a test on the ``leaves`` rows of
+# that path (see catalog/leaves.py): ``runs.uuid IN (SELECT run_uuid FROM leaves WHERE
+# path = ... AND <test>)``, which both databases answer by seeking an index. Tests on
+# one path joined by ``and`` share one subquery (a run has one leaf per path). What
+# leaves cannot decide exactly (values in lists, objects compared whole, ``contains``,
+# strings longer than MAX_TEXT, integers beyond 2**53) is answered from the JSON columns.
 
 
-def compile_expr(expr: Expr, dialect: str) -> ColumnElement[bool]:
+@dataclass(frozen=True)
+class LeafTest:
+    """A comparison decided by the leaf row of one path.
+
+    ``test(table)`` is the condition on a leaves table or alias. ``absent``: the run
+    matches when it has *no* leaf passing the test (``= null``: missing or null).
+    ``kind`` is NUMBER or STRING when the test only passes leaves of that kind and
+    compares their ``number`` or ``text`` (what an order by the same path can follow).
+    """
+
+    path: str
+    test: Any
+    absent: bool = False
+    kind: str | None = None
+
+
+def leaf_test(expr: Compare) -> LeafTest | None:
+    """The leaf form of a comparison, or None when the JSON columns must answer it."""
+    column, path = check_field(expr.field)
+    name = leaf_path(column, path) if path else None
+    if name is None:
+        return None
+    if expr.op == "in" and expr.value:
+        tests = [leaf_test(Compare(expr.field, "==", value)) for value in expr.value]
+        if any(t is None or t.absent for t in tests):
+            return None
+        return LeafTest(name, lambda t: or_(*(item.test(t) for item in tests)))  # type: ignore[union-attr]
+    if expr.op not in OPS:
+        return None
+    value, op = expr.value, expr.op
+    kind = _kind(value)
+    if kind == "structure":
+        return None
+    if kind == "number" and abs(value) >= MAX_EXACT:
+        return None
+    if kind == "string" and len(value) >= MAX_TEXT:
+        return None
+    if kind == "null":
+        if op == "==":
+            return LeafTest(name, lambda t: t.c.kind != NULL, absent=True)
+        if op == "!=":
+            return LeafTest(name, lambda t: t.c.kind != NULL)
+        return None  # an error, raised by the JSON form
+    if kind == "bool":
+        if op == "==":
+            return LeafTest(name, lambda t, k=TRUE if value else FALSE: t.c.kind == k)
+        if op == "!=":  # any other value, null included (as the JSON form has it)
+            return LeafTest(name, lambda t, k=TRUE if value else FALSE: t.c.kind != k)
+        return None
+    code, attr = (NUMBER, "number") if kind == "number" else (STRING, "text")
+    if op == "!=":
+        return LeafTest(name, lambda t: and_(t.c.kind != NULL, not_(and_(t.c.kind == code, t.c[attr] == value))))
+    # The other value column is NULL for this kind: saying so lets the database seek the
+    # (path, kind, number, text, ...) index on the column compared.
+    other = "text" if attr == "number" else "number"
+    return LeafTest(
+        name, lambda t: and_(t.c.kind == code, t.c[other].is_(None), _apply(t.c[attr], op, value)), kind=code
+    )
+
+
+def _leaf_where(table: Any, path: str, tests: list[LeafTest], scope: int | None) -> list[Any]:
+    """Conditions on a leaves table: the path, the tests and, within one module, its scope."""
+    where = [table.c.path == path, *(t.test(table) for t in tests)]
+    if scope is not None:
+        where.append(table.c.scope == scope)
+    return where
+
+
+def _leaf_subquery(path: str, tests: list[LeafTest], scope: int | None) -> Any:
+    return select(LEAVES.c.run_uuid).where(*_leaf_where(LEAVES, path, tests, scope))
+
+
+def _in_leaves(path: str, tests: list[LeafTest], scope: int | None) -> ColumnElement[bool]:
+    return RUNS.c.uuid.in_(_leaf_subquery(path, tests, scope))
+
+
+def _conjuncts(expr: Expr) -> list[Expr]:
     if isinstance(expr, And):
-        return and_(*(compile_expr(item, dialect) for item in expr.items))
+        return [part for item in expr.items for part in _conjuncts(item)]
+    return [expr]
+
+
+def _split(items: list[Expr]) -> tuple[dict[str, list[LeafTest]], list[Expr]]:
+    """Positive leaf tests grouped by path, and the rest."""
+    groups: dict[str, list[LeafTest]] = {}
+    rest: list[Expr] = []
+    for item in items:
+        test = leaf_test(item) if isinstance(item, Compare) else None
+        if test is not None and not test.absent:
+            groups.setdefault(test.path, []).append(test)
+        else:
+            rest.append(item)
+    return groups, rest
+
+
+def compile_expr(expr: Expr, dialect: str, scope: int | None = None) -> ColumnElement[bool]:
+    """The SQL condition on ``runs`` for ``expr``. ``scope``: every run searched has this
+    ``scope_key`` (the search is within one project and module), so leaf lookups narrow to it."""
+    if isinstance(expr, And):
+        groups, rest = _split(_conjuncts(expr))
+        parts = [_in_leaves(path, tests, scope) for path, tests in groups.items()]
+        return and_(*parts, *(compile_expr(item, dialect, scope) for item in rest))
     if isinstance(expr, Or):
-        return or_(*(compile_expr(item, dialect) for item in expr.items))
+        return or_(*(compile_expr(item, dialect, scope) for item in expr.items))
     if isinstance(expr, Not):
-        return not_(compile_expr(expr.item, dialect))
+        return not_(compile_expr(expr.item, dialect, scope))
     if isinstance(expr, Compare):
+        _check_operator(expr)
+        test = leaf_test(expr)
+        if test is not None:
+            inside = _in_leaves(test.path, [test], scope)
+            return not_(inside) if test.absent else inside
         return _compare(expr, dialect)
     raise QueryError(f"not a search expression: {expr!r}")
+
+
+def _check_operator(expr: Compare) -> None:
+    if expr.op not in OPS + ("contains", "in"):
+        raise QueryError(f"unknown operator {expr.op!r}")
+
+
+def leaf_count(expr: Expr | None, scope: int | None = None) -> Any:
+    """``SELECT count(*)`` over the leaves alone, when ``expr`` is only tests on one path.
+
+    A run has one leaf per path and every leaf has its run, so counting leaves counts
+    runs; with ``scope``, the runs of one project and module.
+    """
+    if expr is None:
+        return None
+    groups, rest = _split(_conjuncts(expr))
+    if rest or len(groups) != 1:
+        return None
+    ((path, tests),) = groups.items()
+    return select(func.count()).select_from(LEAVES).where(*_leaf_where(LEAVES, path, tests, scope))
+
+
+@dataclass
+class Plan:
+    """A search's FROM clause, WHERE conditions and ORDER BY, with ordering paths joined."""
+
+    source: Any
+    where: list[Any]
+    order: list[Any]
+
+
+_RANK = {NUMBER: 0, STRING: 1, FALSE: 2, TRUE: 3, ARRAY: 4, OBJECT: 5}
+
+
+def plan(
+    expr: Expr | None,
+    conditions: list[Any],
+    spec: str | list[str] | None,
+    dialect: str,
+    dense: Callable[[Any], bool] | None = None,
+    scope: int | None = None,
+    numbers_only: bool = False,
+) -> Plan:
+    """Compile a search: ``conditions`` (already SQL) and ``expr`` filter, ``spec`` orders.
+
+    A leaf test is applied as ``uuid IN (leaves that pass)`` (the database starts from
+    the leaves index: best when few runs pass) unless ``dense(count statement)`` says
+    many pass and the search is in uuid order: then as a correlated ``EXISTS`` that
+    probes each run's leaf in the order the page is read, stopping at the limit.
+
+    Ordering by a path joins its leaf row. When the filter pins that path to numbers or
+    strings (``config.lr > 0.1``), the join is inner and carries the filter, so the
+    database walks the (path, kind, number) index in order and stops at the limit.
+    Otherwise values sort numbers first, then strings, false, true, lists, objects, and
+    runs where the path is missing or null last (first when descending).
+    ``numbers_only``: keep only runs with a number at the first (ascending) order path:
+    the start of that order, walked along the index (see ``first_order_numbers``).
+    """
+    items = _conjuncts(expr) if expr is not None else []
+    groups, rest = _split(items)
+    source: Any = RUNS
+    order: list[Any] = []
+    joined: set[str] = set()
+    for position, (field, descending) in enumerate(_order_specs(spec)):
+        column, path = check_field(field)
+        name = leaf_path(column, path) if path else None
+        if not path:
+            key = RUNS.c[column]
+            order.append(key.desc() if descending else key.asc())
+            continue
+        if name is None or name in joined:  # not a leaf path: order by the JSON value
+            key = json_value(RUNS.c[column], path, dialect)
+            order.append(key.desc() if descending else key.asc())
+            continue
+        joined.add(name)
+        alias = LEAVES.alias(f"order_{position}")
+        on = [alias.c.run_uuid == RUNS.c.uuid, *_leaf_where(alias, name, [], scope)]
+        tests = groups.get(name, [])
+        pinned = next((t.kind for t in tests if t.kind is not None), None)
+        if numbers_only and position == 0 and pinned is None:
+            tests = tests + [LeafTest(name, lambda t: and_(t.c.kind == NUMBER, t.c.text.is_(None)), kind=NUMBER)]
+            pinned = NUMBER
+            groups[name] = tests
+        if pinned is not None:
+            groups.pop(name)
+            source = source.join(alias, and_(*on, *(t.test(alias) for t in tests)))
+            key = alias.c.number if pinned == NUMBER else alias.c.text
+            order.append(key.desc() if descending else key.asc())
+            if position == 0:
+                # The index's own order, and a total one: later keys never apply.
+                order.append(alias.c.run_uuid.asc())
+                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
+            continue
+        source = source.outerjoin(alias, and_(*on))
+        rank = case(_RANK, value=alias.c.kind, else_=6)
+        for key in (rank, alias.c.number, alias.c.text):
+            order.append(key.desc() if descending else key.asc())
+    order.append(RUNS.c.uuid.asc())
+    return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
+
+
+def _finish(
+    conditions: list[Any],
+    groups: dict[str, list[LeafTest]],
+    rest: list[Expr],
+    dialect: str,
+    dense: Callable[[Any], bool] | None,
+    scope: int | None,
+    joined: set[str],
+    source: Any,
+    order: list[Any],
+) -> Plan:
+    where = list(conditions)
+    for path, tests in groups.items():
+        probe = _leaf_subquery(path, tests, scope)
+        if not joined and dense is not None and dense(probe):
+            where.append(
+                exists(probe.with_only_columns(literal_column("1")).where(LEAVES.c.run_uuid == RUNS.c.uuid))
+            )
+        else:
+            where.append(RUNS.c.uuid.in_(probe))
+    where += [compile_expr(item, dialect, scope) for item in rest]
+    return Plan(source, where, order)
+
+
+def first_order_numbers(expr: Expr | None, spec: str | list[str] | None) -> bool:
+    """Does the order start with an ascending leaf path the filter does not pin?
+
+    Numbers sort first there, so a page that numbers fill is the same page as
+    ``plan(..., numbers_only=True)`` gives, which the database reads off the index.
+    """
+    specs = _order_specs(spec)
+    if not specs or specs[0][1]:
+        return False
+    column, path = check_field(specs[0][0])
+    name = leaf_path(column, path) if path else None
+    if name is None:
+        return False
+    groups, _ = _split(_conjuncts(expr)) if expr is not None else ({}, [])
+    return not any(t.kind is not None for t in groups.get(name, []))
+
+
+def _order_specs(spec: str | list[str] | None) -> list[tuple[str, bool]]:
+    specs = [spec] if isinstance(spec, str) else list(spec or [])
+    out = []
+    for item in specs:
+        if not isinstance(item, str):
+            raise QueryError(f"cannot order by {item!r}; write e.g. 'config.lr desc' or '-created_at'")
+        text = item.strip()
+        descending = text.startswith("-")
+        text = text.lstrip("-").strip()
+        parts = text.split()
+        if len(parts) == 2 and parts[1].lower() in ("asc", "desc"):
+            descending = parts[1].lower() == "desc"
+            text = parts[0]
+        elif len(parts) != 1:
+            raise QueryError(f"cannot order by {item!r}; write e.g. 'config.lr desc' or '-created_at'")
+        out.append((text, descending))
+    return out
 
 
 def _compare(expr: Compare, dialect: str) -> ColumnElement[bool]:
@@ -415,7 +699,7 @@ def _compare(expr: Compare, dialect: str) -> ColumnElement[bool]:
     if expr.op == "in":
         if not expr.value:
             return false()
-        return or_(*(_compare(Compare(expr.field, "==", v), dialect) for v in expr.value))
+        return or_(*(compile_expr(Compare(expr.field, "==", v), dialect) for v in expr.value))
     if expr.op not in OPS + ("contains",):
         raise QueryError(f"unknown operator {expr.op!r}")
     if path:
@@ -563,28 +847,4 @@ def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, diale
     return and_(kinds[kind], _apply(left, op, value))
 
 
-def order_clause(spec: str | list[str] | None, dialect: str) -> list[Any]:
-    """``"config.lr"``, ``"-created_at"`` or ``"config.lr desc"``; uuid breaks ties."""
-    specs = [spec] if isinstance(spec, str) else list(spec or [])
-    clauses: list[Any] = []
-    for item in specs:
-        text = item.strip()
-        descending = text.startswith("-")
-        text = text.lstrip("-").strip()
-        parts = text.split()
-        if len(parts) == 2 and parts[1].lower() in ("asc", "desc"):
-            descending = parts[1].lower() == "desc"
-            text = parts[0]
-        elif len(parts) != 1:
-            raise QueryError(f"cannot order by {item!r}; write e.g. 'config.lr desc' or '-created_at'")
-        column, path = check_field(text)
-        if path:
-            expr = json_value(RUNS.c[column], path, dialect)
-        else:
-            expr = RUNS.c[column]
-        clauses.append(expr.desc() if descending else expr.asc())
-    clauses.append(RUNS.c.uuid.asc())
-    return clauses
-
-
-__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "order_clause"]
+__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "plan", "leaf_count"]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
@@ -106,14 +106,14 @@ def verify(
 
     root = Path(os.path.abspath(storage if storage is not None else Storage.get().directory()))
     report = VerifyReport(storage=str(root))
+    # Memory stays flat with the number of runs: the rows of the storage are read back
+    # in pages at the end, and what the pass saw is kept as names, not paths.
     with index.engine.connect() as conn:
-        located = {
-            directory: run_uuid
-            for directory, run_uuid in conn.execute(
-                select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid).where(LOCATIONS.c.storage == str(root))
-            )
-        }
-    if storage is not None and not root.is_dir() and (root.exists() or not located):
+        located_any = (
+            conn.execute(select(LOCATIONS.c.id).where(LOCATIONS.c.storage == str(root)).limit(1)).first()
+            is not None
+        )
+    if storage is not None and not root.is_dir() and (root.exists() or not located_any):
         # a mistyped path must not verify "clean"; a deleted storage the index
         # still lists is verified (every row's directory is reported missing)
         what = "is not a directory" if root.exists() else "does not exist"
@@ -161,7 +161,7 @@ def verify(
         if not is_uuid(name):
             note(str(directory), "stray directory", "not named like a run uuid")
             continue
-        seen.add(str(directory))
+        seen.add(name)
         batch.append(name)
         if len(batch) >= size:
             _check_batch(index, root, batch, note, checksums, report)
@@ -181,8 +181,9 @@ def verify(
         _check_batch(index, root, batch, note, checksums, report)
 
     # rows of directories that are gone (after a resumed pass too: seen or isdir is exact)
-    for directory, run_uuid in sorted(located.items()):
-        if directory in seen or os.path.isdir(directory):
+    prefix = str(root) + os.sep
+    for directory, run_uuid in _located(index, str(root)):
+        if directory.startswith(prefix) and directory[len(prefix) :] in seen or os.path.isdir(directory):
             continue
         note(
             run_uuid,
@@ -193,6 +194,23 @@ def verify(
     if checkpoint.exists():
         checkpoint.unlink()
     return report
+
+
+def _located(index: Index, storage: str, page: int = 5000) -> Any:
+    """(directory, run uuid) of every location in ``storage``, in directory order, page by page."""
+    last = ("", "")
+    while True:
+        with index.engine.connect() as conn:
+            rows = conn.execute(
+                select(LOCATIONS.c.directory, LOCATIONS.c.run_uuid)
+                .where(LOCATIONS.c.storage == storage, tuple_(LOCATIONS.c.directory, LOCATIONS.c.run_uuid) > last)
+                .order_by(LOCATIONS.c.directory, LOCATIONS.c.run_uuid)
+                .limit(page)
+            ).all()
+        yield from rows
+        if len(rows) < page:
+            return
+        last = tuple(rows[-1])
 
 
 def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:

@@ -1,0 +1,1 @@
+"""The server's views, one module per kind: ``api`` (JSON) and ``page`` (the browser)."""
