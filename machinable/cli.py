@@ -715,10 +715,11 @@ def serve_command(
 
 
 @cli.command("import")
-@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("source", type=click.Path(file_okay=False), callback=_given)
 @click.option(
     "--live-window",
     type=click.FloatRange(min=0),
+    callback=_hours_or_seconds,
     default=90.0,
     show_default=True,
     help="Seconds: an unfinished run whose heartbeat is younger may still be running and is skipped.",

@@ -22,8 +22,8 @@ BIG = "9" * 30
 
 # (arguments, a word the one-line error must contain)
 TABLE: list[tuple[list[str], str]] = [
-    # the group
-    ([], "Missing command"),
+    # the group (bare `machinable` prints the help and succeeds: issue 13,
+    # tests/test_upstream_behaviours.py)
     (["--nosuch"], "--nosuch"),
     (["nosuch"], "nosuch"),
     (["--index", "", "ls"], "--index"),
@@ -57,6 +57,14 @@ TABLE: list[tuple[list[str], str]] = [
     (["ls", "--order-by", HUGE], "limit is 255"),
     (["ls", HUGE], "limit is 255"),
     (["ls", "not a module"], "not a valid module name"),
+    # import
+    (["import"], "SOURCE"),
+    (["import", ""], "is empty"),
+    (["import", "/nonexistent/storage"], "not a directory"),
+    (["import", HUGE], "not a directory"),
+    (["import", ".", "--live-window", "-1"], "--live-window"),
+    (["import", ".", "--live-window", "nan"], "--live-window"),
+    (["import", ".", "--live-window", BIG + "e400"], "--live-window"),
     # reindex, verify, gc
     (["reindex", ""], "is empty"),
     (["reindex", "/nonexistent/storage"], "does not exist"),

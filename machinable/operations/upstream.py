@@ -529,7 +529,7 @@ def import_storage(
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(source))))
     info = _lstat(root)
     if info is None or not stat.S_ISDIR(info.st_mode):
-        raise MachinableError(f"{root} is not a directory (give the machinable 5.x storage folder)")
+        raise MachinableError(f"the import source is not a directory: {root} (give the machinable 5.x storage folder)")
     project = project or Project.get()
     storage_dir = (storage or Storage.get()).directory(project)
     index = index or Index.get()
