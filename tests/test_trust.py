@@ -47,6 +47,8 @@ def test_a_symlinked_launch_lock_is_refused_and_its_target_kept(sqlite_project: 
     assert target.read_text() == VICTIM_TEXT
     assert calls(sqlite_project) == []
     # status() of a started run looks at the same lock: refused too, nothing truncated
+    # (the launch took the lock before writing anything, so the directory is made here)
+    run.local_directory().mkdir(parents=True, exist_ok=True)
     (run.local_directory() / "started_at").write_text("2026-01-01T00:00:00+00:00")
     with pytest.raises(UnsafeFileError):
         run.status()

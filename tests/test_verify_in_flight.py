@@ -45,8 +45,8 @@ while not Path(sys.argv[3]).exists():
 """
 
 
-# An eviction that says when it has found the run's lock held (filelock logs "Lock ...
-# not acquired on ..." at DEBUG before each wait).
+# An eviction that says when it has found the run's lock held (machinable.locks logs
+# "lock ... not acquired" at DEBUG before it waits).
 EVICT = """
 import logging, os
 from pathlib import Path
@@ -58,8 +58,8 @@ class Waiting(logging.Handler):
             Path(f"waiting-{os.getpid()}").touch()
 
 
-logging.getLogger("filelock").addHandler(Waiting())
-logging.getLogger("filelock").setLevel(logging.DEBUG)
+logging.getLogger("machinable.locks").addHandler(Waiting())
+logging.getLogger("machinable.locks").setLevel(logging.DEBUG)
 from machinable import get
 get("optimize", {"lr": 0.5}).evict()
 """

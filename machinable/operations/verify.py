@@ -365,6 +365,9 @@ def _settled(directory: Path) -> Iterator[bool | None]:
     except LockTimeout:
         yield False
         return
+    except UnsafeFileError:  # a linked lock: nothing to look under; report what was seen
+        yield None
+        return
     try:
         yield True
     finally:
