@@ -28,9 +28,10 @@ from machinable.catalog.query import (
     as_expr,
     check_field,
     compile_expr,
+    count_statement,
+    dense_probe,
     first_order_numbers,
     json_value,
-    leaf_count,
     plan,
 )
 from machinable.catalog.rows import (
@@ -54,9 +55,6 @@ LOCATIONS = Location.__table__
 LEAVES = Leaf.__table__
 LEAF_COLUMNS = ("run_uuid", "path", "kind", "number", "text", "scope")
 PAGE_SIZE = 1000
-# A leaf test that at least this many runs pass is probed run by run in uuid order
-# rather than collected first (see query.plan).
-DENSE = 2000
 # Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
 ANALYZE_AFTER = 1000
 SCAN_CHUNK = 2000
@@ -370,7 +368,7 @@ class Index(Context):
             return list(self.runs(where, project=project, module=module, predicate=predicate))
         conditions, expr = self._filter(where, project, module, predicate)
         with self.engine.connect() as conn:
-            dense = self._dense(conn) if limit is not None else None
+            dense = dense_probe(conn) if limit is not None else None
             scope = _scope(project, module)
             # Two steps: the page's uuids first (a narrow sort, index only where the
             # database can), then the rows of that page alone.
@@ -404,16 +402,6 @@ class Index(Context):
                 found[row["uuid"]] = row
         return [found[uuid] for uuid in uuids if uuid in found]
 
-    @staticmethod
-    def _dense(conn: Any) -> Callable[[Any], bool]:
-        """Do at least DENSE leaves pass a test? Reads at most DENSE index entries."""
-
-        def dense(probe: Any) -> bool:
-            capped = probe.limit(DENSE).subquery()
-            return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
-
-        return dense
-
     def count(
         self,
         where: Any = None,
@@ -424,15 +412,7 @@ class Index(Context):
     ) -> int:
         """How many runs match, without loading any of them."""
         conditions, expr = self._filter(where, project, module, predicate)
-        scope = _scope(project, module)
-        # Within one module, or with no column conditions, the leaves alone can count.
-        statement = leaf_count(expr, scope) if not conditions or scope is not None else None
-        if statement is None:
-            statement = select(func.count()).select_from(RUNS)
-            if expr is not None:
-                conditions.append(compile_expr(expr, self.dialect, scope))
-            if conditions:
-                statement = statement.where(*conditions)
+        statement = count_statement(expr, conditions, self.dialect, _scope(project, module))
         with self.engine.connect() as conn:
             return int(conn.execute(statement).scalar() or 0)
 

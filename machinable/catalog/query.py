@@ -540,6 +540,36 @@ def _check_operator(expr: Compare) -> None:
         raise QueryError(f"unknown operator {expr.op!r}")
 
 
+# A leaf test that at least this many runs pass is probed run by run in uuid order
+# rather than collected first (see plan).
+DENSE = 2000
+
+
+def dense_probe(conn: Any) -> Callable[[Any], bool]:
+    """``plan``'s ``dense`` on ``conn``: do at least DENSE leaves pass a test? Reads at
+    most DENSE index entries."""
+
+    def dense(probe: Any) -> bool:
+        capped = probe.limit(DENSE).subquery()
+        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
+
+    return dense
+
+
+def count_statement(expr: Expr | None, conditions: list[Any], dialect: str, scope: int | None = None) -> Any:
+    """``SELECT count(*)`` of the runs that ``conditions`` (SQL on ``runs``) and ``expr`` match.
+
+    Within one module (``scope``), or with no column conditions, the leaves alone count."""
+    statement = leaf_count(expr, scope) if not conditions or scope is not None else None
+    if statement is not None:
+        return statement
+    where = list(conditions)
+    if expr is not None:
+        where.append(compile_expr(expr, dialect, scope))
+    statement = select(func.count()).select_from(RUNS)
+    return statement.where(*where) if where else statement
+
+
 def leaf_count(expr: Expr | None, scope: int | None = None) -> Any:
     """``SELECT count(*)`` over the leaves alone, when ``expr`` is only tests on one path.
 
@@ -596,7 +626,8 @@ def plan(
     source: Any = RUNS
     order: list[Any] = []
     joined: set[str] = set()
-    for position, (field, descending) in enumerate(_order_specs(spec)):
+    specs = _order_specs(spec)
+    for position, (field, descending) in enumerate(specs):
         column, path = check_field(field)
         name = leaf_path(column, path) if path else None
         if not path:
@@ -621,8 +652,8 @@ def plan(
             source = source.join(alias, and_(*on, *(t.test(alias) for t in tests)))
             key = alias.c.number if pinned == NUMBER else alias.c.text
             order.append(key.desc() if descending else key.asc())
-            if position == 0:
-                # The index's own order, and a total one: later keys never apply.
+            if position == 0 and len(specs) == 1:
+                # The index's own order, and a total one (no later keys to apply).
                 order.append(alias.c.run_uuid.asc())
                 return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
             continue
@@ -847,4 +878,4 @@ def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, diale
     return and_(kinds[kind], _apply(left, op, value))
 
 
-__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "plan", "leaf_count"]
+__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "plan", "leaf_count", "count_statement", "dense_probe"]
