@@ -52,11 +52,13 @@ _SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 class Expr:
     """A search condition; combine with ``&``, ``|`` and ``~``."""
 
+    # ``a & b & c`` is one And of three, not a chain two deep: a condition built in a
+    # loop stays flat, as the string form ``a and b and c`` does.
     def __and__(self, other: Expr) -> Expr:
-        return And((self, other))
+        return And(_items(And, self) + _items(And, other))
 
     def __or__(self, other: Expr) -> Expr:
-        return Or((self, other))
+        return Or(_items(Or, self) + _items(Or, other))
 
     def __invert__(self) -> Expr:
         return Not(self)
@@ -82,6 +84,10 @@ class Or(Expr):
 @dataclass(frozen=True)
 class Not(Expr):
     item: Expr
+
+
+def _items(kind: type, expr: Expr) -> tuple[Expr, ...]:
+    return expr.items if type(expr) is kind else (expr,)  # type: ignore[attr-defined]
 
 
 class Field:
@@ -396,7 +402,11 @@ def parse(text: str) -> Expr:
 
 
 def as_expr(where: Expr | str | dict[str, Any] | None) -> Expr | None:
-    if where is None or isinstance(where, Expr):
+    """The expression to search with: parsed from a string, or checked when built in Python."""
+    if where is None:
+        return where
+    if isinstance(where, Expr):
+        check_expr(where)
         return where
     if isinstance(where, str):
         return parse(where)
@@ -405,8 +415,67 @@ def as_expr(where: Expr | str | dict[str, Any] | None) -> Expr | None:
         for key, value in where.items():
             check_field(key)
             items.append(Compare(key, "==", value))
-        return And(tuple(items)) if items else None
+        expr = And(tuple(items)) if items else None
+        if expr is not None:
+            check_expr(expr)
+        return expr
     raise QueryError(f"where must be an expression, a string or a dict, not {type(where).__name__}")
+
+
+def _nesting(parent: Expr | None, node: Expr) -> int:
+    """The levels ``node`` adds below ``parent``: the parentheses and 'not' the string
+    form would need for it (an and inside an or needs none)."""
+    if isinstance(node, Not):
+        return 1
+    if isinstance(node, Or) and isinstance(parent, (And, Not)):
+        return 1
+    if isinstance(node, And) and isinstance(parent, Not):
+        return 1
+    return 0
+
+
+def check_expr(expr: Expr) -> None:
+    """Hold an expression built in Python to the string form's limits (nesting, number of
+    terms, 64-bit integers), walking it without recursion so no depth can overflow."""
+    terms = 0
+    stack: list[tuple[Any, Expr | None, int]] = [(expr, None, 0)]
+    while stack:
+        node, parent, depth = stack.pop()
+        if not isinstance(node, Expr):
+            raise QueryError(f"not a search expression: {type(node).__name__} {str(node)[:60]!r}")
+        depth += _nesting(parent, node)
+        if depth > MAX_DEPTH:
+            raise QueryError(
+                f"expression nested deeper than {MAX_DEPTH} levels (each ~, each | inside & or ~ and each & "
+                "inside ~ is one, as parentheses and 'not' are in the string form)"
+            )
+        if isinstance(node, Compare):
+            check_field(node.field)
+            values = node.value if node.op == "in" and isinstance(node.value, tuple) else (node.value,)
+            terms += max(1, len(values))
+            if terms > MAX_TERMS:
+                raise QueryError(f"expression has more than {MAX_TERMS} comparisons and 'in' values")
+            for value in values:
+                _check_integer(node, value)
+        elif isinstance(node, (And, Or)):
+            stack.extend((item, node, depth) for item in node.items)
+        elif isinstance(node, Not):
+            stack.append((node.item, node, depth))
+        else:
+            raise QueryError(f"not a search expression: {type(node).__name__}")
+
+
+def _check_integer(expr: Compare, value: Any) -> None:
+    """Integers compare as 64-bit numbers in both databases, as the string form has it."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        # str() refuses ints of more than 4300 digits: only short ones are shown whole.
+        text = str(abs(value)) if value.bit_length() < 10_000 else None
+        if text is None:
+            shown, hint = f"an integer of {value.bit_length()} bits", ""
+        else:
+            shown = ("-" if value < 0 else "") + (text if len(text) <= 30 else text[:30] + "...")
+            hint = f" (write it as a float, like {text[0]}e{len(text) - 1})"
+        raise QueryError(f"the integer {shown} compared with {expr.field} does not fit in 64 bits{hint}")
 
 
 # Compilation to SQL.
