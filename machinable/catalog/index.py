@@ -580,9 +580,18 @@ class Index(Context):
         self._analyze(len(rows))
 
     def _analyze(self, written: int) -> None:
-        """After a bulk write, refresh PostgreSQL's statistics: a planner that still
-        believes the tables empty joins them by scanning one per row of the other."""
-        if written < ANALYZE_AFTER or self.dialect != "postgresql":
+        """After a bulk write, refresh the planner's statistics. PostgreSQL's planner that
+        still believes the tables empty joins them by scanning one per row of the other;
+        SQLite's, without statistics, takes any equality on an indexed column (``status =
+        'finished'``) as selective and sorts every run it matches instead of walking the
+        order's index and stopping at the limit (160 ms against 7 ms at 100,000 runs)."""
+        if written < ANALYZE_AFTER:
+            return
+        if self.dialect == "sqlite":
+            with self.engine.begin() as conn:  # about 0.2 s at 100,000 runs
+                conn.exec_driver_sql("ANALYZE")
+            return
+        if self.dialect != "postgresql":
             return
         # VACUUM also marks the new pages all-visible, so that counts read the leaves
         # index alone instead of visiting each row.

@@ -724,7 +724,7 @@ def plan(
             if position == 0 and len(specs) == 1:
                 # The index's own order, and a total one (no later keys to apply).
                 order.append(alias.c.run_uuid.asc())
-                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
+                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, walk=True)
             continue
         source = source.outerjoin(alias, and_(*on))
         rank = case(_RANK, value=alias.c.kind, else_=6)
@@ -744,11 +744,15 @@ def _finish(
     joined: set[str],
     source: Any,
     order: list[Any],
+    walk: bool = False,
 ) -> Plan:
+    """``walk``: the order follows the leaves index of the first order path, so a page
+    reads a run at a time in order and stops at the limit; a filter many runs pass is
+    then best probed per run (EXISTS), as in uuid order."""
     where = list(conditions)
     for path, tests in groups.items():
         probe = _leaf_subquery(path, tests, scope)
-        if not joined and dense is not None and dense(probe):
+        if (walk or not joined) and dense is not None and dense(probe):
             where.append(
                 exists(probe.with_only_columns(literal_column("1")).where(LEAVES.c.run_uuid == RUNS.c.uuid))
             )

@@ -158,15 +158,22 @@ def _page_rows(
     where = list(compiled.where)
     if values is not None:
         where.append(_beyond(keys, values, dialect))
+    # Two steps, as Index.search takes them: the page's uuids and sort keys (read off
+    # indexes where the database can, however many rows tie on the first key), then
+    # the rows of that page alone.
     statement = (
-        select(*COLUMNS, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
+        select(RUNS.c.uuid, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
         .select_from(compiled.source)
         .where(*where)
         .order_by(*compiled.order)
         .limit(limit)
         .offset(offset)
     )
-    return [[row, [row[f"_k{i}"] for i in range(len(keys))]] for row in conn.execute(statement).mappings()]
+    page = [(uuid, list(values)) for uuid, *values in conn.execute(statement)]
+    if not page:
+        return []
+    found = {row["uuid"]: row for row in conn.execute(_ROWS, {"uuids": [uuid for uuid, _ in page]}).mappings()}
+    return [[found[uuid], values] for uuid, values in page if uuid in found]
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
@@ -235,6 +242,7 @@ def _decode_cursor(cursor: str, where: str | None, order_by: str | None, size: i
     return decoded
 
 
+_ROWS = select(*COLUMNS).where(RUNS.c.uuid.in_(bindparam("uuids", expanding=True)))
 # One run and its copies: built once (building a statement costs more than running it).
 _RUN = select(*COLUMNS).where(RUNS.c.uuid == bindparam("uuid"))
 _SCOPED_RUN = _RUN.where(RUNS.c.project == bindparam("project"))
