@@ -196,6 +196,7 @@ def _shapes(terms: int, depth: int) -> list[str]:
     half = depth // 2  # these shapes nest two levels per unit
     return [
         " and ".join(["config.lr != 1"] * terms),
+        " and ".join(["config.lr > 1"] * terms),
         " or ".join([atom] * terms),
         "config.lr in (" + ", ".join(str(i) for i in range(terms)) + ")",
         "uuid in (" + ", ".join(f"'{i:032x}'" for i in range(terms)) + ")",
@@ -211,7 +212,11 @@ def test_the_limits_are_accepted_by_the_database_and_one_more_is_refused(project
     index = Index.get()
     for where in _shapes(MAX_TERMS, MAX_DEPTH):
         assert len(where) <= MAX_QUERY_LENGTH
-        index.count(where)  # SQLite and PostgreSQL run the largest accepted expressions
+        # SQLite and PostgreSQL run the largest accepted expressions, as a count, a page
+        # in some order and a whole search (each compiles them differently)
+        index.count(where)
+        index.search(where, order_by="-config.lr", limit=10)
+        index.search(where)
     for where in _shapes(MAX_TERMS + 1, MAX_DEPTH + 2):
         with pytest.raises(QueryError, match="more than|deeper than") as info:
             parse(where)

@@ -548,9 +548,19 @@ def leaf_test(expr: Compare) -> LeafTest | None:
     )
 
 
+def _balanced_and(parts: list[Any]) -> list[Any]:
+    """``parts`` as conditions to AND, nested in parentheses as a balanced tree when there
+    are many: SQLite refuses an expression more than 1,000 levels deep, and a flat chain
+    of ANDs is one level per term (200 comparisons on one path reached it)."""
+    if len(parts) <= 16:
+        return parts
+    middle = len(parts) // 2
+    return [and_(*_balanced_and(parts[:middle])).self_group(), and_(*_balanced_and(parts[middle:])).self_group()]
+
+
 def _leaf_where(table: Any, path: str, tests: list[LeafTest], scope: int | None) -> list[Any]:
     """Conditions on a leaves table: the path, the tests and, within one module, its scope."""
-    where = [table.c.path == path, *(t.test(table) for t in tests)]
+    where = [table.c.path == path, *_balanced_and([t.test(table) for t in tests])]
     if scope is not None:
         where.append(table.c.scope == scope)
     return where
