@@ -22,6 +22,7 @@ from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_ur
 from machinable.catalog.leaves import leaf_rows, scope_key
 from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
+    SORT_PASSING,
     And,
     Expr,
     Field,
@@ -32,6 +33,7 @@ from machinable.catalog.query import (
     dense_probe,
     first_order_numbers,
     json_value,
+    leaf_uuid_page,
     plan,
 )
 from machinable.catalog.rows import (
@@ -373,6 +375,11 @@ class Index(Context):
             # Two steps: the page's uuids first (a narrow sort, index only where the
             # database can), then the rows of that page alone.
             uuids: list[str] = []
+            by_leaves = leaf_uuid_page(expr, conditions, order_by, scope) if limit is not None else None
+            if by_leaves is not None and not dense_probe(conn, SORT_PASSING)(by_leaves[0]):
+                # few pass: sort their uuids off the leaves rather than probe run by run
+                page = by_leaves[1].limit(limit).offset(offset)
+                return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))
             if limit is not None and first_order_numbers(expr, order_by):
                 numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
                 uuids = self._page(conn, numbers, limit, offset)

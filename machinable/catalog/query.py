@@ -624,15 +624,38 @@ def _check_operator(expr: Compare) -> None:
 DENSE = 2000
 
 
-def dense_probe(conn: Any) -> Callable[[Any], bool]:
-    """``plan``'s ``dense`` on ``conn``: do at least DENSE leaves pass a test? Reads at
-    most DENSE index entries."""
+def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
+    """``plan``'s ``dense`` on ``conn``: do at least ``at_least`` leaves pass a test?
+    Reads at most that many index entries."""
 
     def dense(probe: Any) -> bool:
-        capped = probe.limit(DENSE).subquery()
-        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
+        capped = probe.limit(at_least).subquery()
+        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
 
     return dense
+
+
+# A page in uuid order filtered on one path is read off the leaves (every passing uuid,
+# sorted) while fewer than this many pass: that sort costs less than probing runs one
+# by one in uuid order, which reads (runs / passing) x limit of them.
+SORT_PASSING = 10_000
+
+
+def leaf_uuid_page(expr: Expr | None, conditions: list[Any], spec: Any, scope: int | None) -> tuple[Any, Any] | None:
+    """For a search in uuid order whose filter is tests on one config path alone (within
+    one module, or with no column conditions): the leaves that pass (to count) and their
+    uuids in order (to page). None when the search is not of that shape."""
+    if expr is None or (conditions and scope is None):
+        return None
+    specs = _order_specs(spec)
+    if specs and specs != [("uuid", False)]:
+        return None
+    groups, rest = _split(_conjuncts(expr))
+    if rest or len(groups) != 1:
+        return None
+    ((path, tests),) = groups.items()
+    passing = _leaf_subquery(path, tests, scope)
+    return passing, passing.order_by(LEAVES.c.run_uuid)
 
 
 def count_statement(expr: Expr | None, conditions: list[Any], dialect: str, scope: int | None = None) -> Any:
