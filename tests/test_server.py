@@ -109,6 +109,10 @@ def test_api_errors_are_one_line_json(project: Path) -> None:
             got, body = raw_get(server.base, path)
             assert got == status, (path, body)
             assert set(body) == {"detail"} and needle in body["detail"] and "\n" not in body["detail"], path
+        # the schema is served; no page that would load scripts from a CDN is
+        assert raw_get(server.base, "/openapi.json")[0] == 200
+        for path in ("/docs", "/redoc"):
+            assert raw_get(server.base, path)[0] == 404, path
 
 
 def test_runs_launched_while_serving_appear(project: Path) -> None:
