@@ -278,13 +278,20 @@ def fresh_index(index_backend: str, tmp_path: Path):
     yield make
     if schemas:
         dispose_all()
-        admin = _admin_engine()
-        try:
-            with admin.connect() as conn:
-                for schema in schemas:
-                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        finally:
-            admin.dispose()
+        drop_schemas(schemas)
+
+
+def drop_schemas(schemas: list[str]) -> None:
+    """Drop these PostgreSQL schemas (test indexes) and everything in them."""
+    from sqlalchemy import text
+
+    admin = _admin_engine()
+    try:
+        with admin.connect() as conn:
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
 
 
 def invoke(*args: str, env: dict[str, str] | None = None, ok: bool = True):

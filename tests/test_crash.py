@@ -49,7 +49,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import POSTGRES_URL, run_python, write_module
+from conftest import POSTGRES_URL, drop_schemas, run_python, write_module
 
 # One worker runs this whole module, in order, so the summary sees every scenario.
 pytestmark = pytest.mark.xdist_group("crash")
@@ -448,13 +448,7 @@ def schema_of(project: Path) -> str | None:
 def _drop_schemas() -> Iterator[None]:
     yield
     if SCHEMAS:
-        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                for schema in SCHEMAS:
-                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        finally:
-            admin.dispose()
+        drop_schemas(SCHEMAS)
         SCHEMAS.clear()
     INDEX_ENV.clear()
 
