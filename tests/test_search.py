@@ -250,6 +250,29 @@ def test_a_second_order_key_breaks_ties_when_the_filter_pins_the_first(runs):
     assert [(r.config["layers"], r.config["lr"]) for r in page] == [(2, 0.05), (2, 0.1)]
 
 
+def test_runs_that_tie_keep_one_order_whichever_way_the_search_is_answered(project, index_backend):
+    """Many runs share each value (a sweep's grid): descending is ascending reversed,
+    and a filter that lets the database walk the index orders them as a search that
+    sorts does."""
+    write_module(project, "mixed", MIXED)
+    for big in range(12):
+        get("mixed", {"v": big % 3, "big": big}).launch()
+    get("mixed", {"v": "x", "big": 99}).launch()
+    index = Index.get()
+    ascending = [(r.config["v"], r.config["big"]) for r in index.search(order_by="config.v")]
+    descending = [(r.config["v"], r.config["big"]) for r in index.search(order_by="-config.v")]
+    assert descending == list(reversed(ascending))
+    assert [v for v, _ in ascending] == [0] * 4 + [1] * 4 + [2] * 4 + ["x"]
+    numbers = [pair for pair in ascending if pair[0] != "x"]
+    walked = [(r.config["v"], r.config["big"]) for r in index.search("config.v >= 0", order_by="config.v")]
+    assert walked == numbers
+    walked = [(r.config["v"], r.config["big"]) for r in index.search("config.v >= 0", order_by="config.v desc")]
+    assert walked == list(reversed(numbers))
+    # a page at a time, both ways, gives the same runs in the same order
+    paged = [r.config["big"] for offset in range(0, 13, 5) for r in index.search(order_by="-config.v", limit=5, offset=offset)]
+    assert paged == [big for _, big in descending]
+
+
 def test_long_strings_and_huge_integers_compare_exactly(project, index_backend):
     """Leaf text keeps 500 characters and numbers are doubles: comparisons those could
     not decide exactly are answered from the stored config, with the same result."""

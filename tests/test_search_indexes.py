@@ -208,3 +208,17 @@ def test_a_page_in_uuid_order_on_one_selective_path_sorts_the_passing_leaves(tmp
         assert [r.uuid for r in index.search(wheres[0], limit=40, offset=30)] == pages[(wheres[0], 30)]
     finally:
         catalog_index.SORT_PASSING = 10_000
+
+
+def test_a_page_ordered_by_a_filtered_path_with_many_ties_needs_no_sort(tmp_path: Path):
+    """A grid value shared by 1,000 runs: the page walks the index in its own order
+    (ties by module, then uuid, in the order's direction) and stops at the limit."""
+    index = Index(tmp_path / "ties.sqlite")
+    index.add_rows(bulk_rows(3000, lambda k: {"lr": (k % 3) / 10}, status=lambda k: ("finished", "failed")[k % 5 == 0]))
+    for order in ("-config.lr", "config.lr"):
+        with statements_of(index) as seen:
+            page = index.search("config.lr >= 0.1 and status = 'finished'", order_by=order, limit=50)
+        assert len(page) == 50 and len({r.config["lr"] for r in page}) == 1
+        statement, parameters = pages_of(seen)[-1]
+        steps = sqlite_plan(index, statement, parameters)
+        assert not any("TEMP B-TREE" in step for step in steps), (order, steps)

@@ -540,12 +540,11 @@ def leaf_test(expr: Compare) -> LeafTest | None:
     code, attr = (NUMBER, "number") if kind == "number" else (STRING, "text")
     if op == "!=":
         return LeafTest(name, lambda t: and_(t.c.kind != NULL, not_(and_(t.c.kind == code, t.c[attr] == value))))
-    # The other value column is NULL for this kind: saying so lets the database seek the
-    # (path, kind, number, text, ...) index on the column compared.
-    other = "text" if attr == "number" else "number"
-    return LeafTest(
-        name, lambda t: and_(t.c.kind == code, t.c[other].is_(None), _apply(t.c[attr], op, value)), kind=code
-    )
+    if code == NUMBER:  # a range on number: the (path, kind, number, ...) index seeks it
+        return LeafTest(name, lambda t: and_(t.c.kind == code, _apply(t.c.number, op, value)), kind=code)
+    # A string leaf's number is NULL: saying so lets the database seek the index on text.
+    # (Not said of a number's text: SQLite then no longer walks the index in its order.)
+    return LeafTest(name, lambda t: and_(t.c.kind == code, t.c.number.is_(None), _apply(t.c.text, op, value)), kind=code)
 
 
 def _balanced_and(parts: list[Any]) -> list[Any]:
@@ -722,6 +721,13 @@ def plan(
     runs where the path is missing or null last (first when descending).
     ``numbers_only``: keep only runs with a number at the first (ascending) order path:
     the start of that order, walked along the index (see ``first_order_numbers``).
+
+    Ties: when the first order key is a config or predicate path, runs that tie on every
+    key are put in the order of their leaf's index entry, in the first key's direction:
+    by module (the leaf's ``scope``), then uuid. A walk along that index then needs no
+    sort, however many runs share a value (a sweep's grid shares each value with
+    hundreds); ordered descending, the result is exactly the ascending one reversed.
+    Otherwise ties go by uuid, ascending.
     """
     items = _conjuncts(expr) if expr is not None else []
     groups, rest = _split(items)
@@ -729,6 +735,7 @@ def plan(
     order: list[Any] = []
     joined: set[str] = set()
     specs = _order_specs(spec)
+    ties: list[Any] = [RUNS.c.uuid.asc()]
     for position, (field, descending) in enumerate(specs):
         column, path = check_field(field)
         name = leaf_path(column, path) if path else None
@@ -743,27 +750,32 @@ def plan(
         joined.add(name)
         alias = LEAVES.alias(f"order_{position}")
         on = [alias.c.run_uuid == RUNS.c.uuid, *_leaf_where(alias, name, [], scope)]
+        if position == 0:  # ties follow this leaf's index entries (see above)
+            ties = [alias.c.scope.desc(), RUNS.c.uuid.desc()] if descending else [alias.c.scope.asc(), RUNS.c.uuid.asc()]
         tests = groups.get(name, [])
         pinned = next((t.kind for t in tests if t.kind is not None), None)
         if numbers_only and position == 0 and pinned is None:
-            tests = tests + [LeafTest(name, lambda t: and_(t.c.kind == NUMBER, t.c.text.is_(None)), kind=NUMBER)]
+            tests = tests + [LeafTest(name, lambda t: t.c.kind == NUMBER, kind=NUMBER)]
             pinned = NUMBER
             groups[name] = tests
         if pinned is not None:
             groups.pop(name)
             source = source.join(alias, and_(*on, *(t.test(alias) for t in tests)))
-            key = alias.c.number if pinned == NUMBER else alias.c.text
-            order.append(key.desc() if descending else key.asc())
+            # number, then text: one of them is NULL for every leaf of the pinned kind,
+            # and naming both keeps the order the index's own
+            for key in (alias.c.number, alias.c.text):
+                order.append(key.desc() if descending else key.asc())
             if position == 0 and len(specs) == 1:
                 # The index's own order, and a total one (no later keys to apply).
-                order.append(alias.c.run_uuid.asc())
+                tie = (alias.c.scope, alias.c.run_uuid)
+                order += [key.desc() if descending else key.asc() for key in tie]
                 return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, walk=True)
             continue
         source = source.outerjoin(alias, and_(*on))
         rank = case(_RANK, value=alias.c.kind, else_=6)
         for key in (rank, alias.c.number, alias.c.text):
             order.append(key.desc() if descending else key.asc())
-    order.append(RUNS.c.uuid.asc())
+    order += ties
     return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
 
 

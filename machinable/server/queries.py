@@ -132,9 +132,10 @@ def list_runs(
         if first_order_numbers(expr, specs) and (values is None or values[0] == 0):
             numbers = plan(expr, conditions, specs, dialect, dense, numbers_only=True)
             number_keys = _keys(numbers.order)
-            start = None if values is None else [values[1], *values[3:]]
+            # its keys are the full order's without the kind's rank (0: a number)
+            start = None if values is None else values[1:]
             rows = _page_rows(conn, numbers, number_keys, start, limit, offset, dialect)
-            rows = [[row, [0, key[0], None, *key[1:]]] for row, key in rows]
+            rows = [[row, [0, *key]] for row, key in rows]
         if len(rows) < limit:
             rows = _page_rows(conn, full, keys, values, limit, offset, dialect)
         total: int | None = None
