@@ -247,34 +247,46 @@ _ROWS = select(*COLUMNS).where(RUNS.c.uuid.in_(bindparam("uuids", expanding=True
 # One run and its copies: built once (building a statement costs more than running it).
 _RUN = select(*COLUMNS).where(RUNS.c.uuid == bindparam("uuid"))
 _SCOPED_RUN = _RUN.where(RUNS.c.project == bindparam("project"))
-_COPIES = (
-    select(
-        LOCATIONS.c.run_uuid,
-        literal_column("'local'").label("store"),
-        LOCATIONS.c.directory.label("url"),
-        null().label("state"),
-        null().label("size"),
-        null().label("checksum"),
-        null().label("verified_at"),
-        literal_column("0").label("kind"),
-        LOCATIONS.c.id.label("position"),
-    )
-    .where(LOCATIONS.c.run_uuid == bindparam("uuid"))
-    .union_all(
+
+
+def _copies_of(local: Any, stored: Any) -> Any:
+    """Local directories (kind 0) and store copies (kind 1) of the runs the two conditions
+    pick, in one UNION (``position`` orders each kind as the index recorded it)."""
+    return (
         select(
-            AVAILABILITY.c.run_uuid,
-            REMOTES.c.name,
-            REMOTES.c.url,
-            AVAILABILITY.c.state,
-            AVAILABILITY.c.size,
-            AVAILABILITY.c.checksum,
-            AVAILABILITY.c.verified_at,
-            literal_column("1"),
-            AVAILABILITY.c.id,
+            LOCATIONS.c.run_uuid,
+            literal_column("'local'").label("store"),
+            LOCATIONS.c.directory.label("url"),
+            null().label("state"),
+            null().label("size"),
+            null().label("checksum"),
+            null().label("verified_at"),
+            literal_column("0").label("kind"),
+            LOCATIONS.c.id.label("position"),
         )
-        .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
-        .where(AVAILABILITY.c.run_uuid == bindparam("uuid"))
+        .where(local)
+        .union_all(
+            select(
+                AVAILABILITY.c.run_uuid,
+                REMOTES.c.name,
+                REMOTES.c.url,
+                AVAILABILITY.c.state,
+                AVAILABILITY.c.size,
+                AVAILABILITY.c.checksum,
+                AVAILABILITY.c.verified_at,
+                literal_column("1"),
+                AVAILABILITY.c.id,
+            )
+            .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
+            .where(stored)
+        )
     )
+
+
+_COPIES = _copies_of(LOCATIONS.c.run_uuid == bindparam("uuid"), AVAILABILITY.c.run_uuid == bindparam("uuid"))
+_PAGE_COPIES = _copies_of(
+    LOCATIONS.c.run_uuid.in_(bindparam("uuids", expanding=True)),
+    AVAILABILITY.c.run_uuid.in_(bindparam("uuids", expanding=True)),
 )
 
 
@@ -334,49 +346,14 @@ def _looks_like_uuid(text: str) -> bool:
 
 
 def _copies(conn: Any, uuids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every copy of each of ``uuids`` (local directories first, then store copies), in
+    one statement."""
     found: dict[str, list[dict[str, Any]]] = {}
     if not uuids:
         return found
-    for run_uuid, directory in conn.execute(
-        select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory)
-        .where(LOCATIONS.c.run_uuid.in_(uuids))
-        .order_by(LOCATIONS.c.id)
-    ):
-        present = os.path.isfile(os.path.join(directory, SENTINEL))
-        found.setdefault(run_uuid, []).append(
-            {
-                "store": "local",
-                "url": directory,
-                "state": "present" if present else "evicted",
-                "size": None,
-                "checksum": None,
-                "verified_at": None,
-            }
-        )
-    for run_uuid, name, url, state, size, checksum, verified in conn.execute(
-        select(
-            AVAILABILITY.c.run_uuid,
-            REMOTES.c.name,
-            REMOTES.c.url,
-            AVAILABILITY.c.state,
-            AVAILABILITY.c.size,
-            AVAILABILITY.c.checksum,
-            AVAILABILITY.c.verified_at,
-        )
-        .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
-        .where(AVAILABILITY.c.run_uuid.in_(uuids))
-        .order_by(AVAILABILITY.c.id)
-    ):
-        found.setdefault(run_uuid, []).append(
-            {
-                "store": name,
-                "url": url,
-                "state": state,
-                "size": size,
-                "checksum": checksum,
-                "verified_at": _time(verified),
-            }
-        )
+    rows = conn.execute(_PAGE_COPIES, {"uuids": uuids}).all()
+    for run_uuid, store, url, state, size, checksum, verified, kind, _ in sorted(rows, key=lambda r: (r[7], r[8])):
+        found.setdefault(run_uuid, []).append(_copy(store, url, state, size, checksum, verified, kind))
     return found
 
 
