@@ -77,13 +77,44 @@ def _ordered(value: Any) -> Any:
     return value
 
 
+_SCALARS = (str, int, float, bool, type(None))
+_NO_DEFAULT = object()
+# Per config class: (its fields dict, [(name, field, plain default)]) for its identifying
+# fields. A plain default is a finite scalar default (no factory), compared directly.
+_PLANS: dict[type[BaseModel], tuple[Any, list[tuple[str, FieldInfo, Any]]]] = {}
+
+
+def _plan(cls: type[BaseModel]) -> list[tuple[str, FieldInfo, Any]]:
+    fields = cls.model_fields
+    found = _PLANS.get(cls)
+    if found is not None and found[0] is fields:  # a model_rebuild() makes a new dict
+        return found[1]
+    plan = []
+    for name, field in fields.items():
+        if not is_identifying(field):
+            continue
+        default = _NO_DEFAULT
+        if not field.is_required() and field.default_factory is None and type(field.default) in _SCALARS:
+            if not (type(field.default) is float and not math.isfinite(field.default)):
+                default = field.default
+        plan.append((name, field, default))
+    if len(_PLANS) < 10_000:
+        _PLANS[cls] = (fields, plan)
+    return plan
+
+
 def canonical_config(config: BaseModel) -> dict[str, Any]:
     """The identifying, non-default part of a validated config, as JSON values."""
     out: dict[str, Any] = {}
-    for name, field in type(config).model_fields.items():
-        if not is_identifying(field):
-            continue
+    for name, field, plain in _plan(type(config)):
         value = getattr(config, name)
+        if plain is not _NO_DEFAULT and type(value) is type(plain) and field.default is plain:
+            # A scalar of its default's type: equal values are equal canonical JSON
+            # (-0.0 == 0.0 as _ordered makes it; NaN equals nothing, check_finite refuses it).
+            if value == plain:
+                continue
+            out[name] = 0.0 if type(value) is float and value == 0.0 else value
+            continue
         if isinstance(value, BaseModel):
             nested = canonical_config(value)
             if nested:

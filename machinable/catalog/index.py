@@ -503,7 +503,7 @@ class Index(Context):
                 raise AssertionError(f"{name}: compiled parameters {order} are not {keys}")
             table = RUNS if name == "upsert_runs" else LOCATIONS
             processors = [table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in order]
-            found = (compiled.string, list(zip(order, processors)), compiled.positional)
+            found = (compiled.string, list(zip(order, processors, strict=True)), compiled.positional)
             _STATEMENTS[cache_key] = found
         return found
 
