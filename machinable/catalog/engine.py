@@ -42,13 +42,22 @@ _lock = threading.Lock()
 def to_url(spec: str | os.PathLike[str]) -> str:
     """A SQLAlchemy URL for a path or URL; paths become absolute SQLite URLs."""
     text_spec = os.fspath(spec)
+    found = _urls.get(text_spec)
+    if found is not None:
+        return found
     if "://" in text_spec:
         try:
             make_url(text_spec)
         except ArgumentError as exc:
             raise IndexError_(f"invalid index URL {redact(text_spec)!r}: {exc}", url=text_spec) from exc
         return text_spec
-    return f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
+    url = f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
+    if os.path.isabs(text_spec) and len(_urls) < 1000:  # a relative path follows the cwd
+        _urls[text_spec] = url
+    return url
+
+
+_urls: dict[str, str] = {}  # absolute index paths -> their URLs (every get() asks)
 
 
 def sqlite_path(url: str) -> Path | None:
