@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +63,7 @@ SCAN_CHUNK = 2000
 # Reindex commits the runs it has read every this many (memory holds one batch).
 WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
+_leaf_values = operator.itemgetter(*LEAF_COLUMNS)
 RUN_COLUMNS = tuple(c.name for c in RUNS.c)
 LOCATION_COLUMNS = ("run_uuid", "storage", "directory")
 _STATEMENTS: dict[tuple[str, str], Any] = {}
@@ -489,12 +491,12 @@ class Index(Context):
             _STATEMENTS[key] = stmt
         return stmt
 
-    def _driver_statement(self, name: str, keys: tuple[str, ...]) -> tuple[str, list[Any], bool]:
+    def _driver_statement(self, tx: RawWrite, name: str, keys: tuple[str, ...]) -> tuple[str, list[Any], bool]:
         """An upsert of ``_statement`` as the driver's SQL text: ``(sql, bind processors of
         keys, positional)``, built once per dialect. The processors are the column types'
         own (JSON serializer, SQLite datetimes), so rows are stored as SQLAlchemy stores them."""
-        dialect = self.engine.dialect
-        cache_key = (dialect.name, "driver:" + name)
+        dialect = tx.dialect
+        cache_key = (f"{dialect.name}+{dialect.driver}", "driver:" + name)
         found = _STATEMENTS.get(cache_key)
         if found is None:
             compiled = self._statement(name).compile(dialect=dialect, column_keys=list(keys))
@@ -540,13 +542,13 @@ class Index(Context):
             )
 
     def _upsert_runs_raw(self, tx: RawWrite, rows: list[dict[str, Any]], fresh: bool) -> None:
-        sql, processors, positional = self._driver_statement("upsert_runs", RUN_COLUMNS)
+        sql, processors, positional = self._driver_statement(tx, "upsert_runs", RUN_COLUMNS)
         params = [_bind(row, processors, positional) for row in rows]
         tx.execute(sql, params[0]) if len(params) == 1 else tx.execute(sql, params, many=True)
         if not fresh:
             tx.execute(f"DELETE FROM leaves WHERE run_uuid = {tx.mark}", [(row["uuid"],) for row in rows], many=True)
         leaves = [
-            tuple(leaf[c] for c in LEAF_COLUMNS)
+            _leaf_values(leaf)
             for row in rows
             for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
         ]
@@ -556,7 +558,7 @@ class Index(Context):
 
     def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         if isinstance(conn, RawWrite):
-            sql, processors, positional = self._driver_statement("add_locations", LOCATION_COLUMNS)
+            sql, processors, positional = self._driver_statement(conn, "add_locations", LOCATION_COLUMNS)
             for row in rows:
                 conn.execute(sql, _bind(row, processors, positional))
             return
