@@ -144,15 +144,34 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+_KEYS: dict[type[BaseModel], tuple[Any, Any, bool, dict[str, Any], dict[str, str]]] = {}
+
+
+def _keys(model: type[BaseModel]) -> tuple[bool, dict[str, Any], dict[str, str]]:
+    """``(lenient, {name or alias: field}, {name or alias: name})`` of a model, kept per
+    class (a ``model_rebuild()`` makes new fields, and is noticed)."""
+    fields_now, config_now = model.model_fields, model.model_config
+    found = _KEYS.get(model)
+    if found is None or found[0] is not fields_now or found[1] is not config_now:
+        fields: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        for name, info in fields_now.items():
+            fields[name] = info
+            names[name] = name
+            if info.alias:
+                fields[info.alias] = info
+                names[info.alias] = name
+        lenient = config_now.get("extra") in ("allow", "ignore")
+        found = (fields_now, config_now, lenient, fields, names)
+        if len(_KEYS) < 10_000:
+            _KEYS[model] = found
+    return found[2], found[3], found[4]
+
+
 def unknown_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted names in ``data`` that ``model`` has no field for (unless it allows extras)."""
     # A model that allows or ignores extras says so itself; its nested models still count.
-    lenient = model.model_config.get("extra") in ("allow", "ignore")
-    fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        fields[name] = info
-        if info.alias:
-            fields[info.alias] = info
+    lenient, fields, _ = _keys(model)
     bad: list[str] = []
     for key, value in data.items():
         info = fields.get(key)
@@ -175,12 +194,7 @@ def dropped_keys(value: Any, data: Any, path: str = "") -> list[str]:
     if isinstance(value, BaseModel):
         if not isinstance(data, Mapping):
             return []
-        lenient = type(value).model_config.get("extra") in ("allow", "ignore")
-        names: dict[str, str] = {}
-        for name, info in type(value).model_fields.items():
-            names[name] = name
-            if info.alias:
-                names[info.alias] = name
+        lenient, _, names = _keys(type(value))
         bad: list[str] = []
         for key, item in data.items():
             where = f"{path}.{key}" if path else str(key)

@@ -77,13 +77,58 @@ def _ordered(value: Any) -> Any:
     return value
 
 
+_SCALARS = (str, int, float, bool, type(None))
+_NO_DEFAULT = object()
+# Per config class: (its fields dict, [(name, field, plain default)]) for its identifying
+# fields. A plain default is a finite scalar default (no factory), compared directly.
+_PLANS: dict[type[BaseModel], tuple[Any, list[tuple[str, FieldInfo, Any]]]] = {}
+
+
+def _plan(cls: type[BaseModel]) -> list[tuple[str, FieldInfo, Any]]:
+    fields = cls.model_fields
+    found = _PLANS.get(cls)
+    if found is not None and found[0] is fields:  # a model_rebuild() makes a new dict
+        return found[1]
+    plan = []
+    for name, field in fields.items():
+        if not is_identifying(field):
+            continue
+        default = _NO_DEFAULT
+        if not field.is_required() and field.default_factory is None and type(field.default) in _SCALARS:
+            if not (type(field.default) is float and not math.isfinite(field.default)):
+                default = field.default
+        plan.append((name, field, default))
+    if len(_PLANS) < 10_000:
+        _PLANS[cls] = (fields, plan)
+    return plan
+
+
+_FIELDS: dict[type[BaseModel], tuple[Any, list[tuple[str, FieldInfo, bool]]]] = {}
+
+
+def _fields(cls: type[BaseModel]) -> list[tuple[str, FieldInfo, bool]]:
+    """``(name, field, identifying)`` of a config class's fields (kept per class)."""
+    fields = cls.model_fields
+    found = _FIELDS.get(cls)
+    if found is None or found[0] is not fields:
+        found = (fields, [(name, field, is_identifying(field)) for name, field in fields.items()])
+        if len(_FIELDS) < 10_000:
+            _FIELDS[cls] = found
+    return found[1]
+
+
 def canonical_config(config: BaseModel) -> dict[str, Any]:
     """The identifying, non-default part of a validated config, as JSON values."""
     out: dict[str, Any] = {}
-    for name, field in type(config).model_fields.items():
-        if not is_identifying(field):
-            continue
+    for name, field, plain in _plan(type(config)):
         value = getattr(config, name)
+        if plain is not _NO_DEFAULT and type(value) is type(plain) and field.default is plain:
+            # A scalar of its default's type: equal values are equal canonical JSON
+            # (-0.0 == 0.0 as _ordered makes it; NaN equals nothing, check_finite refuses it).
+            if value == plain:
+                continue
+            out[name] = 0.0 if type(value) is float and value == 0.0 else value
+            continue
         if isinstance(value, BaseModel):
             nested = canonical_config(value)
             if nested:
@@ -112,9 +157,9 @@ def non_identifying_values(config: BaseModel, prefix: str = "") -> list[str]:
     Runs that differ only in these share one uuid unless a predicate separates them.
     """
     found: list[str] = []
-    for name, field in type(config).model_fields.items():
+    for name, field, identifying in _fields(type(config)):
         value = getattr(config, name)
-        if not is_identifying(field):
+        if not identifying:
             if field.is_required():
                 found.append(prefix + name)
                 continue
@@ -130,8 +175,28 @@ def non_identifying_values(config: BaseModel, prefix: str = "") -> list[str]:
     return found
 
 
+def _plain_text(value: str) -> bool:
+    """ASCII without NUL: text that ``_check_text`` accepts, told without encoding it."""
+    return value.isascii() and "\x00" not in value
+
+
 def check_finite(value: Any, path: str = "config") -> None:
     """Refuse NaN, infinities and unstorable text (lone surrogates, NUL), naming where."""
+    if type(value) is dict:
+        # The common case, a mapping of plain values, without a call per value (or
+        # building each value's path before anything is wrong).
+        for k, v in value.items():
+            if isinstance(k, str) and not _plain_text(k):
+                _check_text(k, f"{path} key {k!r}")
+            kind = type(v)
+            if kind is int or kind is bool or v is None:
+                continue
+            if kind is float:
+                if not math.isfinite(v):
+                    check_finite(v, f"{path}.{k}")
+            elif kind is not str or not _plain_text(v):
+                check_finite(v, f"{path}.{k}")
+        return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConfigError(f"{path} is {value!r}; NaN and infinities cannot be part of a run")

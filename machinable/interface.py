@@ -370,9 +370,9 @@ class Interface:
         # with its lock free is complete: verify tells runs in flight from broken ones.
         with FileLock(launch_lock(directory)):
             fresh = write_record(directory, header, model)
-            # Whoever wrote the record, another process may have taken the lock first
-            # and finished the run while this one waited.
-            if os.path.isfile(directory / "finished_at"):
+            # Another process may have taken the lock first and finished the run while
+            # this one waited (a directory this process just made holds no marker).
+            if not fresh and os.path.isfile(directory / "finished_at"):
                 self._index.ingest_directory(directory)
                 return self
             if not fresh:  # a relaunch, or another process got here first

@@ -38,7 +38,7 @@ class Project(Context):
     """A directory of interface modules; also the base class of project providers."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, name: str | None = None):
-        self.path = Path(path if path is not None else os.getcwd()).expanduser().resolve()
+        self.path = _cwd() if path is None else Path(path).expanduser().resolve()
         self._name = name
 
     def __repr__(self) -> str:
@@ -104,6 +104,22 @@ class Project(Context):
     def resolve(self, module: str) -> type:
         """The class that ``module`` defines: an Interface, or a context such as a Scope."""
         return resolve_class(self, module)
+
+
+_last_cwd: tuple[str, Path] | None = None
+
+
+def _cwd() -> Path:
+    """The working directory, resolved (remembered for the last one: every ``get()``
+    asks, and resolving walks each component of the path)."""
+    global _last_cwd
+    cwd = os.getcwd()
+    last = _last_cwd
+    if last is not None and last[0] == cwd:
+        return last[1]
+    path = Path(cwd).resolve()
+    _last_cwd = (cwd, path)
+    return path
 
 
 def provider_for(path: Path) -> Project:

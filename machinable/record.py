@@ -58,7 +58,8 @@ def is_uuid(name: str) -> bool:
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    head, name = os.path.split(os.fspath(path))  # string paths: a launch writes seven files
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -123,22 +124,23 @@ def launch_lock(directory: Path) -> str:
     lists; a process that dies releases its lock, which is how a dead run is told
     from a running one.
     """
-    locks = directory.parent / LOCKS_DIR
+    parent, name = os.path.split(os.fspath(directory))
+    locks = os.path.join(parent, LOCKS_DIR)
     if locks not in _LOCK_DIRS:
         try:
-            locks.mkdir(parents=True)
+            os.makedirs(locks)
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(locks).st_mode):  # a link would put locks elsewhere
                 raise UnsafeFileError(
                     f"{locks} is not a directory (a link?); machinable keeps its launch locks "
                     "in a real directory there: remove it",
-                    path=locks,
+                    path=Path(locks),
                 ) from None
         _LOCK_DIRS.add(locks)
-    return str(locks / f"{directory.name}.lock")
+    return os.path.join(locks, f"{name}.lock")
 
 
-_LOCK_DIRS: set[Path] = set()
+_LOCK_DIRS: set[str] = set()
 
 
 def mark(directory: Path, marker: str, moment: datetime | None = None) -> str:

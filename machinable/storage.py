@@ -43,10 +43,24 @@ class Storage(Context):
 
     def directory(self, project: Project | None = None) -> Path:
         """The absolute storage directory (relative specs join the project path)."""
-        path = Path(self.spec).expanduser()
-        if not path.is_absolute():
-            path = (project or Project.get()).path / path
-        return Path(os.path.abspath(path))
+        spec = self.spec
+        relative = not spec.startswith(("/", "~"))  # a guess only: the key stays exact
+        root = (project or Project.get()).path if relative else None
+        key = (spec, root)
+        found = _directories.get(key)
+        if found is None:
+            path = Path(spec).expanduser()
+            if not path.is_absolute():
+                path = (root or (project or Project.get()).path) / path
+            found = Path(os.path.abspath(path))
+            if not spec.startswith("~") and len(_directories) < 1000:  # ~ follows $HOME
+                _directories[key] = found
+        return found
+
+
+# (spec, project path or None) -> directory: a pure function of the spec and, for a
+# relative spec, the project path ("~" aside); every get() asks.
+_directories: dict[tuple[str, Path | None], Path] = {}
 
 
 # The catalog knows no project: tell it where the connected project's index and

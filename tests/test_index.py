@@ -601,3 +601,51 @@ def test_a_large_reindex_writes_in_batches_with_the_same_result(
     again = Index.get().reindex(full=True)
     assert (again.updated, again.removed, again.added) == (10, 1, 0)
     assert Index.get().count() == 10 and all(row[0] != uuids[0] for row in table_rows("leaves"))
+
+
+def _refuse_locations(index: Index, refuse: bool) -> None:
+    """A real trigger in the index that makes every new location row fail (or drops it)."""
+    with index.engine.begin() as conn:
+        if index.dialect == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_location")
+            if refuse:
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER refuse_location BEFORE INSERT ON locations "
+                    "BEGIN SELECT RAISE(ABORT, 'locations refused'); END"
+                )
+        else:
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS refuse_location ON locations")
+            if refuse:
+                conn.exec_driver_sql(
+                    "CREATE OR REPLACE FUNCTION refuse_location() RETURNS trigger AS "
+                    "$$ BEGIN RAISE EXCEPTION 'locations refused'; END $$ LANGUAGE plpgsql"
+                )
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER refuse_location BEFORE INSERT ON locations "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_location()"
+                )
+
+
+def test_a_refused_index_write_leaves_no_part_of_the_run_and_a_relaunch_takes_it_in(project: Path) -> None:
+    """The run row, its leaves and its location are one transaction: when the last of
+    them is refused, none is kept, the error names the index, and the finished directory
+    is taken in by the next launch without computing again."""
+    from machinable.errors import IndexError_
+
+    get("optimize", {"lr": 0.2}).launch()  # creates the index
+    index = Index.get()
+    _refuse_locations(index, True)
+    run = get("optimize", {"lr": 0.3})
+    with pytest.raises(IndexError_, match="locations refused"):
+        run.launch()
+    assert index.status(run.uuid) is None
+    assert not [row for row in table_rows("runs") if run.uuid in row]
+    assert not [row for row in table_rows("leaves") if run.uuid in row]
+    assert (run.local_directory() / "finished_at").is_file()
+    assert calls(project) == [get("optimize", {"lr": 0.2}).uuid, run.uuid]
+
+    _refuse_locations(index, False)
+    get("optimize", {"lr": 0.3}).launch()
+    assert calls(project).count(run.uuid) == 1  # not computed again
+    assert index.status(run.uuid) == "finished"
+    assert len([row for row in table_rows("leaves") if run.uuid in row]) == 2  # lr and steps

@@ -42,13 +42,22 @@ _lock = threading.Lock()
 def to_url(spec: str | os.PathLike[str]) -> str:
     """A SQLAlchemy URL for a path or URL; paths become absolute SQLite URLs."""
     text_spec = os.fspath(spec)
+    found = _urls.get(text_spec)
+    if found is not None:
+        return found
     if "://" in text_spec:
         try:
             make_url(text_spec)
         except ArgumentError as exc:
             raise IndexError_(f"invalid index URL {redact(text_spec)!r}: {exc}", url=text_spec) from exc
         return text_spec
-    return f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
+    url = f"sqlite:///{os.path.abspath(os.path.expanduser(text_spec))}"
+    if os.path.isabs(text_spec) and len(_urls) < 1000:  # a relative path follows the cwd
+        _urls[text_spec] = url
+    return url
+
+
+_urls: dict[str, str] = {}  # absolute index paths -> their URLs (every get() asks)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -426,3 +435,63 @@ def retry_busy(action: Callable[[], T], attempts: int = 8) -> T:
 
 def _reason(exc: DBAPIError) -> str:
     return " ".join(str(getattr(exc, "orig", exc)).split())[:500]
+
+
+class RawWrite:
+    """A write transaction on a pooled DBAPI connection, for a launch's few statements.
+
+    SQLAlchemy's connection and statement machinery costs more than the statements of
+    one launch (its row, 20 leaves, its location): this runs prepared SQL text on the
+    driver's cursor. On SQLite it begins with ``BEGIN IMMEDIATE`` like every write
+    (``_sqlite_begin``); it commits on success and rolls back on any exception. Driver
+    errors are raised as SQLAlchemy's (``OperationalError`` for a busy database), so
+    ``retry_busy`` treats them as it treats every other write's.
+    """
+
+    def __init__(self, engine: Engine):
+        self.dialect = engine.dialect
+        self._engine = engine
+        self._error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        #: the driver's placeholder for positional parameters
+        self.mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+
+    def __enter__(self) -> RawWrite:
+        self._connection = self._engine.raw_connection()  # connect errors come wrapped
+        try:
+            self._cursor = self._connection.cursor()
+            if self.dialect.name == "sqlite":
+                self.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._connection.close()
+            raise
+        return self
+
+    def execute(self, statement: str, params: object = (), many: bool = False) -> None:
+        try:
+            if many:
+                self._cursor.executemany(statement, params)
+            else:
+                self._cursor.execute(statement, params)
+        except self._error as exc:
+            raise self._wrap(statement, params, exc) from exc
+
+    def _wrap(self, statement: str, params: object, exc: Exception) -> BaseException:
+        return DBAPIError.instance(statement, params, exc, self._error, dialect=self.dialect)  # type: ignore[arg-type]
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        try:
+            if kind is None:
+                try:
+                    self._connection.commit()
+                except self._error as error:
+                    raise self._wrap("COMMIT", None, error) from error
+            else:
+                try:
+                    self._connection.rollback()
+                except self._error:
+                    pass  # the connection is gone; the pool discards it
+        finally:
+            try:
+                self._cursor.close()
+            finally:
+                self._connection.close()

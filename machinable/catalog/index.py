@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +18,9 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, delete, false, func, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
-from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_url
+from machinable.catalog.engine import RawWrite, get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.leaves import leaf_rows, scope_key
 from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
@@ -63,8 +65,18 @@ SCAN_CHUNK = 2000
 # Reindex commits the runs it has read every this many (memory holds one batch).
 WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
+_leaf_values = operator.itemgetter(*LEAF_COLUMNS)
+RUN_COLUMNS = tuple(c.name for c in RUNS.c)
+LOCATION_COLUMNS = ("run_uuid", "storage", "directory")
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 _WRITABLE: dict[str, Engine] = {}
+
+
+def _bind(row: dict[str, Any], processors: list[Any], positional: bool) -> Any:
+    """A row's parameters for a driver statement, through the columns' bind processors
+    (a key the row lacks binds NULL, as SQLAlchemy's INSERT leaves it out)."""
+    values = [(key, process(row.get(key)) if process else row.get(key)) for key, process in processors]
+    return [value for _, value in values] if positional else dict(values)
 
 
 def _scope(project: str | None, module: str | None) -> int | None:
@@ -178,8 +190,26 @@ class Index(Context):
 
     def status(self, uuid: str) -> str | None:
         """The indexed status of a run, or None if the index does not hold it."""
-        with self.engine.connect() as conn:
-            return conn.execute(select(RUNS.c.status).where(RUNS.c.uuid == uuid)).scalar()
+        # On the driver's cursor: every launch asks this first, and SQLAlchemy's
+        # statement machinery costs ten times the lookup itself.
+        engine = self.engine
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        statement = f"SELECT status FROM runs WHERE uuid = {mark}"
+        connection = engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(statement, (uuid,))
+                row = cursor.fetchone()
+            except engine.dialect.loaded_dbapi.Error as exc:
+                raise DBAPIError.instance(
+                    statement, (uuid,), exc, engine.dialect.loaded_dbapi.Error, dialect=engine.dialect
+                ) from exc
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+        return None if row is None else row[0]
 
     # Search indexes: expression indexes on config/predicate paths users filter by.
 
@@ -468,13 +498,34 @@ class Index(Context):
             _STATEMENTS[key] = stmt
         return stmt
 
+    def _driver_statement(self, tx: RawWrite, name: str, keys: tuple[str, ...]) -> tuple[str, list[Any], bool]:
+        """An upsert of ``_statement`` as the driver's SQL text: ``(sql, bind processors of
+        keys, positional)``, built once per dialect. The processors are the column types'
+        own (JSON serializer, SQLite datetimes), so rows are stored as SQLAlchemy stores them."""
+        dialect = tx.dialect
+        cache_key = (f"{dialect.name}+{dialect.driver}", "driver:" + name)
+        found = _STATEMENTS.get(cache_key)
+        if found is None:
+            compiled = self._statement(name).compile(dialect=dialect, column_keys=list(keys))
+            order = list(compiled.positiontup or ()) if compiled.positional else list(keys)
+            if sorted(order) != sorted(keys):
+                raise AssertionError(f"{name}: compiled parameters {order} are not {keys}")
+            table = RUNS if name == "upsert_runs" else LOCATIONS
+            processors = [table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in order]
+            found = (compiled.string, list(zip(order, processors, strict=True)), compiled.positional)
+            _STATEMENTS[cache_key] = found
+        return found
+
     def _upsert_runs(self, conn: Any, rows: list[dict[str, Any]], fresh: bool = False) -> None:
         """Upsert run rows and replace their config leaves, in the caller's transaction.
 
         ``fresh``: the runs are known to be new (an empty index), so there are no old
-        leaves to delete.
+        leaves to delete. ``conn`` is a SQLAlchemy connection, or a ``RawWrite`` (launch).
         """
         if not rows:
+            return
+        if isinstance(conn, RawWrite):
+            self._upsert_runs_raw(conn, rows, fresh)
             return
         conn.execute(self._statement("upsert_runs"), rows)
         if not fresh:
@@ -497,7 +548,27 @@ class Index(Context):
                 [tuple(leaf[c] for c in LEAF_COLUMNS) for leaf in leaves],
             )
 
+    def _upsert_runs_raw(self, tx: RawWrite, rows: list[dict[str, Any]], fresh: bool) -> None:
+        sql, processors, positional = self._driver_statement(tx, "upsert_runs", RUN_COLUMNS)
+        params = [_bind(row, processors, positional) for row in rows]
+        tx.execute(sql, params[0]) if len(params) == 1 else tx.execute(sql, params, many=True)
+        if not fresh:
+            tx.execute(f"DELETE FROM leaves WHERE run_uuid = {tx.mark}", [(row["uuid"],) for row in rows], many=True)
+        leaves = [
+            _leaf_values(leaf)
+            for row in rows
+            for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
+        ]
+        if leaves:
+            marks = ", ".join([tx.mark] * len(LEAF_COLUMNS))
+            tx.execute(f"INSERT INTO leaves ({', '.join(LEAF_COLUMNS)}) VALUES ({marks})", leaves, many=True)
+
     def _add_locations(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        if isinstance(conn, RawWrite):
+            sql, processors, positional = self._driver_statement(conn, "add_locations", LOCATION_COLUMNS)
+            for row in rows:
+                conn.execute(sql, _bind(row, processors, positional))
+            return
         conn.execute(self._statement("add_locations"), rows)
 
     def _check_identity(self, conn: Any, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -523,13 +594,13 @@ class Index(Context):
     def add_run(self, row: dict[str, Any], directory: Path, storage: Path) -> None:
         """Write one run's row and its location (the launch path)."""
 
+        engine = self.engine
+        location = {"run_uuid": row["uuid"], "storage": str(storage), "directory": str(directory)}
+
         def write() -> None:
-            with self.engine.execution_options(machinable_write=True).begin() as conn:
-                self._upsert_runs(conn, [row])
-                self._add_locations(
-                    conn,
-                    [{"run_uuid": row["uuid"], "storage": str(storage), "directory": str(directory)}],
-                )
+            with RawWrite(engine) as tx:
+                self._upsert_runs(tx, [row])
+                self._add_locations(tx, [location])
 
         retry_busy(write)
 
