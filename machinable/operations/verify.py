@@ -34,6 +34,9 @@ from machinable.stores import AVAILABILITY, REMOTES, copies, resolve_store
 from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_digest
 
 CHECKPOINT = ".machinable-verify.json"
+# The columns of a run's row that verify compares (not the JSON ones: parsing them is
+# most of what reading rows costs).
+_COMPARED = tuple(RUNS.c[name] for name in ("uuid", "project", "module", "config_key", "predicate_key", "status", "digest"))
 CHECKPOINT_EVERY = 1000
 
 
@@ -141,10 +144,21 @@ def verify(
         else:
             report.resumed_after = start_after
             report.findings, report.checked, report.unchecked = findings, checked, unchecked
+    # One listing says which entries are plain directories (no stat per run); the few
+    # that are not (links, files) are looked at one by one below.
+    names: list[str] = []
+    odd: set[str] = set()
     try:
-        names = sorted(n for n in os.listdir(root) if not n.startswith(".") and n > start_after)
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name <= start_after:
+                    continue
+                names.append(entry.name)
+                if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                    odd.add(entry.name)
     except FileNotFoundError:
-        names = []
+        pass
+    names.sort()
 
     def note(target: str, kind: str, detail: str, fix: Any = None) -> None:
         finding = Finding(target, kind, detail)
@@ -161,14 +175,15 @@ def verify(
     size = max(1, min(500, CHECKPOINT_EVERY))
     saved_at = report.checked
     for name in track(names, total=len(names), description=f"verify {root}", show=progress):
-        directory = root / name
-        if directory.is_symlink():
-            note(str(directory), "symlinked run directory", "a link, not a run directory: move the run here")
-            continue
-        if not directory.is_dir():
-            continue
+        if name in odd:
+            directory = root / name
+            if directory.is_symlink():
+                note(str(directory), "symlinked run directory", "a link, not a run directory: move the run here")
+                continue
+            if not directory.is_dir():
+                continue
         if not is_uuid(name):
-            note(str(directory), "stray directory", "not named like a run uuid")
+            note(str(root / name), "stray directory", "not named like a run uuid")
             continue
         seen.add(name)
         batch.append(name)
@@ -233,7 +248,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
     with index.engine.connect() as conn:
         rows = {
             row["uuid"]: row
-            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(names))).mappings()
+            for row in conn.execute(select(*_COMPARED).where(RUNS.c.uuid.in_(names))).mappings()
         }
         located = {
             (run_uuid, directory)
@@ -331,7 +346,7 @@ def _check_run(
 
 def _fresh_row(index: Index, name: str) -> tuple[Any, set[tuple[str, str]]]:
     with index.engine.connect() as conn:
-        row = conn.execute(select(RUNS).where(RUNS.c.uuid == name)).mappings().first()
+        row = conn.execute(select(*_COMPARED).where(RUNS.c.uuid == name)).mappings().first()
         located = {
             (run_uuid, directory)
             for run_uuid, directory in conn.execute(
