@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import table_rows, wipe_index
-
 from machinable import Index
 from machinable.catalog.engine import json_serializer
 from machinable.catalog.leaves import leaf_tuples, sql_exact
 from machinable.identity import compute_uuid, config_key, predicate_key
 from machinable.record import dump_json, id_header
+
+from conftest import table_rows, wipe_index
 
 STAMP = "2026-01-01T00:00:00+00:00"
 

@@ -64,6 +64,8 @@ SCAN_CHUNK = 2000
 # Reindex commits the runs it has read every this many (memory holds one batch).
 WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
+# Foreign keys a PostgreSQL bulk load drops for its batch and puts back (models.py names).
+_BULK_FOREIGN_KEYS = (("leaves", "fk_leaves_run_uuid_runs"), ("locations", "fk_locations_run_uuid_runs"))
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 _WRITABLE: dict[str, Engine] = {}
 
@@ -701,6 +703,8 @@ class Index(Context):
         prepare = self.dialect if self._is_empty() else None
 
         def finish(conn: Any, last: bool) -> None:
+            if self.dialect == "postgresql" and (last or state.get("unchecked") is conn):
+                self._restore_foreign_keys(conn, validate=last)
             if last:
                 report.unchanged = len(unchanged)
                 # A directory that is present but skipped (corrupt, colliding) keeps
@@ -819,6 +823,13 @@ class Index(Context):
                 # Leaves are loaded without their index, built once at the end (finish).
                 for index in sorted(LEAVES.indexes, key=lambda index: index.name):
                     index.drop(conn, checkfirst=True)
+        if state["bulk"] and self.dialect == "postgresql" and state.get("unchecked") is not conn:
+            # PostgreSQL checks a foreign key row by row (most of a bulk load's time):
+            # every batch loads without them and puts them back before it commits
+            # (finish). Its rows reference runs of the same transaction by construction.
+            state["unchecked"] = conn
+            for table, name in _BULK_FOREIGN_KEYS:
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
         if prepare is None and state["bulk"] and first:
             rows = [prepare_row(row, self.dialect) for row in rows]
             prepare = self.dialect
@@ -857,6 +868,25 @@ class Index(Context):
         report.updated += len(good) - added
         keep.update(fresh)
 
+    @staticmethod
+    def _restore_foreign_keys(conn: Any, validate: bool) -> None:
+        """Put back the foreign keys a PostgreSQL bulk load dropped: NOT VALID (enforced
+        from now on, cascades included, without reading the table), and with
+        ``validate`` checked over every row (once, after the last batch; also completes
+        a reindex stopped between two batches)."""
+        for table, name in _BULK_FOREIGN_KEYS:
+            valid = conn.exec_driver_sql(
+                "SELECT convalidated FROM pg_constraint WHERE conname = %(name)s AND conrelid = %(table)s::regclass",
+                {"name": name, "table": table},
+            ).scalar()
+            if valid is None:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {table} ADD CONSTRAINT {name} FOREIGN KEY (run_uuid) "
+                    "REFERENCES runs (uuid) ON DELETE CASCADE NOT VALID"
+                )
+            if validate and not valid:
+                conn.exec_driver_sql(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
+
     def _lock_empty(self, conn: Any) -> bool:
         """Is the index still empty, with no other writer able to change that until commit?
 
@@ -889,19 +919,14 @@ class Index(Context):
         # The other runs' leaves are built by the database from the rows just written.
         built = [(row[0][0], *row[1]) for row in rows if not isinstance(row[1], list)]
         if built:
-            statements = leaf_sql(self.dialect)
+            statements = leaf_sql()
             for name, wanted in (
                 ("config", built),
                 ("predicate", [run for run in built if run[2]]),
                 ("nested", [run for run in built if run[3]]),
             ):
-                if not wanted:
-                    continue
-                if self.dialect == "sqlite":
-                    params: dict[str, Any] = {"batch": json.dumps([[run[0], run[1]] for run in wanted])}
-                else:
-                    params = {"uuids": [run[0] for run in wanted], "scopes": [run[1] for run in wanted]}
-                conn.exec_driver_sql(statements[name], params)
+                if wanted:
+                    conn.exec_driver_sql(statements[name], {"batch": json.dumps([[run[0], run[1]] for run in wanted])})
 
     @staticmethod
     def _load(conn: Any, table: str, columns: list[str], values: list[tuple[Any, ...]]) -> None:

@@ -115,9 +115,10 @@ def _double(value: int | float) -> float:
 # database reads exactly as ``leaf_tuples`` reads it (``sql_exact``): identifier keys, no escape sequence
 # (so every character is one ASCII byte, and no string holds a quote, a control
 # character or a surrogate) and numbers of at most 15 significant digits with a small
-# exponent, which both databases parse to the same double as Python (one correctly
+# exponent, which SQLite parses to the same double as Python (one correctly
 # rounded division by an exact power of ten). Every other run gets its rows from
-# ``leaf_tuples``, and so does every run with a key that is no identifier. The SQL skips
+# ``leaf_tuples``, and so does every run with a key that is no identifier (and every run
+# on PostgreSQL, see ``leaf_sql``). The SQL skips
 # paths longer than MAX_PATH (and their subtrees), as ``_walk`` does.
 _IDENTIFIER_KEY = re.compile(r'"[A-Za-z_][A-Za-z0-9_]*":')
 _EXPONENT = re.compile(r"e[-+]0*(?:[6-9]|[1-9][0-9])")  # beyond +-5 (floats print as 1e-05)
@@ -152,59 +153,56 @@ def sql_shape(config: str, predicate: str) -> tuple[bool, bool]:
     return predicate != "{}", '":{' in config or '":{' in predicate
 
 
-def leaf_sql(dialect: str) -> dict[str, str]:
-    """INSERTs that build the leaves of the runs named by their parameters: ``config`` and
-    ``predicate`` the top-level values of that column, ``nested`` the members of objects
-    at any depth (only for runs that have objects). On SQLite the parameter ``batch`` is
-    a JSON array of ``[uuid, scope]``; on PostgreSQL ``uuids`` and ``scopes`` are two
-    arrays. Every run named must pass ``sql_exact``; runs are in the ``runs`` table."""
-    if dialect == "sqlite":
-        runs = "json_each(:batch) AS b JOIN runs AS r ON r.uuid = b.value ->> 0"
-        scope = "b.value ->> 1"
-        members = "JOIN json_each({}) AS j"
-        kind = (
-            f"CASE j.type WHEN 'integer' THEN '{NUMBER}' WHEN 'real' THEN '{NUMBER}' WHEN 'text' THEN '{STRING}' "
-            f"WHEN 'true' THEN '{TRUE}' WHEN 'false' THEN '{FALSE}' WHEN 'null' THEN '{NULL}' "
-            f"WHEN 'object' THEN '{OBJECT}' ELSE '{ARRAY}' END"
-        )
-        number = "CASE WHEN j.type IN ('integer', 'real') THEN j.value END"
-        text = f"CASE WHEN j.type = 'text' THEN substr(j.value, 1, {MAX_TEXT}) END"
-        is_object = "j.type = 'object'"
-    elif dialect == "postgresql":
-        runs = "unnest(%(uuids)s::text[], %(scopes)s::bigint[]) AS b(uuid, scope) JOIN runs AS r ON r.uuid = b.uuid"
-        scope = "b.scope"
-        members = "CROSS JOIN LATERAL jsonb_each({}) AS j"
-        kind = (
-            f"CASE jsonb_typeof(j.value) WHEN 'number' THEN '{NUMBER}' WHEN 'string' THEN '{STRING}' "
-            f"WHEN 'boolean' THEN CASE WHEN j.value = 'true'::jsonb THEN '{TRUE}' ELSE '{FALSE}' END "
-            f"WHEN 'null' THEN '{NULL}' WHEN 'object' THEN '{OBJECT}' ELSE '{ARRAY}' END"
-        )
-        number = "CASE WHEN jsonb_typeof(j.value) = 'number' THEN (j.value)::float8 END"
-        text = f"CASE WHEN jsonb_typeof(j.value) = 'string' THEN left(j.value #>> '{{}}', {MAX_TEXT}) END"
-        is_object = "jsonb_typeof(j.value) = 'object'"
-    else:
-        raise ValueError(f"no leaf SQL for {dialect}")
+@lru_cache(maxsize=1)
+def leaf_sql() -> dict[str, str]:
+    """SQLite INSERTs that build the leaves of the runs named by the parameter ``batch``
+    (a JSON array of ``[uuid, scope]``, runs already in the ``runs`` table, each passing
+    ``sql_exact``): ``config`` and ``predicate`` the top-level values of that column,
+    ``nested`` the members of objects at any depth (only for runs that have objects).
+
+    (PostgreSQL takes Python's rows through COPY faster than it expands jsonb.)
+    """
+    runs = "json_each(:batch) AS b JOIN runs AS r ON r.uuid = b.value ->> 0"
+    kind = (
+        f"CASE j.type WHEN 'integer' THEN '{NUMBER}' WHEN 'real' THEN '{NUMBER}' WHEN 'text' THEN '{STRING}' "
+        f"WHEN 'true' THEN '{TRUE}' WHEN 'false' THEN '{FALSE}' WHEN 'null' THEN '{NULL}' "
+        f"WHEN 'object' THEN '{OBJECT}' ELSE '{ARRAY}' END"
+    )
+    values = (
+        f"{kind}, CASE WHEN j.type IN ('integer', 'real') THEN j.value END, "
+        f"CASE WHEN j.type = 'text' THEN substr(j.value, 1, {MAX_TEXT}) END"
+    )
     insert = "INSERT INTO leaves (run_uuid, path, kind, number, text, scope)"
-    values = f"{kind}, {number}, {text}"
     statements = {
-        column: f"{insert} SELECT r.uuid, '{column}.' || j.key, {values}, {scope} FROM {runs} "
-        f"{members.format('r.' + column)} WHERE length(j.key) <= {MAX_PATH - len(column) - 1}"
+        column: f"{insert} SELECT r.uuid, '{column}.' || j.key, {values}, b.value ->> 1 FROM {runs} "
+        f"JOIN json_each(r.{column}) AS j WHERE length(j.key) <= {MAX_PATH - len(column) - 1}"
         for column in COLUMNS
     }
     # Objects (at any depth, within the path limit), then one row per member of each.
     top = " UNION ALL ".join(
-        f"SELECT r.uuid, {scope}, '{column}.' || j.key, j.value FROM {runs} {members.format('r.' + column)} "
-        f"WHERE {is_object} AND length(j.key) <= {MAX_PATH - len(column) - 1}"
+        f"SELECT r.uuid, b.value ->> 1, '{column}.' || j.key, j.value FROM {runs} JOIN json_each(r.{column}) AS j "
+        f"WHERE j.type = 'object' AND length(j.key) <= {MAX_PATH - len(column) - 1}"
         for column in COLUMNS
     )
     statements["nested"] = (
         f"WITH RECURSIVE objects(uuid, scope, path, value) AS ({top} UNION ALL "
-        f"SELECT o.uuid, o.scope, o.path || '.' || j.key, j.value FROM objects AS o {members.format('o.value')} "
-        f"WHERE {is_object} AND length(o.path) + 1 + length(j.key) <= {MAX_PATH}) "
+        "SELECT o.uuid, o.scope, o.path || '.' || j.key, j.value FROM objects AS o JOIN json_each(o.value) AS j "
+        f"WHERE j.type = 'object' AND length(o.path) + 1 + length(j.key) <= {MAX_PATH}) "
         f"{insert} SELECT o.uuid, o.path || '.' || j.key, {values}, o.scope FROM objects AS o "
-        f"{members.format('o.value')} WHERE length(o.path) + 1 + length(j.key) <= {MAX_PATH}"
+        f"JOIN json_each(o.value) AS j WHERE length(o.path) + 1 + length(j.key) <= {MAX_PATH}"
     )
     return statements
 
 
-__all__ = ["LEAF_COLUMNS", "leaf_path", "leaf_rows", "leaf_tuples", "leaf_sql", "sql_exact", "sql_shape", "scope_key", "MAX_TEXT", "MAX_EXACT"]
+__all__ = [
+    "LEAF_COLUMNS",
+    "leaf_path",
+    "leaf_rows",
+    "leaf_tuples",
+    "leaf_sql",
+    "sql_exact",
+    "sql_shape",
+    "scope_key",
+    "MAX_TEXT",
+    "MAX_EXACT",
+]
