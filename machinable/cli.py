@@ -596,7 +596,8 @@ def gc_command(obj: dict[str, Any], storage: str | None, yes: bool, check_stores
     for item in found:
         click.echo(str(item))
     verb = "deleted" if yes else "would delete (run with --yes to delete)"
-    click.echo(f"{sum(1 for i in found if i.deleted or not yes)} item(s) {verb}")
+    kept = sum(1 for i in found if i.kept is not None)
+    click.echo(f"{sum(1 for i in found if i.deleted or not yes)} item(s) {verb}" + (f", {kept} kept" if kept else ""))
 
 
 @cli.command("index")

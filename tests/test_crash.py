@@ -22,6 +22,10 @@ whose files are incomplete; every ``*.json`` in the storage parses and every mar
 holds a whole timestamp; leftover ``.*.tmp`` files are ignored by reindex; the index
 opens in a fresh process; relaunching recomputes exactly the runs that had not
 finished; a run whose process died inside ``__call__`` is reported ``stale``.
+
+The scenarios that concern the index run twice: with the project's SQLite file and
+with a fresh schema of the real PostgreSQL server (its own per case, migrated to head,
+named to every child of that project through MACHINABLE_INDEX), with the same checks.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
-from conftest import run_python, write_module
+from conftest import POSTGRES_URL, run_python, write_module
 
 # One worker runs this whole module, in order, so the summary sees every scenario.
 pytestmark = pytest.mark.xdist_group("crash")
@@ -52,7 +57,12 @@ pytestmark = pytest.mark.xdist_group("crash")
 KILLED = -signal.SIGKILL
 RUNS = 3  # runs per launch batch
 PARTS = 3  # part files per run
-SUMMARY: dict[str, tuple[int, int]] = {}  # scenario -> (kill points tried, passed)
+SUMMARY: dict[str, tuple[int, int]] = {}  # "scenario [backend]" -> (kill points tried, passed)
+BACKENDS = ("sqlite", "postgresql")
+# A project whose index is a PostgreSQL schema -> the environment that names it; every
+# child run in that project gets it (see Zygotes.run).
+INDEX_ENV: dict[Path, dict[str, str]] = {}
+SCHEMAS: list[str] = []  # created by this module, dropped at its end
 
 WORK = '''
 import os
@@ -96,6 +106,7 @@ import alembic.script, alembic.autogenerate
 import filelock, pydantic, sqlalchemy, sqlalchemy.dialects.sqlite
 import machinable, machinable.interface, machinable.cli
 import machinable.catalog.engine, machinable.catalog.index, machinable.catalog.models
+import psycopg, sqlalchemy.dialects.postgresql
 import gc
 
 gc.freeze()  # children do not copy the imported modules' pages to collect them
@@ -321,7 +332,8 @@ class Zygotes:
         with self.lock:
             self.counter += 1
             log = cwd.parent / f"child-{self.counter}.log"
-        request = {"code": code, "cwd": str(cwd), "env": env or {}, "log": str(log), "timeout": timeout}
+        env = {**INDEX_ENV.get(Path(cwd), {}), **(env or {})}
+        request = {"code": code, "cwd": str(cwd), "env": env, "log": str(log), "timeout": timeout}
         proc = self.free.get()
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -387,6 +399,64 @@ def new_project(root: Path, index: Path | None = None) -> Path:
     if index is not None:
         shutil.copy(index, project / ".machinable.sqlite")
     return project
+
+
+def indexed_project(zygotes: Zygotes, root: Path, backend: str) -> Path:
+    """A new project whose index is at head: a copy of the SQLite template, or a fresh
+    PostgreSQL schema that a child of the zygote migrates (alembic is not thread-safe)."""
+    if backend == "sqlite":
+        return new_project(root, zygotes.template)
+    project = new_project(root)
+    migrated_schema(zygotes, project)
+    return project
+
+
+def migrated_schema(zygotes: Zygotes, project: Path) -> None:
+    new_schema(project)
+    code, log = zygotes.run("from machinable import Index\nIndex.get().count()\n", project)
+    assert code == 0, f"cannot migrate a PostgreSQL schema:\n{log[-3000:]}"
+
+
+def new_schema(project: Path) -> str:
+    """A fresh, empty PostgreSQL schema as the project's index (dropped with the module)."""
+    schema = f"mtc_{uuid_hex()}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # no server: fail loudly, never skip
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is needed for the postgresql kill points: {exc}")
+    finally:
+        admin.dispose()
+    SCHEMAS.append(schema)
+    INDEX_ENV[project] = {"MACHINABLE_INDEX": f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"}
+    return schema
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def schema_of(project: Path) -> str | None:
+    env = INDEX_ENV.get(project)
+    return env["MACHINABLE_INDEX"].rsplit("%3D", 1)[1] if env else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_schemas() -> Iterator[None]:
+    yield
+    if SCHEMAS:
+        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                for schema in SCHEMAS:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        finally:
+            admin.dispose()
+        SCHEMAS.clear()
+    INDEX_ENV.clear()
 
 
 def run_cases(
@@ -508,7 +578,7 @@ from pathlib import Path
 from machinable import Index, get
 
 index = Index.get()
-out = {{"count": index.count()}}
+out = {{"count": index.count(), "dialect": index.dialect}}
 runs = [get("work", {{"n": n}}) for n in range({runs})]
 out["uuids"] = [run.uuid for run in runs]
 out["index_status"] = [index.status(run.uuid) for run in runs]
@@ -541,13 +611,13 @@ Step = tuple[str, dict[str, str], int]  # code, env, expected exit status
 
 
 def check_launch_crash(
-    zygotes: Zygotes, root: Path, env: dict[str, str], prelude: tuple[Step, ...] = ()
+    zygotes: Zygotes, root: Path, env: dict[str, str], prelude: tuple[Step, ...] = (), backend: str = "sqlite"
 ) -> list[str]:
     """Launch the batch with a kill point set; check the remains; relaunch; check again.
 
     Returns the temporary files the crash left (they stay, and are checked to be ignored).
     """
-    project = new_project(root, zygotes.template)
+    project = indexed_project(zygotes, root, backend)
     storage = project / "storage"
     for step, step_env, expected_code in prelude:
         code, log = zygotes.run(child_code(step), project, step_env)
@@ -569,6 +639,7 @@ def check_launch_crash(
     )
     assert code == 0, f"inspect/relaunch failed (exit {code}):\n{log[-3000:]}"
     out = result_of(log)
+    assert out["dialect"] == backend, out  # the case ran against the backend it names
     uuids = out["uuids"]
     assert uuids == zygotes.uuids
 
@@ -629,55 +700,61 @@ def test_clean_launch_writes_every_file_through_a_replace(zygotes: Zygotes, tmp_
     assert code == 0, log
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["replace-before", "replace-after", "write-half"])
-def test_kill_at_every_atomic_write_of_a_launch(zygotes: Zygotes, tmp_path: Path, kind: str) -> None:
-    points = traced_points(zygotes, new_project(tmp_path / "trace", zygotes.template), LAUNCH.format(runs=RUNS), names=(kind,))
+def test_kill_at_every_atomic_write_of_a_launch(zygotes: Zygotes, tmp_path: Path, kind: str, backend: str) -> None:
+    trace = indexed_project(zygotes, tmp_path / "trace", backend)
+    points = traced_points(zygotes, trace, LAUNCH.format(runs=RUNS), names=(kind,))
     assert len(points) == RUNS * 11
     if kind != "replace-after":  # every write of the middle run (its neighbours: replace-after)
         points = points[11:22]
 
     def case(point: str, nth: int) -> None:
         spec = json.dumps({"point": point, "nth": nth})
-        left = check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec})
+        left = check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec}, backend=backend)
         if kind != "replace-after":  # the killed write's temporary file stays behind
             assert len(left) == 1, left
 
-    run_cases(zygotes, f"launch {kind}", points, case)
+    run_cases(zygotes, f"launch {kind} [{backend}]", points, case)
 
 
-def test_kill_inside_call_after_saving_some_files(zygotes: Zygotes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_inside_call_after_saving_some_files(zygotes: Zygotes, tmp_path: Path, backend: str) -> None:
     labels = ["begin", *[f"part{i}" for i in range(PARTS)], "end"]
     points = [(f"{n}:{label}", 1, "user __call__ kills itself") for n in range(RUNS) for label in labels]
 
     def case(point: str, nth: int) -> None:
-        check_launch_crash(zygotes, tmp_path / point.replace(":", "-"), {"WORK_KILL": point})
+        check_launch_crash(zygotes, tmp_path / point.replace(":", "-"), {"WORK_KILL": point}, backend=backend)
 
-    run_cases(zygotes, "inside __call__", points, case)
+    run_cases(zygotes, f"inside __call__ [{backend}]", points, case)
 
 
-def test_kill_between_finished_at_and_the_index_commit(zygotes: Zygotes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_between_finished_at_and_the_index_commit(zygotes: Zygotes, tmp_path: Path, backend: str) -> None:
     names = tuple(
         f"{method}-{when}"
         for method in ("add_run", "_upsert_runs", "_add_locations")
         for when in ("before", "after")
     )
-    points = traced_points(zygotes, new_project(tmp_path / "trace", zygotes.template), LAUNCH.format(runs=RUNS), names=names)
+    trace = indexed_project(zygotes, tmp_path / "trace", backend)
+    points = traced_points(zygotes, trace, LAUNCH.format(runs=RUNS), names=names)
     assert len(points) == RUNS * len(names)
 
     def case(point: str, nth: int) -> None:
         spec = json.dumps({"point": point, "nth": nth})
-        check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec})
+        check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec}, backend=backend)
 
-    run_cases(zygotes, "index commit of a launch", points, case)
+    run_cases(zygotes, f"index commit of a launch [{backend}]", points, case)
 
 
 FAILING_LAUNCH = "try:\n" + textwrap.indent(LAUNCH.format(runs=RUNS), "    ") + "except RuntimeError:\n    _print_trace()\n"
 
 
-def test_kill_while_recording_a_failed_run(zygotes: Zygotes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_while_recording_a_failed_run(zygotes: Zygotes, tmp_path: Path, backend: str) -> None:
     """Run 1 raises; kills on its failure path never leave it looking finished."""
     env = {"WORK_FAIL": "1"}
-    points = traced_points(zygotes, new_project(tmp_path / "trace", zygotes.template), FAILING_LAUNCH, env)
+    points = traced_points(zygotes, indexed_project(zygotes, tmp_path / "trace", backend), FAILING_LAUNCH, env)
     # From the write of error.txt to the commit of the failed run's index row.
     first = next(i for i, p in enumerate(points) if p[0] == "replace-before" and p[2] == "error.txt")
     last = next(i for i, p in enumerate(points) if i > first and p[0] == "add_run-after")
@@ -686,9 +763,9 @@ def test_kill_while_recording_a_failed_run(zygotes: Zygotes, tmp_path: Path) -> 
 
     def case(point: str, nth: int) -> None:
         spec = json.dumps({"point": point, "nth": nth})
-        _check_failed_crash(zygotes, tmp_path / f"{point}-{nth}", env, spec)
+        _check_failed_crash(zygotes, tmp_path / f"{point}-{nth}", env, spec, backend)
 
-    run_cases(zygotes, "failure path", points, case)
+    run_cases(zygotes, f"failure path [{backend}]", points, case)
 
 
 RELAUNCH_PRELUDES: dict[str, tuple[Step, ...]] = {
@@ -699,13 +776,14 @@ RELAUNCH_PRELUDES: dict[str, tuple[Step, ...]] = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("before", sorted(RELAUNCH_PRELUDES))
-def test_kill_while_relaunching(zygotes: Zygotes, tmp_path: Path, before: str) -> None:
+def test_kill_while_relaunching(zygotes: Zygotes, tmp_path: Path, before: str, backend: str) -> None:
     """Run 1 failed (or its process died) earlier; the relaunch is killed at every step."""
     prelude = RELAUNCH_PRELUDES[before]
     names = ("replace-after", "unlink-after", "add_run-after", "ingest_directory-after", "_upsert_runs-after")
     points = traced_points(
-        zygotes, new_project(tmp_path / "trace", zygotes.template), LAUNCH.format(runs=RUNS),
+        zygotes, indexed_project(zygotes, tmp_path / "trace", backend), LAUNCH.format(runs=RUNS),
         names=names, prelude=prelude,
     )
     # Up to run 1's row (run 2 is a first launch, killed at every point above).
@@ -718,13 +796,13 @@ def test_kill_while_relaunching(zygotes: Zygotes, tmp_path: Path, before: str) -
 
     def case(point: str, nth: int) -> None:
         spec = json.dumps({"point": point, "nth": nth})
-        check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec}, prelude)
+        check_launch_crash(zygotes, tmp_path / f"{point}-{nth}", {"CRASH_SPEC": spec}, prelude, backend)
 
-    run_cases(zygotes, f"relaunch after a {before} run", points, case)
+    run_cases(zygotes, f"relaunch after a {before} run [{backend}]", points, case)
 
 
-def _check_failed_crash(zygotes: Zygotes, root: Path, env: dict[str, str], spec: str) -> None:
-    project = new_project(root, zygotes.template)
+def _check_failed_crash(zygotes: Zygotes, root: Path, env: dict[str, str], spec: str, backend: str) -> None:
+    project = indexed_project(zygotes, root, backend)
     code, log = zygotes.run(child_code(FAILING_LAUNCH), project, {**env, "CRASH_SPEC": spec})
     assert code == KILLED, f"the child was not killed (exit {code}):\n{log[-3000:]}"
     storage = project / "storage"
@@ -738,6 +816,7 @@ def _check_failed_crash(zygotes: Zygotes, root: Path, env: dict[str, str], spec:
     )
     assert code == 0, log
     out = result_of(log)
+    assert out["dialect"] == backend, out
     uuids = out["uuids"]
     assert uuids[1] not in finished
     # Failed if failed_at made it to disk, else recognisably dead; never finished.
@@ -800,20 +879,70 @@ _print_trace()
 
 
 def dump(project: Path) -> tuple[list[Any], list[Any]]:
-    """Every run row, and every location relative to the project."""
-    with sqlite3.connect(project / ".machinable.sqlite") as conn:
-        runs = sorted(conn.execute("SELECT * FROM runs").fetchall())
-        locations = sorted(
-            (uuid, os.path.relpath(storage, project), os.path.relpath(directory, project))
-            for uuid, storage, directory in conn.execute("SELECT run_uuid, storage, directory FROM locations")
-        )
+    """Every run row, and every location relative to the project (SQLite or PostgreSQL)."""
+    schema = schema_of(project)
+    if schema is None:
+        with sqlite3.connect(project / ".machinable.sqlite") as conn:
+            runs = sorted(conn.execute("SELECT * FROM runs").fetchall())
+            places = conn.execute("SELECT run_uuid, storage, directory FROM locations").fetchall()
+    else:
+        engine = create_engine(INDEX_ENV[project]["MACHINABLE_INDEX"])
+        try:
+            with engine.connect() as conn:
+                runs = sorted(tuple(row) for row in conn.execute(text("SELECT * FROM runs")))
+                places = conn.execute(text("SELECT run_uuid, storage, directory FROM locations")).all()
+        finally:
+            engine.dispose()
+    locations = sorted(
+        (uuid, os.path.relpath(storage, project), os.path.relpath(directory, project))
+        for uuid, storage, directory in places
+    )
     return runs, locations
 
 
-@pytest.fixture(scope="module")
-def stale_storage(zygotes: Zygotes, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("reindex-base")
-    project = new_project(root, zygotes.template)
+def schema_version(project: Path) -> str | None:
+    """The alembic revision a project's PostgreSQL schema records, or None."""
+    engine = create_engine(INDEX_ENV[project]["MACHINABLE_INDEX"])
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT 1 FROM information_schema.tables WHERE table_schema = :s AND table_name = 'alembic_version'"),
+                {"s": schema_of(project)},
+            ).first()
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() if found else None
+    finally:
+        engine.dispose()
+
+
+def copy_index(source: Path, project: Path) -> None:
+    """Copy the rows of ``source``'s PostgreSQL index into ``project``'s (migrated, empty),
+    moving its locations along as the SQLite variant does with the copied file."""
+    from machinable.catalog.models import Base
+
+    old, new = schema_of(source), schema_of(project)
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                conn.execute(text(f'INSERT INTO "{new}"."{table.name}" SELECT * FROM "{old}"."{table.name}"'))
+                if "id" in table.c:  # the next row inserted must not reuse a copied id
+                    conn.execute(text(
+                        f"SELECT setval(pg_get_serial_sequence('\"{new}\".\"{table.name}\"', 'id'), "
+                        f'(SELECT coalesce(max(id), 0) + 1 FROM "{new}"."{table.name}"), false)'
+                    ))
+            conn.execute(
+                text(
+                    f'UPDATE "{new}".locations SET storage = replace(storage, :a, :b), '
+                    "directory = replace(directory, :a, :b)"
+                ),
+                {"a": str(source), "b": str(project)},
+            )
+    finally:
+        engine.dispose()
+
+
+def stale_project(zygotes: Zygotes, root: Path, backend: str) -> Path:
+    project = indexed_project(zygotes, root, backend)
     code, log = zygotes.run(LAUNCH.format(runs=12).replace("_print_trace()", ""), project)
     assert code == 0, log
     code, log = zygotes.run(
@@ -838,19 +967,41 @@ def stale_storage(zygotes: Zygotes, tmp_path_factory: pytest.TempPathFactory) ->
     return project
 
 
+@pytest.fixture(scope="module")
+def stale_storage(zygotes: Zygotes, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A project per backend whose index is out of date (made once, copied per case)."""
+    made: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in made:
+            made[backend] = stale_project(zygotes, tmp_path_factory.mktemp(f"reindex-base-{backend}"), backend)
+        return made[backend]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", ["existing", "deleted"])
-def test_kill_during_reindex(zygotes: Zygotes, stale_storage: Path, tmp_path: Path, index: str) -> None:
+def test_kill_during_reindex(zygotes: Zygotes, stale_storage: Any, tmp_path: Path, index: str, backend: str) -> None:
+    base = stale_storage(backend)
+
     def prepare(root: Path) -> Path:
         project = root / "study"
-        shutil.copytree(stale_storage, project)
-        if index == "deleted":
+        shutil.copytree(base, project)
+        if backend == "postgresql":  # a schema of its own: empty, or a copy of the base's rows
+            if index == "deleted":
+                new_schema(project)
+            else:
+                migrated_schema(zygotes, project)
+                copy_index(base, project)
+        elif index == "deleted":
             for path in project.glob(".machinable.sqlite*"):
                 path.unlink()
         else:  # the copied index points at the original's directories: move it along
             with sqlite3.connect(project / ".machinable.sqlite") as conn:
                 conn.execute(
                     "UPDATE locations SET storage = replace(storage, ?, ?), directory = replace(directory, ?, ?)",
-                    (str(stale_storage), str(project)) * 2,
+                    (str(base), str(project)) * 2,
                 )
         return project
 
@@ -872,20 +1023,23 @@ def test_kill_during_reindex(zygotes: Zygotes, stale_storage: Path, tmp_path: Pa
         # A fresh process opens the index and sees the old rows or the new, never a mix.
         code, log = zygotes.run(
             "from machinable import Index\nfrom machinable.catalog.engine import dispose_all\n"
-            "print('RESULT', Index.get().count())\ndispose_all()\n",
+            "print('RESULT', Index.get().count(), Index.get().dialect)\ndispose_all()\n",
             project,
         )
         assert code == 0, f"the index does not open after the crash:\n{log[-3000:]}"
-        db = project / ".machinable.sqlite"
-        check, _, version = integrity(db)
-        assert check == "ok" and version is not None
+        assert any(line.startswith("RESULT ") and line.endswith(f" {backend}") for line in log.splitlines()), log
+        if backend == "sqlite":
+            check, _, version = integrity(project / ".machinable.sqlite")
+            assert check == "ok" and version is not None
+        else:
+            assert schema_version(project) is not None
         state = dump(project)
         assert state in (pre, post), f"reindex left a partial state: {len(state[0])} runs"
         code, log = zygotes.run(child_code(REINDEX), project)
         assert code == 0, log
         assert dump(project) == post
 
-    run_cases(zygotes, f"reindex ({index} index)", points, case)
+    run_cases(zygotes, f"reindex ({index} index) [{backend}]", points, case)
 
 
 # First use of a new index: the migration is killed at every statement.
@@ -925,19 +1079,27 @@ def test_kill_during_first_use_migration(zygotes: Zygotes, tmp_path: Path) -> No
         assert "RESULT 0" in log and "RESULT2 1" in log, log
         assert integrity(db) == ("ok", head_tables, head)
 
-    run_cases(zygotes, "first-use migration", points, case)
+    run_cases(zygotes, "first-use migration [sqlite]", points, case)
 
 
 def test_kill_points_summary() -> None:
-    """Runs last: prints how many kill points were tried and passed (for the report).
+    """Runs last: prints how many kill points were tried and passed, per backend (for
+    the report).
 
     Run alone (or after scenarios that were deselected) it fails: a summary of nothing
-    tried proves nothing.
+    tried proves nothing, and neither does one that tried a single backend.
     """
     tried = sum(t for t, _ in SUMMARY.values())
     passed = sum(p for _, p in SUMMARY.values())
     print(f"kill points: {tried} tried, {passed} passed")
+    for backend in BACKENDS:
+        mine = [counts for scenario, counts in SUMMARY.items() if scenario.endswith(f"[{backend}]")]
+        print(f"  on {backend}: {sum(t for t, _ in mine)} tried, {sum(p for _, p in mine)} passed")
     for scenario, (t, p) in SUMMARY.items():
         print(f"  {scenario}: {t} tried, {p} passed")
     assert tried > 0, "no kill point was tried in this process: run the whole of test_crash.py"
+    for backend in BACKENDS:
+        assert any(scenario.endswith(f"[{backend}]") and t > 0 for scenario, (t, _) in SUMMARY.items()), (
+            f"no kill point was tried on {backend} in this process: run the whole of test_crash.py"
+        )
     assert tried == passed

@@ -19,6 +19,7 @@ from machinable.catalog.query import (
     MAX_TERMS,
     And,
     Compare,
+    Field,
     Not,
     Or,
     parse,
@@ -195,6 +196,7 @@ def _shapes(terms: int, depth: int) -> list[str]:
     half = depth // 2  # these shapes nest two levels per unit
     return [
         " and ".join(["config.lr != 1"] * terms),
+        " and ".join(["config.lr > 1"] * terms),
         " or ".join([atom] * terms),
         "config.lr in (" + ", ".join(str(i) for i in range(terms)) + ")",
         "uuid in (" + ", ".join(f"'{i:032x}'" for i in range(terms)) + ")",
@@ -210,7 +212,11 @@ def test_the_limits_are_accepted_by_the_database_and_one_more_is_refused(project
     index = Index.get()
     for where in _shapes(MAX_TERMS, MAX_DEPTH):
         assert len(where) <= MAX_QUERY_LENGTH
-        index.count(where)  # SQLite and PostgreSQL run the largest accepted expressions
+        # SQLite and PostgreSQL run the largest accepted expressions, as a count, a page
+        # in some order and a whole search (each compiles them differently)
+        index.count(where)
+        index.search(where, order_by="-config.lr", limit=10)
+        index.search(where)
     for where in _shapes(MAX_TERMS + 1, MAX_DEPTH + 2):
         with pytest.raises(QueryError, match="more than|deeper than") as info:
             parse(where)
@@ -240,3 +246,69 @@ def test_quotes_escapes_and_numbers() -> None:
             parse(text)
         assert message in str(info.value), (text, str(info.value))
         assert info.value.position == position, (text, str(info.value))
+
+
+# Expressions built in Python (Field, &, |, ~, a dict) are held to the same limits at
+# the same boundary: one QueryError, never an OverflowError or a RecursionError.
+
+
+def _wheres(where: object) -> list:
+    """Every way the Python API takes a where: Index.search, Index.count, Interface.all."""
+    index = Index.get()
+    return [
+        lambda: index.search(where),
+        lambda: index.count(where),
+        lambda: list(get("mixed").all(where)),
+    ]
+
+
+def test_a_python_integer_beyond_64_bits_is_a_query_error(project: Path) -> None:
+    write_module(project, "mixed", MIXED)
+    run = get("mixed", {"lr": 1}).launch()
+    for where in (
+        Field("config.lr") == 10**30,
+        Field("config.lr") < -(10**30),
+        Field("config.lr").isin([1, 2**63]),
+        (Field("config.name") == "adam") & (Field("config.lr") >= 10**5000),
+        {"config.lr": 10**30},
+    ):
+        for call in _wheres(where):
+            with pytest.raises(QueryError, match=r"config\.lr does not fit in 64 bits") as info:
+                call()
+            assert isinstance(info.value, QueryError)
+    # The largest integers that fit are searched, on both backends.
+    assert [r.uuid for r in get("mixed").all(Field("config.lr") < 2**63 - 1)] == [run.uuid]
+    assert [r.uuid for r in get("mixed").all(Field("config.lr") > -(2**63))] == [run.uuid]
+
+
+def test_python_expressions_nested_too_deeply_are_a_query_error(project: Path) -> None:
+    write_module(project, "mixed", MIXED)
+    run = get("mixed", {"name": "sgd"}).launch()
+    atom = Field("config.name") == "sgd"
+    negated = atom
+    for _ in range(5000):
+        negated = ~negated
+    alternating = atom
+    for _ in range(3000):
+        alternating = (alternating | (Field("config.lr") == 2)) & atom
+    for where, message in (
+        (negated, "nested deeper than"),
+        (alternating, "nested deeper than"),
+        (And((atom,) * (MAX_TERMS + 1)), "more than"),
+        (Field("uuid").isin([f"{i:032x}" for i in range(MAX_TERMS + 1)]), "more than"),
+    ):
+        for call in _wheres(where):
+            with pytest.raises(QueryError, match=message):
+                call()
+    # Up to the limits they run: a loop of & stays one flat And, MAX_DEPTH ~ are accepted.
+    chained = atom
+    for i in range(MAX_TERMS - 1):
+        chained = chained & (Field("config.lr" if i % 2 else "config.name") != i + 0.5)
+    assert isinstance(chained, And) and len(chained.items) == MAX_TERMS
+    assert [r.uuid for r in get("mixed").all(chained)] == [run.uuid]
+    deepest = atom
+    for _ in range(MAX_DEPTH):
+        deepest = ~deepest
+    assert [r.uuid for r in get("mixed").all(deepest)] == [run.uuid]  # an even number of ~
+    with pytest.raises(QueryError, match="nested deeper than"):
+        get("mixed").all(~deepest)

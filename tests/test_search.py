@@ -240,6 +240,16 @@ def test_ordering_by_a_path_of_mixed_kinds_is_the_same_on_both_backends(project,
     assert [r.config.v for r in get("mixed").all("config.v < 'b'", order_by="config.v")] == ["a"]
 
 
+def test_a_second_order_key_breaks_ties_when_the_filter_pins_the_first(runs):
+    """Filtering on the first order path lets the database walk its index; the later
+    keys still decide between runs that tie on it."""
+    index = Index.get()
+    ordered = index.search("config.layers >= 2", order_by=["config.layers", "-config.lr"])
+    assert [(r.config["layers"], r.config["lr"]) for r in ordered] == [(2, 0.1), (2, 0.05), (4, 0.5), (8, 1), (16, 2.5)]
+    page = index.search("config.layers <= 4", order_by=["-config.layers", "config.lr"], limit=2, offset=1)
+    assert [(r.config["layers"], r.config["lr"]) for r in page] == [(2, 0.05), (2, 0.1)]
+
+
 def test_long_strings_and_huge_integers_compare_exactly(project, index_backend):
     """Leaf text keeps 500 characters and numbers are doubles: comparisons those could
     not decide exactly are answered from the stored config, with the same result."""

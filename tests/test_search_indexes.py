@@ -102,3 +102,124 @@ def test_search_index_errors_and_cli(project: Path):
     assert bad.exit_code != 0 and bad.stderr.startswith("Error:")
     with index.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM runs")).scalar() == 0
+
+
+def test_after_a_bulk_write_a_page_ordered_by_time_walks_its_index(tmp_path: Path):
+    """Without statistics SQLite takes ``status = 'finished'`` as selective and sorts
+    every finished run to find the newest 100; a bulk write refreshes them, so the page
+    walks the created_at index and stops at the limit."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import event
+
+    index = Index(tmp_path / "bulk.sqlite")
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rows = []
+    for k in range(3000):
+        moment = start + timedelta(seconds=k)
+        rows.append(dict(
+            uuid=f"{k:032x}", project="p", module="m", config_key=f"{k:032x}", predicate_key="p",
+            config={"i": k}, canonical={"i": k}, predicate={}, version=[], status=("finished", "failed")[k % 2],
+            created_at=moment, started_at=moment, finished_at=moment, failed_at=None, updated_at=moment,
+        ))
+    index.add_rows(rows)
+    seen: list[tuple[str, tuple]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "ORDER BY" in statement and "LIMIT" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        page = index.search("status = 'finished'", order_by="-created_at", limit=100)
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
+    assert [r.config["i"] for r in page] == list(range(2998, 2798, -2))
+    ((statement, parameters),) = seen
+    with index.engine.connect() as conn:
+        steps = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+    # (ties on the time are put in uuid order a few rows at a time, not by one sort of all)
+    assert "USE TEMP B-TREE FOR ORDER BY" not in steps, steps
+    assert any("USING INDEX ix_runs_created_at" in step for step in steps), steps
+
+
+def test_a_page_ordered_by_a_config_path_probes_a_common_filter_run_by_run(tmp_path: Path):
+    """Ordered by one config path and filtered on another that most runs pass: the page
+    walks the order's leaves and checks the filter per run (stopping at the limit),
+    rather than first collecting every run that passes it."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import event
+
+    index = Index(tmp_path / "walk.sqlite")
+    moment = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    index.add_rows([
+        dict(uuid=f"{k:032x}", project="p", module="m", config_key=f"{k:032x}", predicate_key="p",
+             config={"i": k, "lr": (k % 10) / 10}, canonical={}, predicate={}, version=[], status="finished",
+             created_at=moment, started_at=moment, finished_at=moment, failed_at=None, updated_at=moment)
+        for k in range(5000)
+    ])
+    seen: list[tuple[str, tuple]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "ORDER BY" in statement and "LIMIT" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        page = index.search("config.lr >= 0.5", order_by="-config.i", limit=10)
+        ascending = index.search("config.lr >= 0.5", order_by="config.i", limit=10)
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
+    assert [r.config["i"] for r in page] == [4999, 4998, 4997, 4996, 4995, 4989, 4988, 4987, 4986, 4985]
+    assert [r.config["i"] for r in ascending] == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19]
+    for statement, parameters in seen[-1:]:  # the ascending page comes off the index
+        with index.engine.connect() as conn:
+            steps = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+        assert not any("LIST SUBQUERY" in step for step in steps), steps
+        assert "USE TEMP B-TREE FOR ORDER BY" not in steps, steps
+
+
+def test_a_page_in_uuid_order_on_one_selective_path_sorts_the_passing_leaves(tmp_path: Path):
+    """A page in uuid order whose filter few runs pass is read off the leaves (the
+    passing uuids, sorted), not by probing every run in uuid order until 100 pass; the
+    page is the same either way, at any offset."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import event
+
+    import machinable.catalog.index as catalog_index
+
+    index = Index(tmp_path / "sorted.sqlite")
+    moment = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    index.add_rows([
+        dict(uuid=f"{(k * 7919) % 6000:032x}", project="p", module="m", config_key=f"{k:032x}", predicate_key="p",
+             config={"i": k, "name": f"n{k % 2}"}, canonical={}, predicate={}, version=[], status="finished",
+             created_at=moment, started_at=moment, finished_at=moment, failed_at=None, updated_at=moment)
+        for k in range(6000)
+    ])
+    statements: list[str] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    # 3,000 of 6,000 pass each: enough that probing run by run would be chosen before
+    wheres = ["config.name = 'n1'", "config.i >= 1000 and config.i < 4000"]
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        pages = {(w, o): [r.uuid for r in index.search(w, limit=40, offset=o)] for w in wheres for o in (0, 30, 100)}
+        inside = [r.uuid for r in index.search(wheres[0], project="p", module="m", limit=40)]
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
+    # no statement walked runs probing each one's leaf (a correlated EXISTS)
+    assert not any("EXISTS" in s for s in statements), [s for s in statements if "EXISTS" in s]
+    for (where, offset), uuids in pages.items():
+        expected = sorted(r.uuid for r in index.search(where))[offset : offset + 40]
+        assert uuids == expected, (where, offset)
+    assert inside == pages[(wheres[0], 0)]
+    # and the probing plan, forced, agrees
+    catalog_index.SORT_PASSING = 0
+    try:
+        assert [r.uuid for r in index.search(wheres[0], limit=40, offset=30)] == pages[(wheres[0], 30)]
+    finally:
+        catalog_index.SORT_PASSING = 10_000

@@ -109,6 +109,10 @@ def test_api_errors_are_one_line_json(project: Path) -> None:
             got, body = raw_get(server.base, path)
             assert got == status, (path, body)
             assert set(body) == {"detail"} and needle in body["detail"] and "\n" not in body["detail"], path
+        # the schema is served; no page that would load scripts from a CDN is
+        assert raw_get(server.base, "/openapi.json")[0] == 200
+        for path in ("/docs", "/redoc"):
+            assert raw_get(server.base, path)[0] == 404, path
 
 
 def test_runs_launched_while_serving_appear(project: Path) -> None:
@@ -124,42 +128,63 @@ def test_runs_launched_while_serving_appear(project: Path) -> None:
         assert files.status_code == 200
 
 
-def test_paging_covers_every_run_once(project: Path) -> None:
+def test_paging_covers_every_run_once(project: Path, index_backend: str) -> None:
     launch_tracks(project, [0.1])
     # 250 more rows, as a store reindex would add them (no directories); every seventh has
-    # no lr at all, and lrs repeat, so sorting meets nulls and ties.
+    # no lr at all, every eleventh a string or a boolean, and lrs repeat, so sorting meets
+    # missing values, mixed kinds and ties.
     template = Index.get().find(get("track", {"lr": 0.1}).uuid)
     assert template is not None
     rows = []
     for i in range(250):
         row = {k: v for k, v in template.__dict__.items() if k != "directories"}
         config = {"steps": 20} if i % 7 == 0 else {"lr": (i % 40) / 100, "steps": 20}
+        if i % 11 == 0:
+            config["lr"] = ("fast", "slow", True, False)[i % 4]
         row.update(uuid=f"{i:032x}", config_key=f"{i:032x}", config=config, status=("failed", "finished")[i % 3 > 0])
         rows.append(row)
     Index.get().add_rows(rows)
     url = "/api/v1/projects/study/runs"
     with running_server("--project", str(project)) as server:
-        for order in (None, "-config.lr", "config.lr", "status desc", "-created_at"):
+        cases = [(None, order) for order in (None, "-config.lr", "config.lr", "status desc", "-created_at")]
+        cases += [("config.lr >= 0.1", "config.lr"), ("status = 'finished'", "config.lr, -config.steps")]
+        for where, order in cases:
             params = {"order_by": order} if order else {}
+            if where:
+                params["where"] = where
             whole = requests.get(server.url(url), params={**params, "limit": 1000}, timeout=10).json()
             expected = [run["uuid"] for run in whole["runs"]]
-            assert len(expected) == len(set(expected)) == whole["count"] == 251
+            size = Index.get().count(where)
+            assert len(expected) == len(set(expected)) == whole["count"] == size
+            if not where:
+                assert size == 251
+            # the server lists what the catalog's own search lists, in its order
+            listed = Index.get().search(where, order_by=order.split(",") if order else None, limit=1000)
+            assert expected == [record.uuid for record in listed], (where, order)
             assert whole["next"] is None
+            # without the total, the same page and cursor; the total alone with limit=0
+            uncounted = requests.get(server.url(url), params={**params, "limit": 60, "count": "false"}, timeout=10).json()
+            assert uncounted["count"] is None and [run["uuid"] for run in uncounted["runs"]] == expected[:60]
+            counted = requests.get(server.url(url), params={**params, "limit": 0}, timeout=10).json()
+            assert counted["count"] == size and counted["runs"] == []
             by_offset: list[str] = []
             by_cursor: list[str] = []
             cursor = None
-            for offset in range(0, 300, 60):
+            for offset in range(0, size + 60, 60):  # one page past the end
                 page = requests.get(server.url(url), params={**params, "limit": 60, "offset": offset}, timeout=10).json()
-                assert page["count"] == 251
+                assert page["count"] == size
                 by_offset += [run["uuid"] for run in page["runs"]]
+            while True:
                 page = requests.get(
                     server.url(url), params={**params, "limit": 60, **({"after": cursor} if cursor else {})}, timeout=10
                 ).json()
                 by_cursor += [run["uuid"] for run in page["runs"]]
                 cursor = page["next"]
-            assert by_offset == expected, order
-            assert by_cursor == expected, order
-            assert cursor is None
+                if cursor is None:
+                    break
+                assert len(by_cursor) <= size, (where, order)
+            assert by_offset == expected, (where, order)
+            assert by_cursor == expected, (where, order)
         where = {"where": "config.lr >= 0.2", "order_by": "-config.lr", "limit": 50}
         first = requests.get(server.url(url), params=where, timeout=10).json()
         foreign = requests.get(server.url(url), params={"after": first["next"], "limit": 50}, timeout=10)

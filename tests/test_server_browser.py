@@ -66,7 +66,7 @@ def test_browse_search_open_a_run_and_chart_its_log(project: Path, browser) -> N
         page.click("form.search button")
         expect(page.locator("#runs tbody tr")).to_have_count(2)
         assert "where=config.lr" in page.url
-        assert page.inner_text("#range") == "1–2 of 2"
+        expect(page.locator("#range")).to_have_text("1–2 of 2")
 
         page.click("#runs th a[data-field='config.lr']")
         page.wait_for_url("**order_by=config.lr**")

@@ -49,7 +49,6 @@ from conftest import (
     index_backend_name,
     index_url,
     invoke,
-    kill_when,
     one_line_error,
     table_rows,
     wipe_index,
@@ -1050,8 +1049,15 @@ def test_an_interrupted_push_is_never_reported_present_and_a_retry_completes(
 
 
 @pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    ("kill_at", "landed"),
+    [
+        ("fetch-file:70", 0),  # half way through the download: nothing has landed
+        ("fetch-run:5", 5),  # five runs landed, the others downloaded but not yet renamed
+    ],
+)
 def test_an_interrupted_pull_leaves_no_half_record_and_a_retry_completes(
-    project: Path, s3: StoreSpec
+    project: Path, s3: StoreSpec, kill_at: str, landed: int
 ) -> None:
     runs = blob_runs(project, 40, size=256 * 1024)  # a pull fetches run after run
     files = {run.uuid: tree(run.local_directory()) for run in runs}
@@ -1061,18 +1067,20 @@ def test_an_interrupted_pull_leaves_no_half_record_and_a_retry_completes(
     storage = Storage.get().directory()
     assert [p.name for p in storage.iterdir() if not p.name.startswith(".")] == []
 
-    def underway() -> bool:  # some runs are back and another is being downloaded
-        names = [p.name for p in storage.iterdir()]
-        back = [name for name in names if not name.startswith(".")]
-        return len(back) >= 5 and any(".partial-" in name for name in names)
-
-    process = machinable_process(["pull", "--all"], project, child_env(s3))
-    kill_when(process, underway, "pull")
+    # The pull kills itself at a named point (not in a polled window): after a number of
+    # files downloaded, or once a number of runs have landed.
+    process = machinable_process(["pull", "--all"], project, child_env(s3, MACHINABLE_TEST_KILL_AT=kill_at))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, (process.returncode, out, err[-3000:])
 
     back = [p for p in storage.iterdir() if not p.name.startswith(".")]
-    assert 5 <= len(back) < len(runs)
-    # the run being downloaded (if the kill caught one) is only a dot-named leftover
+    assert len(back) == landed
+    # the runs not landed are only dot-named leftovers, some of them half downloaded
     leftovers = [p.name for p in storage.iterdir() if ".partial-" in p.name]
+    assert len(leftovers) == len(runs) - landed
+    staged = {name[1:].split(".partial-")[0]: tree(storage / name) for name in leftovers}
+    if landed == 0:  # killed mid-download: some staged runs are not whole
+        assert any(staged[uuid] != files[uuid] for uuid in staged)
     for name in leftovers:
         uuid = name[1:].split(".partial-")[0]
         assert uuid in files and uuid not in {p.name for p in back}

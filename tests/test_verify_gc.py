@@ -741,6 +741,11 @@ def test_gc_rechecks_before_deleting(project: Path, tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "backup", directory)
     Index.get().ingest_directory(directory)
     collector.run(found)
+    # each item says it was kept, and why; none claims a deletion
+    outcome = {(i.kind, i.target): i for i in found}
+    for key in (("failed run", failed.uuid), ("orphan row", orphan.uuid)):
+        assert not outcome[key].deleted and str(outcome[key]).startswith(f"kept {key[0]}: "), str(outcome[key])
+    assert "relaunched since the listing" in str(outcome[("failed run", failed.uuid)])
     assert (storage(project) / LOCKS_DIR / f"{orphan.uuid}.lock").exists()
     assert Index.get().status(failed.uuid) == "finished"
     assert get("fails", {"n": 2}).load_file("result.json") == {"n": 2}

@@ -23,15 +23,18 @@ from machinable.catalog.engine import get_engine, retry_busy, sqlite_path, to_ur
 from machinable.catalog.leaves import LEAF_COLUMNS, leaf_sql, leaf_tuples, scope_key
 from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
+    SORT_PASSING,
     And,
     Expr,
     Field,
     as_expr,
     check_field,
     compile_expr,
+    count_statement,
+    dense_probe,
     first_order_numbers,
     json_value,
-    leaf_count,
+    leaf_uuid_page,
     plan,
 )
 from machinable.catalog.rows import (
@@ -55,9 +58,6 @@ RUNS = Run.__table__
 LOCATIONS = Location.__table__
 LEAVES = Leaf.__table__
 PAGE_SIZE = 1000
-# A leaf test that at least this many runs pass is probed run by run in uuid order
-# rather than collected first (see query.plan).
-DENSE = 2000
 # Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
 ANALYZE_AFTER = 1000
 SCAN_CHUNK = 2000
@@ -373,11 +373,16 @@ class Index(Context):
             return list(self.runs(where, project=project, module=module, predicate=predicate))
         conditions, expr = self._filter(where, project, module, predicate)
         with self.engine.connect() as conn:
-            dense = self._dense(conn) if limit is not None else None
+            dense = dense_probe(conn) if limit is not None else None
             scope = _scope(project, module)
             # Two steps: the page's uuids first (a narrow sort, index only where the
             # database can), then the rows of that page alone.
             uuids: list[str] = []
+            by_leaves = leaf_uuid_page(expr, conditions, order_by, scope) if limit is not None else None
+            if by_leaves is not None and not dense_probe(conn, SORT_PASSING)(by_leaves[0]):
+                # few pass: sort their uuids off the leaves rather than probe run by run
+                page = by_leaves[1].limit(limit).offset(offset)
+                return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))
             if limit is not None and first_order_numbers(expr, order_by):
                 numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
                 uuids = self._page(conn, numbers, limit, offset)
@@ -407,16 +412,6 @@ class Index(Context):
                 found[row["uuid"]] = row
         return [found[uuid] for uuid in uuids if uuid in found]
 
-    @staticmethod
-    def _dense(conn: Any) -> Callable[[Any], bool]:
-        """Do at least DENSE leaves pass a test? Reads at most DENSE index entries."""
-
-        def dense(probe: Any) -> bool:
-            capped = probe.limit(DENSE).subquery()
-            return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= DENSE
-
-        return dense
-
     def count(
         self,
         where: Any = None,
@@ -427,15 +422,7 @@ class Index(Context):
     ) -> int:
         """How many runs match, without loading any of them."""
         conditions, expr = self._filter(where, project, module, predicate)
-        scope = _scope(project, module)
-        # Within one module, or with no column conditions, the leaves alone can count.
-        statement = leaf_count(expr, scope) if not conditions or scope is not None else None
-        if statement is None:
-            statement = select(func.count()).select_from(RUNS)
-            if expr is not None:
-                conditions.append(compile_expr(expr, self.dialect, scope))
-            if conditions:
-                statement = statement.where(*conditions)
+        statement = count_statement(expr, conditions, self.dialect, _scope(project, module))
         with self.engine.connect() as conn:
             return int(conn.execute(statement).scalar() or 0)
 
@@ -603,9 +590,18 @@ class Index(Context):
         self._analyze(len(rows))
 
     def _analyze(self, written: int) -> None:
-        """After a bulk write, refresh PostgreSQL's statistics: a planner that still
-        believes the tables empty joins them by scanning one per row of the other."""
-        if written < ANALYZE_AFTER or self.dialect != "postgresql":
+        """After a bulk write, refresh the planner's statistics. PostgreSQL's planner that
+        still believes the tables empty joins them by scanning one per row of the other;
+        SQLite's, without statistics, takes any equality on an indexed column (``status =
+        'finished'``) as selective and sorts every run it matches instead of walking the
+        order's index and stopping at the limit (160 ms against 7 ms at 100,000 runs)."""
+        if written < ANALYZE_AFTER:
+            return
+        if self.dialect == "sqlite":
+            with self.engine.begin() as conn:  # about 0.2 s at 100,000 runs
+                conn.exec_driver_sql("ANALYZE")
+            return
+        if self.dialect != "postgresql":
             return
         # VACUUM also marks the new pages all-visible, so that counts read the leaves
         # index alone instead of visiting each row.

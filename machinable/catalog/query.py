@@ -52,11 +52,13 @@ _SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 class Expr:
     """A search condition; combine with ``&``, ``|`` and ``~``."""
 
+    # ``a & b & c`` is one And of three, not a chain two deep: a condition built in a
+    # loop stays flat, as the string form ``a and b and c`` does.
     def __and__(self, other: Expr) -> Expr:
-        return And((self, other))
+        return And(_items(And, self) + _items(And, other))
 
     def __or__(self, other: Expr) -> Expr:
-        return Or((self, other))
+        return Or(_items(Or, self) + _items(Or, other))
 
     def __invert__(self) -> Expr:
         return Not(self)
@@ -82,6 +84,10 @@ class Or(Expr):
 @dataclass(frozen=True)
 class Not(Expr):
     item: Expr
+
+
+def _items(kind: type, expr: Expr) -> tuple[Expr, ...]:
+    return expr.items if type(expr) is kind else (expr,)  # type: ignore[attr-defined]
 
 
 class Field:
@@ -396,7 +402,11 @@ def parse(text: str) -> Expr:
 
 
 def as_expr(where: Expr | str | dict[str, Any] | None) -> Expr | None:
-    if where is None or isinstance(where, Expr):
+    """The expression to search with: parsed from a string, or checked when built in Python."""
+    if where is None:
+        return where
+    if isinstance(where, Expr):
+        check_expr(where)
         return where
     if isinstance(where, str):
         return parse(where)
@@ -405,8 +415,67 @@ def as_expr(where: Expr | str | dict[str, Any] | None) -> Expr | None:
         for key, value in where.items():
             check_field(key)
             items.append(Compare(key, "==", value))
-        return And(tuple(items)) if items else None
+        expr = And(tuple(items)) if items else None
+        if expr is not None:
+            check_expr(expr)
+        return expr
     raise QueryError(f"where must be an expression, a string or a dict, not {type(where).__name__}")
+
+
+def _nesting(parent: Expr | None, node: Expr) -> int:
+    """The levels ``node`` adds below ``parent``: the parentheses and 'not' the string
+    form would need for it (an and inside an or needs none)."""
+    if isinstance(node, Not):
+        return 1
+    if isinstance(node, Or) and isinstance(parent, (And, Not)):
+        return 1
+    if isinstance(node, And) and isinstance(parent, Not):
+        return 1
+    return 0
+
+
+def check_expr(expr: Expr) -> None:
+    """Hold an expression built in Python to the string form's limits (nesting, number of
+    terms, 64-bit integers), walking it without recursion so no depth can overflow."""
+    terms = 0
+    stack: list[tuple[Any, Expr | None, int]] = [(expr, None, 0)]
+    while stack:
+        node, parent, depth = stack.pop()
+        if not isinstance(node, Expr):
+            raise QueryError(f"not a search expression: {type(node).__name__} {str(node)[:60]!r}")
+        depth += _nesting(parent, node)
+        if depth > MAX_DEPTH:
+            raise QueryError(
+                f"expression nested deeper than {MAX_DEPTH} levels (each ~, each | inside & or ~ and each & "
+                "inside ~ is one, as parentheses and 'not' are in the string form)"
+            )
+        if isinstance(node, Compare):
+            check_field(node.field)
+            values = node.value if node.op == "in" and isinstance(node.value, tuple) else (node.value,)
+            terms += max(1, len(values))
+            if terms > MAX_TERMS:
+                raise QueryError(f"expression has more than {MAX_TERMS} comparisons and 'in' values")
+            for value in values:
+                _check_integer(node, value)
+        elif isinstance(node, (And, Or)):
+            stack.extend((item, node, depth) for item in node.items)
+        elif isinstance(node, Not):
+            stack.append((node.item, node, depth))
+        else:
+            raise QueryError(f"not a search expression: {type(node).__name__}")
+
+
+def _check_integer(expr: Compare, value: Any) -> None:
+    """Integers compare as 64-bit numbers in both databases, as the string form has it."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        # str() refuses ints of more than 4300 digits: only short ones are shown whole.
+        text = str(abs(value)) if value.bit_length() < 10_000 else None
+        if text is None:
+            shown, hint = f"an integer of {value.bit_length()} bits", ""
+        else:
+            shown = ("-" if value < 0 else "") + (text if len(text) <= 30 else text[:30] + "...")
+            hint = f" (write it as a float, like {text[0]}e{len(text) - 1})"
+        raise QueryError(f"the integer {shown} compared with {expr.field} does not fit in 64 bits{hint}")
 
 
 # Compilation to SQL.
@@ -479,9 +548,19 @@ def leaf_test(expr: Compare) -> LeafTest | None:
     )
 
 
+def _balanced_and(parts: list[Any]) -> list[Any]:
+    """``parts`` as conditions to AND, nested in parentheses as a balanced tree when there
+    are many: SQLite refuses an expression more than 1,000 levels deep, and a flat chain
+    of ANDs is one level per term (200 comparisons on one path reached it)."""
+    if len(parts) <= 16:
+        return parts
+    middle = len(parts) // 2
+    return [and_(*_balanced_and(parts[:middle])).self_group(), and_(*_balanced_and(parts[middle:])).self_group()]
+
+
 def _leaf_where(table: Any, path: str, tests: list[LeafTest], scope: int | None) -> list[Any]:
     """Conditions on a leaves table: the path, the tests and, within one module, its scope."""
-    where = [table.c.path == path, *(t.test(table) for t in tests)]
+    where = [table.c.path == path, *_balanced_and([t.test(table) for t in tests])]
     if scope is not None:
         where.append(table.c.scope == scope)
     return where
@@ -540,6 +619,59 @@ def _check_operator(expr: Compare) -> None:
         raise QueryError(f"unknown operator {expr.op!r}")
 
 
+# A leaf test that at least this many runs pass is probed run by run in uuid order
+# rather than collected first (see plan).
+DENSE = 2000
+
+
+def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
+    """``plan``'s ``dense`` on ``conn``: do at least ``at_least`` leaves pass a test?
+    Reads at most that many index entries."""
+
+    def dense(probe: Any) -> bool:
+        capped = probe.limit(at_least).subquery()
+        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
+
+    return dense
+
+
+# A page in uuid order filtered on one path is read off the leaves (every passing uuid,
+# sorted) while fewer than this many pass: that sort costs less than probing runs one
+# by one in uuid order, which reads (runs / passing) x limit of them.
+SORT_PASSING = 10_000
+
+
+def leaf_uuid_page(expr: Expr | None, conditions: list[Any], spec: Any, scope: int | None) -> tuple[Any, Any] | None:
+    """For a search in uuid order whose filter is tests on one config path alone (within
+    one module, or with no column conditions): the leaves that pass (to count) and their
+    uuids in order (to page). None when the search is not of that shape."""
+    if expr is None or (conditions and scope is None):
+        return None
+    specs = _order_specs(spec)
+    if specs and specs != [("uuid", False)]:
+        return None
+    groups, rest = _split(_conjuncts(expr))
+    if rest or len(groups) != 1:
+        return None
+    ((path, tests),) = groups.items()
+    passing = _leaf_subquery(path, tests, scope)
+    return passing, passing.order_by(LEAVES.c.run_uuid)
+
+
+def count_statement(expr: Expr | None, conditions: list[Any], dialect: str, scope: int | None = None) -> Any:
+    """``SELECT count(*)`` of the runs that ``conditions`` (SQL on ``runs``) and ``expr`` match.
+
+    Within one module (``scope``), or with no column conditions, the leaves alone count."""
+    statement = leaf_count(expr, scope) if not conditions or scope is not None else None
+    if statement is not None:
+        return statement
+    where = list(conditions)
+    if expr is not None:
+        where.append(compile_expr(expr, dialect, scope))
+    statement = select(func.count()).select_from(RUNS)
+    return statement.where(*where) if where else statement
+
+
 def leaf_count(expr: Expr | None, scope: int | None = None) -> Any:
     """``SELECT count(*)`` over the leaves alone, when ``expr`` is only tests on one path.
 
@@ -596,7 +728,8 @@ def plan(
     source: Any = RUNS
     order: list[Any] = []
     joined: set[str] = set()
-    for position, (field, descending) in enumerate(_order_specs(spec)):
+    specs = _order_specs(spec)
+    for position, (field, descending) in enumerate(specs):
         column, path = check_field(field)
         name = leaf_path(column, path) if path else None
         if not path:
@@ -621,10 +754,10 @@ def plan(
             source = source.join(alias, and_(*on, *(t.test(alias) for t in tests)))
             key = alias.c.number if pinned == NUMBER else alias.c.text
             order.append(key.desc() if descending else key.asc())
-            if position == 0:
-                # The index's own order, and a total one: later keys never apply.
+            if position == 0 and len(specs) == 1:
+                # The index's own order, and a total one (no later keys to apply).
                 order.append(alias.c.run_uuid.asc())
-                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
+                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, walk=True)
             continue
         source = source.outerjoin(alias, and_(*on))
         rank = case(_RANK, value=alias.c.kind, else_=6)
@@ -644,11 +777,15 @@ def _finish(
     joined: set[str],
     source: Any,
     order: list[Any],
+    walk: bool = False,
 ) -> Plan:
+    """``walk``: the order follows the leaves index of the first order path, so a page
+    reads a run at a time in order and stops at the limit; a filter many runs pass is
+    then best probed per run (EXISTS), as in uuid order."""
     where = list(conditions)
     for path, tests in groups.items():
         probe = _leaf_subquery(path, tests, scope)
-        if not joined and dense is not None and dense(probe):
+        if (walk or not joined) and dense is not None and dense(probe):
             where.append(
                 exists(probe.with_only_columns(literal_column("1")).where(LEAVES.c.run_uuid == RUNS.c.uuid))
             )
@@ -847,4 +984,4 @@ def _compare_json(column: Any, path: tuple[str, ...], op: str, value: Any, diale
     return and_(kinds[kind], _apply(left, op, value))
 
 
-__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "plan", "leaf_count"]
+__all__ = ["Field", "Expr", "parse", "as_expr", "compile_expr", "plan", "leaf_count", "count_statement", "dense_probe"]

@@ -31,17 +31,24 @@ _PARTIAL = re.compile(r"^\.[0-9a-f]{32}\.partial-")
 MIN_AGE_SECONDS = 600
 
 
+class Kept(Exception):
+    """Raised by a deletion that found, on its second look, that the item is needed."""
+
+
 @dataclass
 class Garbage:
-    """One thing gc would delete (or did)."""
+    """One thing gc would delete (or did, or kept after a second look)."""
 
     kind: str
     target: str
     detail: str
     action: Any = field(repr=False, default=None)
     deleted: bool = False
+    kept: str | None = None
 
     def __str__(self) -> str:
+        if self.kept is not None:
+            return f"kept {self.kind}: {self.target} ({self.detail}; {self.kept})"
         return f"{'deleted' if self.deleted else 'would delete'} {self.kind}: {self.target} ({self.detail})"
 
 
@@ -103,7 +110,7 @@ def collect(
             for lock in os.scandir(locks):
                 run_dir = root / lock.name.removesuffix(".lock")
                 if not run_dir.is_dir():
-                    found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_lock(p, d)))
+                    found.append(Garbage("stale lock", lock.path, "its run directory is gone", lambda p=lock.path, d=run_dir: _drop_stale_lock(p, d)))
 
     if stores:
 
@@ -128,25 +135,36 @@ def _old(path: str) -> bool:
         return False
 
 
-def _drop_lock(path: str, run_dir: Path) -> None:
-    """Delete a launch lock whose run directory is gone, unless a launch took it since."""
+def _drop_lock(path: str, run_dir: Path) -> str | None:
+    """Delete a launch lock whose run directory is gone, unless a launch took it since.
+    Returns why it was kept, or None."""
 
-    if run_dir.is_dir() or not os.path.lexists(path):
-        return  # a launch created the directory since the listing, or it is gone
+    if run_dir.is_dir():
+        return "a launch created its run directory since the listing"
+    if not os.path.lexists(path):
+        return None  # gone already
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
     except LockTimeout:
-        return
+        return "a launch holds it"
     except UnsafeFileError:
         if os.path.islink(path):
             os.unlink(path)  # removes the link itself, never what it points at
-        return
+        return None
     try:
-        if not run_dir.is_dir():
-            os.unlink(path)
+        if run_dir.is_dir():
+            return "a launch created its run directory since the listing"
+        os.unlink(path)
     finally:
         lock.release()
+    return None
+
+
+def _drop_stale_lock(path: str, run_dir: Path) -> None:
+    reason = _drop_lock(path, run_dir)
+    if reason is not None:
+        raise Kept(reason)
 
 
 def run(items: list[Garbage]) -> list[Garbage]:
@@ -157,6 +175,8 @@ def run(items: list[Garbage]) -> list[Garbage]:
         try:
             item.action()
             item.deleted = True
+        except Kept as kept:
+            item.kept = str(kept)
         except FileNotFoundError:
             item.deleted = True
         except (MachinableError, OSError) as exc:
@@ -169,11 +189,11 @@ def _drop_row(index: Index, uuid: str) -> None:
     def write() -> None:
         with index.engine.execution_options(machinable_write=True).begin() as conn:
             if conn.execute(select(LOCATIONS.c.id).where(LOCATIONS.c.run_uuid == uuid)).first():
-                return  # a copy appeared since the listing
+                raise Kept("a copy appeared since the listing")
             if conn.execute(
                 select(AVAILABILITY.c.id).where(AVAILABILITY.c.run_uuid == uuid, AVAILABILITY.c.state == "present")
             ).first():
-                return
+                raise Kept("a store copy appeared since the listing")
             conn.execute(delete(AVAILABILITY).where(AVAILABILITY.c.run_uuid == uuid))
             conn.execute(delete(RUNS).where(RUNS.c.uuid == uuid))
 
@@ -192,7 +212,7 @@ def _drop_availability(index: Index, row_id: int) -> None:
 def _drop_failed(index: Index, uuid: str, directory: str, root: Path) -> None:
 
     if index.status(uuid) != "failed" or os.path.isfile(os.path.join(directory, "finished_at")):
-        return  # relaunched and finished since the listing: keep it
+        raise Kept("relaunched since the listing")
     path = Path(directory)
     if os.path.lexists(path):
         # The row may lie: only a record of this run directly under the storage goes.

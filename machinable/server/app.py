@@ -32,7 +32,9 @@ def _one_line(text: str) -> str:
 
 def create_app(config: ServerConfig) -> Any:
     """The ASGI app serving ``config``'s projects: the JSON API, the page, the login form."""
-    app = FastAPI(title="machinable catalog", version=version("machinable"))
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the
+    # server's pages work offline. The schema itself is at /openapi.json.
+    app = FastAPI(title="machinable catalog", version=version("machinable"), docs_url=None, redoc_url=None)
     app.include_router(api.router(config))
     app.include_router(page.router(config))
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Column,
     and_,
     bindparam,
     false,
-    func,
     literal,
     literal_column,
     null,
@@ -29,10 +27,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.functions import FunctionElement
 
 from machinable.catalog.engine import get_engine, sqlite_path
 from machinable.catalog.models import Availability, Location, Remote, Run
-from machinable.catalog.query import as_expr, check_field, compile_expr, json_value
+from machinable.catalog.query import (
+    Expr,
+    Plan,
+    as_expr,
+    count_statement,
+    dense_probe,
+    first_order_numbers,
+    plan,
+)
 from machinable.catalog.rows import aware
 from machinable.errors import QueryError
 from machinable.record import SENTINEL
@@ -68,26 +75,25 @@ def has_index(project: ServedProject) -> bool:
     return path is None or path.is_file()
 
 
-def _conditions(project: ServedProject, where: str | None) -> list[Any]:
-    dialect = get_engine(project.index_url).dialect.name
+def _search(project: ServedProject, where: str | None) -> tuple[list[Any], Expr | None]:
+    """Column conditions (the served project) and the parsed ``where``."""
     conditions: list[Any] = []
     if project.scope is not None:
         conditions.append(RUNS.c.project == project.scope)
-    expr = as_expr(where) if where else None
-    if expr is not None:
-        conditions.append(compile_expr(expr, dialect))
-    return conditions
+    return conditions, (as_expr(where) if where else None)
+
+
+def _order_specs(order_by: str | None) -> list[str]:
+    return [part.strip() for part in (order_by or "").split(",") if part.strip()]
 
 
 def count_runs(project: ServedProject, where: str | None = None) -> int:
     if not has_index(project):
         return 0
-    conditions = _conditions(project, where)
-    statement = select(func.count()).select_from(RUNS)
-    if conditions:
-        statement = statement.where(and_(*conditions))
-    with get_engine(project.index_url).connect() as conn:
-        return int(conn.execute(statement).scalar() or 0)
+    engine = get_engine(project.index_url)
+    conditions, expr = _search(project, where)
+    with engine.connect() as conn:
+        return int(conn.execute(count_statement(expr, conditions, engine.dialect.name)).scalar() or 0)
 
 
 def list_runs(
@@ -97,73 +103,87 @@ def list_runs(
     limit: int,
     offset: int,
     after: str | None = None,
-) -> tuple[list[dict[str, Any]], int, str | None]:
-    """One page of runs (as RUN objects), the number of all matching runs, and the
-    cursor of the next page (None after the last).
+    with_count: bool = True,
+) -> tuple[list[dict[str, Any]], int | None, str | None]:
+    """One page of runs (as RUN objects), the number of all matching runs (None unless
+    ``with_count``), and the cursor of the next page (None after the last).
 
+    The search is the catalog's own (``catalog.query.plan``: config filters and orders
+    read the leaves index), so a page lists what ``machinable ls`` lists, in its order.
     ``after`` (a cursor from the previous page) continues where that page ended with a
     keyset condition on the sort keys, so a page deep in the result costs what the
     first one does; ``offset`` skips rows, which costs more the further it goes.
     """
     if not has_index(project):
-        return [], 0, None
+        return [], 0 if with_count else None, None
     engine = get_engine(project.index_url)
     dialect = engine.dialect.name
-    conditions = _conditions(project, where)
-    keys = _keys(order_clause(order_by, dialect))
-    statement = select(*COLUMNS, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
-    statement = statement.order_by(*(expr.desc() if desc else expr.asc() for expr, desc in keys))
-    counting = select(func.count()).select_from(RUNS)
-    if conditions:
-        counting = counting.where(and_(*conditions))
-    page_conditions = list(conditions)
-    if after is not None:
-        values = _decode_cursor(after, where, order_by, len(keys))
-        page_conditions.append(_beyond(keys, values, dialect))
-    if page_conditions:
-        statement = statement.where(and_(*page_conditions))
-    statement = statement.limit(limit).offset(offset)
+    conditions, expr = _search(project, where)
+    specs = _order_specs(order_by)
     with engine.connect() as conn:
-        rows = conn.execute(statement).mappings().all()
-        if after is None and offset == 0 and len(rows) < limit:
+        dense = dense_probe(conn)
+        full = plan(expr, conditions, specs, dialect, dense)
+        keys = _keys(full.order)
+        values = _decode_cursor(after, where, order_by, len(keys)) if after is not None else None
+        rows: list[Any] = []
+        # An ascending order by a config path starts with the runs holding a number
+        # there: walk those along the leaves index first, and sort the rest only when
+        # they do not fill the page (as Index.search does).
+        if first_order_numbers(expr, specs) and (values is None or values[0] == 0):
+            numbers = plan(expr, conditions, specs, dialect, dense, numbers_only=True)
+            number_keys = _keys(numbers.order)
+            start = None if values is None else [values[1], *values[3:]]
+            rows = _page_rows(conn, numbers, number_keys, start, limit, offset, dialect)
+            rows = [[row, [0, key[0], None, *key[1:]]] for row, key in rows]
+        if len(rows) < limit:
+            rows = _page_rows(conn, full, keys, values, limit, offset, dialect)
+        total: int | None = None
+        if not with_count:
+            pass
+        elif after is None and offset == 0 and len(rows) < limit:
             total = len(rows)
         else:
-            total = int(conn.execute(counting).scalar() or 0)
-        copies = _copies(conn, [row["uuid"] for row in rows])
+            total = int(conn.execute(count_statement(expr, conditions, dialect)).scalar() or 0)
+        copies = _copies(conn, [row["uuid"] for row, _ in rows])
     cursor = None
     if rows and len(rows) == limit:
-        cursor = _encode_cursor(where, order_by, [rows[-1][f"_k{i}"] for i in range(len(keys))])
-    return [_run(row, copies.get(row["uuid"], [])) for row in rows], total, cursor
+        cursor = _encode_cursor(where, order_by, rows[-1][1])
+    return [_run(row, copies.get(row["uuid"], [])) for row, _ in rows], total, cursor
 
 
-def order_clause(spec: str | None, dialect: str) -> list[Any]:
-    """``"config.lr"``, ``"-created_at"`` or ``"config.lr desc"``, comma-separated; uuid breaks ties."""
-    clauses: list[Any] = []
-    for item in [part for part in (spec or "").split(",") if part.strip()]:
-        text = item.strip()
-        descending = text.startswith("-")
-        text = text.lstrip("-").strip()
-        parts = text.split()
-        if len(parts) == 2 and parts[1].lower() in ("asc", "desc"):
-            descending = parts[1].lower() == "desc"
-            text = parts[0]
-        elif len(parts) != 1:
-            raise QueryError(f"cannot order by {item.strip()!r}; write e.g. 'config.lr desc' or '-created_at'")
-        column, path = check_field(text)
-        expr = json_value(RUNS.c[column], path, dialect) if path else RUNS.c[column]
-        clauses.append(expr.desc() if descending else expr.asc())
-    clauses.append(RUNS.c.uuid.asc())
-    return clauses
+def _page_rows(
+    conn: Any, compiled: Plan, keys: list[tuple[Any, bool]], values: list[Any] | None, limit: int, offset: int, dialect: str
+) -> list[Any]:
+    """(row, sort-key values) of one page of ``compiled``, after ``values`` when given."""
+    where = list(compiled.where)
+    if values is not None:
+        where.append(_beyond(keys, values, dialect))
+    # Two steps, as Index.search takes them: the page's uuids and sort keys (read off
+    # indexes where the database can, however many rows tie on the first key), then
+    # the rows of that page alone.
+    statement = (
+        select(RUNS.c.uuid, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
+        .select_from(compiled.source)
+        .where(*where)
+        .order_by(*compiled.order)
+        .limit(limit)
+        .offset(offset)
+    )
+    page = [(uuid, list(values)) for uuid, *values in conn.execute(statement)]
+    if not page:
+        return []
+    found = {row["uuid"]: row for row in conn.execute(_ROWS, {"uuids": [uuid for uuid, _ in page]}).mappings()}
+    return [[found[uuid], values] for uuid, values in page if uuid in found]
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
-    """(expression, descending) of each ORDER BY clause (uuid last, as order_clause adds it)."""
+    """(expression, descending) of each ORDER BY clause."""
     return [(clause.element, clause.modifier is operators.desc_op) for clause in clauses]
 
 
 def _bind(expr: Any, value: Any, dialect: str) -> Any:
-    if dialect == "postgresql" and not isinstance(expr, Column):
-        return literal(value, JSONB)  # a config or predicate path: compare as jsonb
+    if dialect == "postgresql" and isinstance(expr, FunctionElement) and expr.name.startswith("jsonb_"):
+        return literal(value, JSONB)  # a path the leaves do not hold: compared as jsonb
     return value
 
 
@@ -222,6 +242,7 @@ def _decode_cursor(cursor: str, where: str | None, order_by: str | None, size: i
     return decoded
 
 
+_ROWS = select(*COLUMNS).where(RUNS.c.uuid.in_(bindparam("uuids", expanding=True)))
 # One run and its copies: built once (building a statement costs more than running it).
 _RUN = select(*COLUMNS).where(RUNS.c.uuid == bindparam("uuid"))
 _SCOPED_RUN = _RUN.where(RUNS.c.project == bindparam("project"))

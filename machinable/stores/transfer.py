@@ -760,6 +760,7 @@ def _land(
             problems[uuid] = [f"{dests[uuid]} appeared during the fetch"]
             continue
         os.rename(staging[uuid], dests[uuid])
+        kill_point("fetch-run", len(results) + 1)  # tests: die once N runs have landed
         results[uuid] = TransferResult(
             uuid=uuid,
             state="present",

@@ -153,8 +153,10 @@ async function runsView(params) {
   const selected = new Set((params.get("selected") || "").split(",").filter(Boolean));
   crumbs(link({ project }, project));
   document.title = `${project} · machinable`;
-  const query = new URLSearchParams({ limit: PAGE, offset });
-  if (where) query.set("where", where);
+  // The rows first; the total (a pass over every match) follows in its own request.
+  const query = new URLSearchParams({ limit: PAGE, offset, count: "false" });
+  const counting = new URLSearchParams({ limit: 0 });
+  if (where) { query.set("where", where); counting.set("where", where); }
   if (orderBy) query.set("order_by", orderBy);
 
   const input = el("input", { type: "text", name: "where", value: where, placeholder: "config.lr > 0.1 and status = 'finished'", "aria-label": "where" });
@@ -203,12 +205,19 @@ async function runsView(params) {
       el("td", { text: when(run.created_at) }),
       keys.map((key) => el("td", { class: "mono", text: show(flat[i][key]) })));
   });
-  const last = Math.min(offset + page.runs.length, page.count);
+  const last = offset + page.runs.length;
+  const shown = page.runs.length ? `${(offset + 1).toLocaleString()}–${last.toLocaleString()}` : "";
+  const range = el("span", { id: "range", text: page.runs.length ? shown + " of …" : offset ? "no more runs" : "no runs match" });
   const pager = el("div", { class: "pager" },
     offset > 0 ? link({ project, where, order_by: orderBy, offset: Math.max(0, offset - PAGE) || null }, "« previous", { id: "previous" }) : el("span", { class: "muted", text: "« previous" }),
-    el("span", { id: "range", text: page.count ? `${(offset + 1).toLocaleString()}–${last.toLocaleString()} of ${page.count.toLocaleString()}` : "no runs match" }),
-    last < page.count ? link({ project, where, order_by: orderBy, offset: offset + PAGE }, "next »", { id: "next" }) : el("span", { class: "muted", text: "next »" }),
+    range,
+    page.next ? link({ project, where, order_by: orderBy, offset: offset + PAGE }, "next »", { id: "next" }) : el("span", { class: "muted", text: "next »" }),
     compare);
+  if (page.runs.length) {
+    apiJSON(`/projects/${encodeURIComponent(project)}/runs?${counting}`)
+      .then((answer) => { range.textContent = `${shown} of ${answer.count.toLocaleString()}`; })
+      .catch(() => { range.textContent = shown; });
+  }
   setMain(
     el("h1", { text: project }),
     form,

@@ -99,11 +99,15 @@ def router(config: ServerConfig) -> APIRouter:
         limit: int = DEFAULT_LIMIT,
         offset: int = 0,
         after: str | None = None,
+        count: bool = True,
     ) -> Any:
         """Runs matching ``where``, ordered by ``order_by`` (``machinable ls`` syntax), one page.
 
         ``next`` in the answer is a cursor: pass it as ``after`` (instead of an offset) to
-        get the following page at the same cost however deep it is.
+        get the following page at the same cost however deep it is. ``count`` is the
+        number of all matching runs; it costs time in proportion to that number, so a
+        client that walks pages or shows the rows first asks with ``count=false`` (the
+        answer's ``count`` is then null) and, if it wants the total, once with ``limit=0``.
         """
         served_project = served(request, project)
         _page(limit, offset, MAX_LIMIT)
@@ -116,6 +120,7 @@ def router(config: ServerConfig) -> APIRouter:
             limit,
             offset,
             _bounded("after", after),
+            with_count=count,
         )
         return JSONResponse({"runs": page, "count": total, "limit": limit, "offset": offset, "next": cursor})
 
