@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import String, any_, bindparam, delete, select, tuple_
+from sqlalchemy.dialects import postgresql
 
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
@@ -243,17 +244,27 @@ def _located(index: Index, storage: str, page: int = 5000) -> Any:
         last = tuple(rows[-1])
 
 
-def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
+def _among(column: Any, names: list[str], dialect: str) -> Any:
+    """``column IN names``: one array parameter on PostgreSQL (a list of 500 parameters
+    makes a new statement text, parsed again by the driver, for every batch)."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(None, names, type_=postgresql.ARRAY(String)))
+    return column.in_(names)
 
+
+def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
+    dialect = index.dialect
     with index.engine.connect() as conn:
         rows = {
             row["uuid"]: row
-            for row in conn.execute(select(*_COMPARED).where(RUNS.c.uuid.in_(names))).mappings()
+            for row in conn.execute(select(*_COMPARED).where(_among(RUNS.c.uuid, names, dialect))).mappings()
         }
         located = {
             (run_uuid, directory)
             for run_uuid, directory in conn.execute(
-                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
+                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(
+                    _among(LOCATIONS.c.run_uuid, names, dialect)
+                )
             )
         }
         conflicts: dict[str, list[tuple[str, str, str]]] = {}
@@ -261,7 +272,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.state, AVAILABILITY.c.checksum)
             .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
             .where(
-                AVAILABILITY.c.run_uuid.in_(names),
+                _among(AVAILABILITY.c.run_uuid, names, dialect),
                 AVAILABILITY.c.state.in_(("present", "conflict")),
                 AVAILABILITY.c.checksum.is_not(None),
             )
@@ -272,7 +283,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             stored = set(
                 conn.execute(
                     select(AVAILABILITY.c.run_uuid).where(
-                        AVAILABILITY.c.run_uuid.in_(names), AVAILABILITY.c.state == "present"
+                        _among(AVAILABILITY.c.run_uuid, names, dialect), AVAILABILITY.c.state == "present"
                     )
                 ).scalars()
             )
