@@ -130,3 +130,37 @@ def test_a_bulk_reindex_builds_leaves_in_batches(project: Path, monkeypatch) -> 
     with Index.get().engine.connect() as conn:
         assert [ix["name"] for ix in inspect(conn).get_indexes("leaves")] == ["ix_leaves_path_kind_number_text"]
     assert Index.get().count("config.depth == 4") == 1
+
+
+def test_a_run_indexed_by_another_writer_between_two_batches_is_updated(project: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A bulk reindex commits batch by batch; a run that another process indexed in
+    between (a launch, an ingest) is updated in place, not inserted twice."""
+    import machinable.catalog.index as catalog_index
+
+    uuids = write_records(project / "storage")
+    monkeypatch.setattr(catalog_index, "SCAN_CHUNK", 3)
+    monkeypatch.setattr(catalog_index, "WRITE_BATCH", 4)
+    late = max(uuids)  # names are read in order: this one is in the last batch
+    original = Index._scan
+    parts = []
+
+    def scan(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for part in original(self, *args, **kwargs):
+            yield part
+            parts.append(part)
+            if len(parts) == 2:  # the first batch (6 runs >= 4) is committed now
+                assert Index.get().count() == 6
+                Index.get().ingest_directory(project / "storage" / late)
+
+    monkeypatch.setattr(Index, "_scan", scan)
+    wipe_index(project)
+    report = Index.get().reindex()
+    assert (report.added, report.updated) == (len(uuids) - 1, 1) and not report.skipped
+    assert Index.get().count() == len(uuids)
+    expected = sorted(
+        (leaf for uuid, (config, predicate) in zip(uuids, CONFIGS, strict=True)
+         for leaf in leaf_tuples(uuid, "study", "trivial", config, predicate)),
+        key=repr,
+    )
+    assert table_rows("leaves") == expected
+    assert len(table_rows("locations")) == len(uuids)

@@ -823,7 +823,10 @@ class Index(Context):
             # PostgreSQL checks a foreign key row by row (most of a bulk load's time):
             # every batch loads without them and puts them back before it commits
             # (finish). Its rows reference runs of the same transaction by construction.
+            # Later batches lock out other writers as the first did (_lock_empty), so
+            # that no run appears between the check for existing ones and the COPY.
             state["unchecked"] = conn
+            conn.exec_driver_sql("LOCK TABLE runs, leaves, locations IN EXCLUSIVE MODE")
             for table, name in _BULK_FOREIGN_KEYS:
                 conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
         if prepare is None and state["bulk"] and first:
