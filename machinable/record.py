@@ -288,14 +288,15 @@ def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[s
         raise RecordError(f"{directory} is not a directory", path=directory) from exc
     if SENTINEL not in names:
         raise RecordError(f"{directory} is not a machinable record (no {SENTINEL})", path=directory)
+    base = os.fspath(directory)  # plain strings: verify reads millions of records
     try:
-        header = read_json(directory / ID_FILE)
-        model = read_json(directory / MODEL_FILE)
+        header = read_json(os.path.join(base, ID_FILE))
+        model = read_json(os.path.join(base, MODEL_FILE))
     except FileNotFoundError as exc:
-        raise RecordError(f"{directory}: {Path(exc.filename).name} is missing", path=directory) from exc
+        raise RecordError(f"{directory}: {os.path.basename(exc.filename or '?')} is missing", path=directory) from exc
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise RecordError(f"{directory}: unreadable header: {exc}", path=directory) from exc
-    problem = validate_headers(header, model, directory.name)
+    problem = validate_headers(header, model, os.path.basename(base))
     if problem:
         raise RecordError(f"{directory}: {problem}", path=directory)
     return header, model, names

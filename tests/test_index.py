@@ -579,18 +579,22 @@ def test_a_large_reindex_writes_in_batches_with_the_same_result(
     monkeypatch.setattr(catalog_index, "WRITE_BATCH", 3)
     if parallel:  # the process-pool scan, with at most a few chunks in flight
         monkeypatch.setattr(catalog_index, "PARALLEL_SCAN_MIN", 1)
-    writes: list[int] = []
+    writes: list[list] = []  # [connection, runs written in its transaction]
     original = Index._write_batch
 
     def counting(self, conn, root, rows, *args):  # type: ignore[no-untyped-def]
-        writes.append(len(rows))
+        if not writes or writes[-1][0] is not conn:
+            writes.append([conn, 0])
+        writes[-1][1] += len(rows)
         return original(self, conn, root, rows, *args)
 
     monkeypatch.setattr(Index, "_write_batch", counting)
     wipe_index(project)
     report = Index.get().reindex()
     assert report.added == 11 and report.indexed == 11
-    assert len(writes) == 4 and sum(writes) == 11 and max(writes) <= 4  # batches of 3 or 4 (chunks of 2)
+    batches = [count for _, count in writes]
+    # one transaction per batch of 3 or 4 runs (chunks of 2), written as the chunks come
+    assert sum(batches) == 11 and max(batches) <= 4 and len([b for b in batches if b]) == 3
 
     def without_ids(rows: list[tuple]) -> list[tuple]:  # (run, storage, directory): launch records no mtime
         return sorted(row[1:4] for row in rows)

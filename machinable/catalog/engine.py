@@ -160,9 +160,12 @@ def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
         connection.exec_driver_sql("BEGIN")
 
 
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
 def json_serializer(value: object) -> str:
     """Stored JSON: sorted keys, compact, so equal values are equal text on SQLite."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _ENCODE(value)  # one encoder for every value (json.dumps would make one per call)
 
 
 def make_engine(url: str, *, mounts: str | None = None) -> Engine:

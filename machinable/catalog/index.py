@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import operator
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from machinable.catalog.engine import RawWrite, get_engine, retry_busy, sqlite_path, to_url
-from machinable.catalog.leaves import leaf_rows, scope_key
+from machinable.catalog.leaves import LEAF_COLUMNS, leaf_sql, leaf_tuples, scope_key
 from machinable.catalog.models import Availability, Leaf, Location, Run
 from machinable.catalog.query import (
     SORT_PASSING,
@@ -43,6 +43,7 @@ from machinable.catalog.rows import (
     ReindexReport,
     RunRecord,
     aware,
+    prepare_row,
     read_markers,
     row_values,
     scan_names,
@@ -57,7 +58,6 @@ from machinable.settings import index_setting
 RUNS = Run.__table__
 LOCATIONS = Location.__table__
 LEAVES = Leaf.__table__
-LEAF_COLUMNS = ("run_uuid", "path", "kind", "number", "text", "scope")
 PAGE_SIZE = 1000
 # Writes of at least this many runs at once are followed by ANALYZE on PostgreSQL.
 ANALYZE_AFTER = 1000
@@ -65,9 +65,10 @@ SCAN_CHUNK = 2000
 # Reindex commits the runs it has read every this many (memory holds one batch).
 WRITE_BATCH = 20_000
 PARALLEL_SCAN_MIN = 20_000
-_leaf_values = operator.itemgetter(*LEAF_COLUMNS)
 RUN_COLUMNS = tuple(c.name for c in RUNS.c)
 LOCATION_COLUMNS = ("run_uuid", "storage", "directory")
+# Foreign keys a PostgreSQL bulk load drops for its batch and puts back (models.py names).
+_BULK_FOREIGN_KEYS = (("leaves", "fk_leaves_run_uuid_runs"), ("locations", "fk_locations_run_uuid_runs"))
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 _WRITABLE: dict[str, Engine] = {}
 
@@ -537,7 +538,7 @@ class Index(Context):
         leaves = [
             leaf
             for row in rows
-            for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
+            for leaf in leaf_tuples(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
         ]
         if leaves:
             # Plain tuples through the driver: SQLAlchemy's per-parameter processing
@@ -545,7 +546,7 @@ class Index(Context):
             mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
             conn.exec_driver_sql(
                 f"INSERT INTO leaves ({', '.join(LEAF_COLUMNS)}) VALUES ({', '.join([mark] * len(LEAF_COLUMNS))})",
-                [tuple(leaf[c] for c in LEAF_COLUMNS) for leaf in leaves],
+                leaves,
             )
 
     def _upsert_runs_raw(self, tx: RawWrite, rows: list[dict[str, Any]], fresh: bool) -> None:
@@ -555,9 +556,9 @@ class Index(Context):
         if not fresh:
             tx.execute(f"DELETE FROM leaves WHERE run_uuid = {tx.mark}", [(row["uuid"],) for row in rows], many=True)
         leaves = [
-            _leaf_values(leaf)
+            leaf
             for row in rows
-            for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
+            for leaf in leaf_tuples(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
         ]
         if leaves:
             marks = ", ".join([tx.mark] * len(LEAF_COLUMNS))
@@ -758,81 +759,201 @@ class Index(Context):
         # one completes it.
         keep: set[str] = set()
         state: dict[str, bool] = {}
-
-        def write_batch(rows: list[dict[str, Any]], locations: list[dict[str, Any]], last: bool) -> None:
-            with self.engine.execution_options(machinable_write=True).begin() as conn:
-                self._write_batch(conn, root, rows, locations, unchanged, keep, state, report)
-                if last:
-                    report.unchanged = len(unchanged)
-                    # A directory that is present but skipped (corrupt, colliding) keeps
-                    # its row: the index may hold the only readable copy of its config.
-                    present = {os.path.basename(path) for path, _ in report.skipped}
-                    report.removed = self._drop_stale(conn, root, keep | unchanged | present)
-
         unchanged: set[str] = set()
-        batch: list[dict[str, Any]] = []
+        # An index that is empty now is most likely still empty when the first batch is
+        # written: then the scan workers serialise the rows ready for a bulk load, and
+        # each batch is written as its parts arrive (one transaction per batch), so the
+        # writes overlap the scan. (Checked again under the write lock; if another
+        # writer came first, those directories are read again the usual way.)
+        prepare = self.dialect if self._is_empty() else None
+
+        def finish(conn: Any, last: bool) -> None:
+            if self.dialect == "postgresql" and (last or state.get("unchecked") is conn):
+                self._restore_foreign_keys(conn, validate=last)
+            if last:
+                report.unchanged = len(unchanged)
+                # A directory that is present but skipped (corrupt, colliding) keeps
+                # its row: the index may hold the only readable copy of its config.
+                present = {os.path.basename(path) for path, _ in report.skipped}
+                report.removed = self._drop_stale(conn, root, keep | unchanged | present)
+                # The leaves index is built once, after the last bulk batch; a reindex
+                # stopped between two batches leaves it to the next one (checkfirst).
+                for index in sorted(LEAVES.indexes, key=lambda index: index.name):
+                    index.create(conn, checkfirst=True)
+
+        def write_batch(rows: list[Any], locations: list[dict[str, Any]], last: bool) -> None:
+            with self.engine.execution_options(machinable_write=True).begin() as conn:
+                self._write_batch(conn, root, rows, locations, unchanged, keep, state, report, prepare)
+                finish(conn, last)
+
+        batch: list[Any] = []
         batch_locations: list[dict[str, Any]] = []
-        for part_rows, part_locations, part_unchanged, part_skipped in self._scan(root, known, progress):
-            batch.extend(part_rows)
-            batch_locations.extend(part_locations)
-            unchanged.update(part_unchanged)
-            report.skipped.extend(part_skipped)
-            if len(batch) >= WRITE_BATCH:
-                retry_busy(functools.partial(write_batch, batch, batch_locations, False))
-                batch, batch_locations = [], []
-        known = {}
-        found = keep or batch or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
-        if known_count and not found and not allow_empty:
-            condition = "does not exist" if not os.path.lexists(root) else "holds no run directory"
-            raise ReindexRefused(
-                f"{root} {condition}, but the index lists {known_count} run director"
-                f"{'y' if known_count == 1 else 'ies'} there; nothing was changed. Is a disk "
-                "unmounted or the folder moved? If the runs are really gone, reindex with "
-                "--allow-empty (allow_empty=True) to drop them.",
-                storage=str(root),
+        streamed = 0  # runs of the prepared batch being written
+        stream: list[Any] = []  # [connection, transaction] of the prepared batch being written
+
+        def stream_part(rows: list[Any], locations: list[dict[str, Any]]) -> None:
+            if not stream:
+                def begin() -> None:
+                    conn = self.engine.execution_options(machinable_write=True).connect()
+                    try:
+                        stream[:] = [conn, conn.begin()]
+                    except BaseException:
+                        conn.close()
+                        raise
+
+                retry_busy(begin)  # waiting for the write lock is the only wait worth retrying
+            conn = stream[0]
+            retry_busy(
+                lambda: self._write_batch(conn, root, rows, locations, unchanged, keep, state, report, prepare),
+                attempts=1,
             )
-        retry_busy(functools.partial(write_batch, batch, batch_locations, True))
+
+        def end_stream(last: bool) -> None:
+            if not stream:
+                return
+            conn, transaction = stream
+            try:
+                retry_busy(lambda: (finish(conn, last), transaction.commit()), attempts=1)
+            finally:
+                stream.clear()
+                conn.close()
+
+        try:
+            for part_rows, part_locations, part_unchanged, part_skipped in self._scan(root, known, progress, prepare):
+                unchanged.update(part_unchanged)
+                report.skipped.extend(part_skipped)
+                if prepare is not None:
+                    if part_rows or part_locations:
+                        stream_part(part_rows, part_locations)
+                    streamed += len(part_rows)
+                    if streamed >= WRITE_BATCH:
+                        end_stream(False)
+                        streamed = 0
+                    continue
+                batch.extend(part_rows)
+                batch_locations.extend(part_locations)
+                if len(batch) >= WRITE_BATCH:
+                    retry_busy(functools.partial(write_batch, batch, batch_locations, False))
+                    batch, batch_locations = [], []
+            known = {}
+            found = keep or batch or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
+            if known_count and not found and not allow_empty:
+                condition = "does not exist" if not os.path.lexists(root) else "holds no run directory"
+                raise ReindexRefused(
+                    f"{root} {condition}, but the index lists {known_count} run director"
+                    f"{'y' if known_count == 1 else 'ies'} there; nothing was changed. Is a disk "
+                    "unmounted or the folder moved? If the runs are really gone, reindex with "
+                    "--allow-empty (allow_empty=True) to drop them.",
+                    storage=str(root),
+                )
+            if stream:
+                end_stream(True)
+            else:
+                retry_busy(functools.partial(write_batch, batch, batch_locations, True))
+        finally:
+            if stream:  # an error midway: the open batch is rolled back
+                stream[1].rollback()
+                stream[0].close()
         self._analyze(report.added + report.updated)
         return report
+
+    def _is_empty(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
 
     def _write_batch(
         self,
         conn: Any,
         root: Path,
-        rows: list[dict[str, Any]],
+        rows: list[Any],
         locations: list[dict[str, Any]],
         unchanged: set[str],
         keep: set[str],
         state: dict[str, bool],
         report: ReindexReport,
+        prepare: str | None = None,
     ) -> None:
-        """Write one reindex batch in the caller's transaction."""
-        if "empty" not in state:
+        """Write one reindex batch (or part of one) in the caller's transaction.
+
+        ``prepare``: the rows are ``prepare_row`` tuples; they are bulk loaded when the
+        index was empty under the write lock, else read again as dicts and upserted.
+        """
+        first = "empty" not in state
+        if first:
             # Rebuilding an empty index (the common case after deleting it) has
             # nothing to collide with: skip the per-run lookups.
             state["empty"] = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
             state["bulk"] = state["empty"] and bool(rows) and self._lock_empty(conn)
             if state["bulk"]:
-                self._bulk_load(conn, rows, locations)
-                report.added += len(rows)
-                keep.update(row["uuid"] for row in rows)
+                # Leaves are loaded without their index, built once at the end (finish).
+                for index in sorted(LEAVES.indexes, key=lambda index: index.name):
+                    index.drop(conn, checkfirst=True)
+        if state["bulk"] and self.dialect == "postgresql" and state.get("unchecked") is not conn:
+            # PostgreSQL checks a foreign key row by row (most of a bulk load's time):
+            # every batch loads without them and puts them back before it commits
+            # (finish). Its rows reference runs of the same transaction by construction.
+            # Later batches lock out other writers as the first did (_lock_empty), so
+            # that no run appears between the check for existing ones and the COPY.
+            state["unchecked"] = conn
+            conn.exec_driver_sql("LOCK TABLE runs, leaves, locations IN EXCLUSIVE MODE")
+            for table, name in _BULK_FOREIGN_KEYS:
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
+        if prepare is None and state["bulk"] and first:
+            rows = [prepare_row(row, self.dialect) for row in rows]
+            prepare = self.dialect
+        if prepare is not None:
+            again: list[str] = []
+            if state["bulk"]:
+                # After the first write another process may have indexed some of these
+                # runs (between two batches): those go the usual way below.
+                existing = set() if first else self._existing(conn, [row[0][0] for row in rows])
+                new = [row for row in rows if row[0][0] not in existing]
+                self._bulk_load(conn, new, [loc for loc in locations if loc["run_uuid"] not in existing])
+                report.added += len(new)
+                keep.update(row[0][0] for row in new)
+                again = sorted(existing)
+            else:
+                again = [row[0][0] for row in rows]
+            if not again:
                 return
-        empty = state["empty"]
+            # Read these directories again as dicts for the upsert path.
+            rows, locations, _, skipped = scan_names(str(root), again, {}, time.time_ns() - 2_000_000_000)
+            report.skipped.extend(skipped)
+        empty = state["empty"] and not state["bulk"]
         collisions = self._check_identity(conn, rows) if rows and not empty else {}
         good = [row for row in rows if row["uuid"] not in collisions]
         for uuid, reason in collisions.items():
             report.skipped.append((str(root / uuid), reason))
         fresh = {row["uuid"] for row in good}
-        existing = set() if empty else self._existing(conn, list(fresh))
+        existing_uuids = set() if empty else self._existing(conn, list(fresh))
         for start in range(0, len(good), 5000):
             self._upsert_runs(conn, good[start : start + 5000])
         wanted = [loc for loc in locations if loc["run_uuid"] in fresh or loc["run_uuid"] in unchanged]
         for start in range(0, len(wanted), 5000):
             self._put_locations(conn, wanted[start : start + 5000])
-        added = sum(1 for uuid in fresh if uuid not in existing)
+        added = sum(1 for uuid in fresh if uuid not in existing_uuids)
         report.added += added
         report.updated += len(good) - added
         keep.update(fresh)
+
+    @staticmethod
+    def _restore_foreign_keys(conn: Any, validate: bool) -> None:
+        """Put back the foreign keys a PostgreSQL bulk load dropped: NOT VALID (enforced
+        from now on, cascades included, without reading the table), and with
+        ``validate`` checked over every row (once, after the last batch; also completes
+        a reindex stopped between two batches)."""
+        for table, name in _BULK_FOREIGN_KEYS:
+            valid = conn.exec_driver_sql(
+                "SELECT convalidated FROM pg_constraint WHERE conname = %(name)s AND conrelid = %(table)s::regclass",
+                {"name": name, "table": table},
+            ).scalar()
+            if valid is None:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {table} ADD CONSTRAINT {name} FOREIGN KEY (run_uuid) "
+                    "REFERENCES runs (uuid) ON DELETE CASCADE NOT VALID"
+                )
+            if validate and not valid:
+                conn.exec_driver_sql(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
 
     def _lock_empty(self, conn: Any) -> bool:
         """Is the index still empty, with no other writer able to change that until commit?
@@ -844,55 +965,52 @@ class Index(Context):
             conn.exec_driver_sql("LOCK TABLE runs, leaves, locations IN EXCLUSIVE MODE")
         return conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
 
-    def _bulk_load(self, conn: Any, rows: list[dict[str, Any]], locations: list[dict[str, Any]]) -> None:
-        """Fill an empty index in the caller's transaction: plain inserts through the driver,
-        leaves in primary-key order, and the leaves index built once at the end rather than
-        updated per row (dropped and created in the same transaction: atomic on both)."""
-        self._raw_insert(conn, RUNS, rows)
-        self._raw_insert(conn, LOCATIONS, locations, skip=("id",))
-        leaves = sorted(
-            (tuple(leaf[c] for c in LEAF_COLUMNS)
-             for row in rows
-             for leaf in leaf_rows(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])),
-            key=lambda leaf: (leaf[0], leaf[1]),
-        )
-        indexes = sorted(LEAVES.indexes, key=lambda index: index.name)
-        for index in indexes:
-            index.drop(conn)
-        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        sql = f"INSERT INTO leaves ({', '.join(LEAF_COLUMNS)}) VALUES ({', '.join([mark] * len(LEAF_COLUMNS))})"
-        for start in range(0, len(leaves), 50_000):
-            conn.exec_driver_sql(sql, leaves[start : start + 50_000])
-        for index in indexes:
-            index.create(conn)
-
-    @staticmethod
-    def _raw_insert(conn: Any, table: Any, rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
-        """INSERT ``rows`` with one executemany through the driver, values converted by the
-        columns' own SQLAlchemy bind processors (the same stored form as the ORM path)."""
+    def _bulk_load(
+        self, conn: Any, rows: list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]], locations: list[dict[str, Any]]
+    ) -> None:
+        """Load new runs (``prepare_row`` tuples), their leaves and locations in the caller's
+        transaction with plain inserts through the driver (COPY on PostgreSQL), leaves in
+        primary-key order. The leaves index is not there (see ``_write_batch``)."""
         if not rows:
             return
-        dialect = conn.dialect
-        columns = [column for column in table.c if column.name not in skip]
-        processors = [column.type._cached_bind_processor(dialect) for column in columns]
-        mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        sql = (
-            f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
-            f"VALUES ({', '.join([mark] * len(columns))})"
+        rows = sorted(rows, key=lambda row: row[0][0])
+        self._load(conn, RUNS.name, [c.name for c in RUNS.c], [row[0] for row in rows])
+        self._load(
+            conn,
+            LOCATIONS.name,
+            ["run_uuid", "storage", "directory", "mtime_ns"],
+            [(loc["run_uuid"], loc["storage"], loc["directory"], loc["mtime_ns"]) for loc in locations],
         )
-        names = [column.name for column in columns]
-        pairs = list(zip(names, processors, strict=True))
-        for start in range(0, len(rows), 50_000):
-            conn.exec_driver_sql(
-                sql,
-                [
-                    tuple(
-                        process(row.get(name)) if process is not None else row.get(name)
-                        for name, process in pairs
-                    )
-                    for row in rows[start : start + 50_000]
-                ],
-            )
+        self._load(
+            conn, LEAVES.name, list(LEAF_COLUMNS), [leaf for row in rows if isinstance(row[1], list) for leaf in row[1]]
+        )
+        # The other runs' leaves are built by the database from the rows just written.
+        built = [(row[0][0], *row[1]) for row in rows if not isinstance(row[1], list)]
+        if built:
+            statements = leaf_sql()
+            for name, wanted in (
+                ("config", built),
+                ("predicate", [run for run in built if run[2]]),
+                ("nested", [run for run in built if run[3]]),
+            ):
+                if wanted:
+                    conn.exec_driver_sql(statements[name], {"batch": json.dumps([[run[0], run[1]] for run in wanted])})
+
+    @staticmethod
+    def _load(conn: Any, table: str, columns: list[str], values: list[tuple[Any, ...]]) -> None:
+        """Insert plain tuples: one executemany on SQLite, COPY on PostgreSQL."""
+        if not values:
+            return
+        if conn.dialect.name == "postgresql":
+            with conn.connection.dbapi_connection.cursor() as cursor:
+                with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                    for value in values:
+                        copy.write_row(value)
+            return
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})", values
+        )
 
     def _existing(self, conn: Any, uuids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -912,7 +1030,8 @@ class Index(Context):
         root: Path,
         known: dict[str, tuple[str, int | None]],
         progress: bool | None,
-    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]]:
+        prepare: str | None = None,
+    ) -> Iterator[tuple[list[Any], list[dict[str, Any]], set[str], list[tuple[str, str]]]]:
         """Read the record directories under ``root`` that changed since ``known``, yielding
         (rows, locations, unchanged uuids, skipped) one chunk of directories at a time."""
         try:
@@ -923,11 +1042,14 @@ class Index(Context):
         # A directory modified within this window could change again within the
         # filesystem's timestamp granularity unseen: do not trust its mtime next time.
         recent = time.time_ns() - 2_000_000_000
-        names = [name for name in names if not name.startswith(".")]
+        # In name (uuid) order, so that a bulk load appends to the tables' primary keys
+        # rather than inserting all over them.
+        names = sorted(name for name in names if not name.startswith("."))
         chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
 
         def job(chunk: list[str]) -> tuple[Any, ...]:
-            return storage, chunk, {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}, recent
+            seen = {d: known[d] for d in (os.path.join(storage, n) for n in chunk) if d in known}
+            return storage, chunk, seen, recent, prepare
 
         workers = min(os.cpu_count() or 1, 4)
         if len(names) >= PARALLEL_SCAN_MIN and workers > 1 and hasattr(os, "fork"):

@@ -7,14 +7,16 @@ worker processes for large storages). Reading never imports user code.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from machinable.catalog.leaves import leaf_tuples, scope_key, sql_exact, sql_shape
 from machinable.record import (
     ID_FILE,
     MAX_MARKER_BYTES,
@@ -153,11 +155,58 @@ def _mtime(path: str) -> datetime | None:
 
 
 
+@functools.lru_cache(maxsize=4)
+def _converters(dialect: str) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """(column, converter) of every ``runs`` column: the value a bulk load writes, the same
+    stored form as SQLAlchemy's bind processors give it (JSON as the engine's text)."""
+    from sqlalchemy import JSON
+
+    from machinable.catalog.engine import json_serializer
+    from machinable.catalog.models import Run
+
+    columns = list(Run.__table__.c)
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+        sqlite = SQLiteDialect_pysqlite(json_serializer=json_serializer)
+        return tuple((c.name, c.type._cached_bind_processor(sqlite)) for c in columns)
+    # PostgreSQL loads with COPY: JSON as text, everything else as Python values.
+    return tuple((c.name, json_serializer if isinstance(c.type, JSON) else None) for c in columns)
+
+
+def prepare_row(
+    row: dict[str, Any], dialect: str
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]] | tuple[int, bool, bool]]:
+    """A ``runs`` row ready for a bulk load (values in column order), and its leaves: the
+    rows themselves, or (when the database builds them exactly, ``leaves.sql_exact``)
+    the run's scope key and ``leaves.sql_shape``.
+
+    Raises ValueError for a value the index cannot store (NaN or infinity in a config).
+    """
+    converters = _converters(dialect)
+    values = tuple(convert(row.get(name)) if convert is not None else row.get(name) for name, convert in converters)
+    names = [name for name, _ in converters]
+    config, predicate = values[names.index("config")], values[names.index("predicate")]
+    # SQLite builds leaves from its JSON faster than rows can be inserted; PostgreSQL
+    # takes Python's rows through COPY faster than it expands jsonb (measured).
+    if dialect == "sqlite" and isinstance(config, str) and isinstance(predicate, str) and sql_exact(config, predicate):
+        return values, (scope_key(row["project"], row["module"]), *sql_shape(config, predicate))
+    return values, leaf_tuples(row["uuid"], row["project"], row["module"], row["config"], row["predicate"])
+
+
 def scan_names(
-    storage: str, names: list[str], known: dict[str, tuple[str, int | None]], recent: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str], list[tuple[str, str]]]:
-    """Read the record directories ``names`` of ``storage`` (a unit of reindex work)."""
-    rows: list[dict[str, Any]] = []
+    storage: str,
+    names: list[str],
+    known: dict[str, tuple[str, int | None]],
+    recent: int,
+    prepare: str | None = None,
+) -> tuple[list[Any], list[dict[str, Any]], set[str], list[tuple[str, str]]]:
+    """Read the record directories ``names`` of ``storage`` (a unit of reindex work).
+
+    With ``prepare`` (a dialect name) rows come as ``prepare_row`` gives them, ready for
+    a bulk load, so that serialising them happens here (in a scan worker) too.
+    """
+    rows: list[Any] = []
     locations: list[dict[str, Any]] = []
     unchanged: set[str] = set()
     skipped: list[tuple[str, str]] = []
@@ -208,10 +257,18 @@ def scan_names(
             skipped.append((directory, problem))
             continue
         try:
-            rows.append(row_values(header, model, markers))
+            row = row_values(header, model, markers)
         except (KeyError, TypeError, ValueError) as exc:
             skipped.append((directory, f"invalid header: {exc}"))
             continue
+        if prepare is not None:
+            try:
+                rows.append(prepare_row(row, prepare))
+            except (TypeError, ValueError) as exc:
+                skipped.append((directory, f"model.json cannot be stored in the index: {exc}"))
+                continue
+        else:
+            rows.append(row)
         mtime = info.st_mtime_ns if info.st_mtime_ns < recent else None
         locations.append({"run_uuid": name, "storage": storage, "directory": directory, "mtime_ns": mtime})
     return rows, locations, unchanged, skipped

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import String, any_, bindparam, delete, select, tuple_
+from sqlalchemy.dialects import postgresql
 
 from machinable.catalog.engine import retry_busy
 from machinable.catalog.index import LOCATIONS, RUNS, Index
@@ -34,6 +35,9 @@ from machinable.stores import AVAILABILITY, REMOTES, copies, resolve_store
 from machinable.stores.manifest import MANIFEST_NAME, build_manifest, manifest_digest
 
 CHECKPOINT = ".machinable-verify.json"
+# The columns of a run's row that verify compares (not the JSON ones: parsing them is
+# most of what reading rows costs).
+_COMPARED = tuple(RUNS.c[name] for name in ("uuid", "project", "module", "config_key", "predicate_key", "status", "digest"))
 CHECKPOINT_EVERY = 1000
 
 
@@ -141,10 +145,21 @@ def verify(
         else:
             report.resumed_after = start_after
             report.findings, report.checked, report.unchecked = findings, checked, unchecked
+    # One listing says which entries are plain directories (no stat per run); the few
+    # that are not (links, files) are looked at one by one below.
+    names: list[str] = []
+    odd: set[str] = set()
     try:
-        names = sorted(n for n in os.listdir(root) if not n.startswith(".") and n > start_after)
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name <= start_after:
+                    continue
+                names.append(entry.name)
+                if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                    odd.add(entry.name)
     except FileNotFoundError:
-        names = []
+        pass
+    names.sort()
 
     def note(target: str, kind: str, detail: str, fix: Any = None) -> None:
         finding = Finding(target, kind, detail)
@@ -158,17 +173,20 @@ def verify(
 
     seen: set[str] = set()
     batch: list[str] = []
-    size = max(1, min(500, CHECKPOINT_EVERY))
+    # Runs checked per round of queries: PostgreSQL takes the names as one array
+    # parameter, so a larger batch means fewer round trips; SQLite binds each name.
+    size = max(1, min(1000 if index.dialect == "postgresql" else 500, CHECKPOINT_EVERY))
     saved_at = report.checked
     for name in track(names, total=len(names), description=f"verify {root}", show=progress):
-        directory = root / name
-        if directory.is_symlink():
-            note(str(directory), "symlinked run directory", "a link, not a run directory: move the run here")
-            continue
-        if not directory.is_dir():
-            continue
+        if name in odd:
+            directory = root / name
+            if directory.is_symlink():
+                note(str(directory), "symlinked run directory", "a link, not a run directory: move the run here")
+                continue
+            if not directory.is_dir():
+                continue
         if not is_uuid(name):
-            note(str(directory), "stray directory", "not named like a run uuid")
+            note(str(root / name), "stray directory", "not named like a run uuid")
             continue
         seen.add(name)
         batch.append(name)
@@ -228,17 +246,27 @@ def _located(index: Index, storage: str, page: int = 5000) -> Any:
         last = tuple(rows[-1])
 
 
-def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
+def _among(column: Any, names: list[str], dialect: str) -> Any:
+    """``column IN names``: one array parameter on PostgreSQL (a list of 500 parameters
+    makes a new statement text, parsed again by the driver, for every batch)."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(None, names, type_=postgresql.ARRAY(String)))
+    return column.in_(names)
 
+
+def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksums: bool, report: VerifyReport) -> None:
+    dialect = index.dialect
     with index.engine.connect() as conn:
         rows = {
             row["uuid"]: row
-            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(names))).mappings()
+            for row in conn.execute(select(*_COMPARED).where(_among(RUNS.c.uuid, names, dialect))).mappings()
         }
         located = {
             (run_uuid, directory)
             for run_uuid, directory in conn.execute(
-                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid.in_(names))
+                select(LOCATIONS.c.run_uuid, LOCATIONS.c.directory).where(
+                    _among(LOCATIONS.c.run_uuid, names, dialect)
+                )
             )
         }
         conflicts: dict[str, list[tuple[str, str, str]]] = {}
@@ -246,7 +274,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             select(AVAILABILITY.c.run_uuid, REMOTES.c.name, AVAILABILITY.c.state, AVAILABILITY.c.checksum)
             .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
             .where(
-                AVAILABILITY.c.run_uuid.in_(names),
+                _among(AVAILABILITY.c.run_uuid, names, dialect),
                 AVAILABILITY.c.state.in_(("present", "conflict")),
                 AVAILABILITY.c.checksum.is_not(None),
             )
@@ -257,7 +285,7 @@ def _check_batch(index: Index, root: Path, names: list[str], note: Any, checksum
             stored = set(
                 conn.execute(
                     select(AVAILABILITY.c.run_uuid).where(
-                        AVAILABILITY.c.run_uuid.in_(names), AVAILABILITY.c.state == "present"
+                        _among(AVAILABILITY.c.run_uuid, names, dialect), AVAILABILITY.c.state == "present"
                     )
                 ).scalars()
             )
@@ -331,7 +359,7 @@ def _check_run(
 
 def _fresh_row(index: Index, name: str) -> tuple[Any, set[tuple[str, str]]]:
     with index.engine.connect() as conn:
-        row = conn.execute(select(RUNS).where(RUNS.c.uuid == name)).mappings().first()
+        row = conn.execute(select(*_COMPARED).where(RUNS.c.uuid == name)).mappings().first()
         located = {
             (run_uuid, directory)
             for run_uuid, directory in conn.execute(
