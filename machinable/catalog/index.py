@@ -407,7 +407,7 @@ class Index(Context):
             # database can), then the rows of that page alone.
             uuids: list[str] = []
             by_leaves = leaf_uuid_page(expr, conditions, order_by, scope) if limit is not None else None
-            if by_leaves is not None and not dense_probe(conn, SORT_PASSING)(by_leaves[0]):
+            if by_leaves is not None and not dense_probe(conn, SORT_PASSING + 1)(by_leaves[0]):
                 # few pass: sort their uuids off the leaves rather than probe run by run
                 page = by_leaves[1].limit(limit).offset(offset)
                 return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))

@@ -635,7 +635,7 @@ def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
 
 
 # A page in uuid order filtered on one path is read off the leaves (every passing uuid,
-# sorted) while fewer than this many pass: that sort costs less than probing runs one
+# sorted) while at most this many pass: that sort costs less than probing runs one
 # by one in uuid order, which reads (runs / passing) x limit of them.
 SORT_PASSING = 10_000
 
