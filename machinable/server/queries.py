@@ -122,29 +122,28 @@ def list_runs(
     specs = _order_specs(order_by)
     with engine.connect() as conn:
         dense = dense_probe(conn)
-        full = plan(expr, conditions, specs, dialect, dense)
-        keys = _keys(full.order)
-        values = _decode_cursor(after, where, order_by, len(keys)) if after is not None else None
-        rows: list[Any] = []
         # An ascending order by a config path starts with the runs holding a number
-        # there: walk those along the leaves index first, and sort the rest only when
-        # they do not fill the page (as Index.search does).
-        if first_order_numbers(expr, specs) and (values is None or values[0] == 0):
-            numbers = plan(expr, conditions, specs, dialect, dense, numbers_only=True)
-            number_keys = _keys(numbers.order)
-            # its keys are the full order's without the kind's rank (0: a number)
+        # there: walk those along the leaves index first, and plan (and sort) the whole
+        # order only when they do not fill the page (as Index.search does). The walk's
+        # keys are the whole order's without the kind's rank (0: a number).
+        numbers = plan(expr, conditions, specs, dialect, dense, numbers_only=True) if first_order_numbers(expr, specs) else None
+        full = None if numbers is not None else plan(expr, conditions, specs, dialect, dense)
+        size = len(numbers.order) + 1 if numbers is not None else len(full.order)  # type: ignore[union-attr]
+        values = _decode_cursor(after, where, order_by, size) if after is not None else None
+        rows: list[Any] = []
+        if numbers is not None and (values is None or values[0] == 0):
             start = None if values is None else values[1:]
-            rows = _page_rows(conn, numbers, number_keys, start, limit, offset, dialect)
+            rows = _page_rows(conn, numbers, _keys(numbers.order), start, limit, offset, dialect)
             rows = [[row, [0, *key]] for row, key in rows]
         if len(rows) < limit:
-            rows = _page_rows(conn, full, keys, values, limit, offset, dialect)
+            full = full or plan(expr, conditions, specs, dialect, dense)
+            rows = _page_rows(conn, full, _keys(full.order), values, limit, offset, dialect)
         total: int | None = None
-        if not with_count:
-            pass
-        elif after is None and offset == 0 and len(rows) < limit:
-            total = len(rows)
-        else:
-            total = int(conn.execute(count_statement(expr, conditions, dialect)).scalar() or 0)
+        if with_count:
+            if after is None and offset == 0 and len(rows) < limit:
+                total = len(rows)
+            else:
+                total = int(conn.execute(count_statement(expr, conditions, dialect)).scalar() or 0)
         copies = _copies(conn, [row["uuid"] for row, _ in rows])
     cursor = None
     if rows and len(rows) == limit:
