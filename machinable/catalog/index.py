@@ -407,10 +407,13 @@ class Index(Context):
             # database can), then the rows of that page alone.
             uuids: list[str] = []
             by_leaves = leaf_uuid_page(expr, conditions, order_by, scope) if limit is not None else None
-            if by_leaves is not None and not dense_probe(conn, SORT_PASSING + 1)(by_leaves[0]):
-                # few pass: sort their uuids off the leaves rather than probe run by run
-                page = by_leaves[1].limit(limit).offset(offset)
-                return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))
+            if by_leaves is not None:
+                if not dense_probe(conn, SORT_PASSING + 1)(by_leaves[0]):
+                    # few pass: sort their uuids off the leaves rather than probe run by run
+                    page = by_leaves[1].limit(limit).offset(offset)
+                    return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))
+                # more than SORT_PASSING pass the one filter: the plan need not count again
+                dense = lambda probe: True  # noqa: E731
             if limit is not None and first_order_numbers(expr, order_by):
                 numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
                 uuids = self._page(conn, numbers, limit, offset)
