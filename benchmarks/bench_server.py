@@ -202,7 +202,11 @@ def main() -> None:
         config = make_config([project], [])
         served = config.project("bench")
         assert served is not None
-        local_detail = timed(lambda i: json.dumps(queries.get_run(served, picks[i])).encode(), args.samples)
+        def page_in_process(where: str, order: str) -> bytes:
+            page, total, cursor = queries.list_runs(served, where, order, 100, 0, with_count=False)
+            return queries.page_json(page, total, 100, 0, cursor)
+
+        local_detail = timed(lambda i: queries.get_run(served, picks[i]).encode(), args.samples)
         print(f"run detail          HTTP {summary(http_detail)}   in-process {summary(local_detail)}   "
               f"ratio {statistics.median(http_detail) / statistics.median(local_detail):.1f}x")
         print(f"first page (100), no filter, HTTP {summary(unfiltered)}")
@@ -212,7 +216,7 @@ def main() -> None:
                 client.get(rows)
             http_page = timed(lambda i, r=rows: client.get(r), args.page_samples)
             local_page = timed(
-                lambda i, w=where, o=order: json.dumps(queries.list_runs(served, w, o, 100, 0, with_count=False)).encode(),
+                lambda i, w=where, o=order: page_in_process(w, o),
                 args.page_samples,
             )
             counted = timed(

@@ -222,3 +222,44 @@ def test_a_page_ordered_by_a_filtered_path_with_many_ties_needs_no_sort(tmp_path
         statement, parameters = pages_of(seen)[-1]
         steps = sqlite_plan(index, statement, parameters)
         assert not any("TEMP B-TREE" in step for step in steps), (order, steps)
+
+
+def test_rows_added_to_an_empty_index_keep_the_last_of_a_repeated_run(fresh_index):
+    """Into an empty index every run is new, so no old leaves are deleted first; a run
+    given twice in one call still ends as one run, with the later row's config (and
+    only its leaves)."""
+    index = fresh_index("empty")
+    rows = bulk_rows(3, lambda k: {"i": k})
+    later = {**rows[1], "config": {"i": 41}}
+    index.add_rows([*rows, later])
+    assert index.count() == 3
+    assert [r.config["i"] for r in index.search("config.i >= 0", order_by="config.i")] == [0, 2, 41]
+    assert index.count("config.i = 1") == 0
+    # into a filled index, a repeated run replaces its leaves as before
+    index.add_rows([{**rows[0], "config": {"i": 7}}])
+    assert [r.config["i"] for r in index.search("config.i >= 0", order_by="config.i")] == [2, 7, 41]
+
+
+def test_a_dense_probe_is_asked_once_for_a_while(fresh_index, monkeypatch: pytest.MonkeyPatch):
+    """Whether many runs pass a filter only picks the plan, so the answer is reused for
+    DENSE_TTL seconds per database and test: a second page runs one statement fewer,
+    and the pages are the same. Another database asks its own."""
+    from machinable.catalog import query
+
+    index = fresh_index("dense")
+    index.add_rows(bulk_rows(3000, lambda k: {"i": k, "lr": (k % 10) / 10}))
+    other = fresh_index("sparse")
+    other.add_rows(bulk_rows(50, lambda k: {"i": k, "lr": (k % 10) / 10}))
+    query._DENSE_SEEN.clear()
+
+    def page(on: Index) -> tuple[list[int], int]:
+        with statements_of(on) as seen:
+            found = [r.config["i"] for r in on.search("config.lr >= 0.5", limit=5)]
+        return found, len(seen)
+
+    first, asked = page(index)
+    again, reused = page(index)
+    assert again == first and reused == asked - 1
+    assert page(other)[1] == asked  # its own probe
+    monkeypatch.setattr(query, "DENSE_TTL", 0.0)
+    assert page(index) == (first, asked)  # expired: asked again

@@ -655,8 +655,13 @@ class Index(Context):
 
         def write() -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
-                for start in range(0, len(rows), 5000):
-                    self._upsert_runs(conn, rows[start : start + 5000])
+                # Into an empty index, every run is new: no old leaves to delete. (On
+                # PostgreSQL the delete's cached plan, made while the table was small,
+                # scans every leaf: 100,000 runs took over 15 minutes instead of 30 s.)
+                fresh = conn.execute(select(RUNS.c.uuid).limit(1)).first() is None
+                unique = list({row["uuid"]: row for row in rows}.values()) if fresh else rows
+                for start in range(0, len(unique), 5000):
+                    self._upsert_runs(conn, unique[start : start + 5000], fresh=fresh)
 
         retry_busy(write)
         self._analyze(len(rows))

@@ -14,6 +14,7 @@ value.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -623,13 +624,35 @@ def _check_operator(expr: Compare) -> None:
 DENSE = 2000
 
 
+# How long a dense probe's answer is reused in this process (seconds). It only picks
+# between two plans that return the same rows, so a stale answer costs time, never
+# correctness; reusing it saves a query on every page a server or a notebook reads.
+DENSE_TTL = 30.0
+_DENSE_SEEN: dict[Any, tuple[float, bool]] = {}
+
+
 def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
     """``plan``'s ``dense`` on ``conn``: do at least ``at_least`` leaves pass a test?
-    Reads at most that many index entries."""
+    Reads at most that many index entries, once per ``DENSE_TTL`` for the same test on
+    the same database."""
 
     def dense(probe: Any) -> bool:
+        key = probe._generate_cache_key()  # structure and bound values, without compiling
+        seen = (
+            str(conn.engine.url), at_least, key.key, tuple(repr(b.effective_value) for b in key.bindparams)
+        ) if key is not None else None
+        now = time.monotonic()
+        if seen is not None:
+            hit = _DENSE_SEEN.get(seen)
+            if hit is not None and now - hit[0] < DENSE_TTL:
+                return hit[1]
         capped = probe.limit(at_least).subquery()
-        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
+        answer = int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
+        if seen is not None:
+            if len(_DENSE_SEEN) >= 1024:
+                _DENSE_SEEN.clear()
+            _DENSE_SEEN[seen] = (now, answer)
+        return answer
 
     return dense
 

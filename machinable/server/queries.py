@@ -11,19 +11,22 @@ import binascii
 import functools
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Text,
     and_,
     bindparam,
+    cast,
     false,
+    func,
     literal,
-    literal_column,
-    null,
     or_,
     select,
+    type_coerce,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import operators
@@ -52,16 +55,35 @@ REMOTES = Remote.__table__
 TIMES = ("created_at", "started_at", "finished_at")
 # The digest column arrives with the trust work (issue 10); until then it reads as null.
 DIGEST = RUNS.c.get("digest")
-COLUMNS = [
-    RUNS.c.uuid,
-    RUNS.c.module,
-    RUNS.c.config,
-    RUNS.c.version,
-    RUNS.c.predicate,
-    RUNS.c.status,
-    *(RUNS.c[name] for name in TIMES),
-    *([DIGEST] if DIGEST is not None else []),
-]
+JSON_FIELDS = ("config", "version", "predicate")
+
+
+def _columns(dialect: str) -> list[Any]:
+    """The columns of a RUN object. The JSON columns are read as their stored text and
+    passed through to the answer undecoded (decoding and encoding them again was most of
+    a page's time on PostgreSQL)."""
+    raw = [
+        (cast(RUNS.c[name], Text) if dialect == "postgresql" else type_coerce(RUNS.c[name], Text)).label(name)
+        for name in JSON_FIELDS
+    ]
+    return [
+        RUNS.c.uuid,
+        RUNS.c.module,
+        *raw,
+        RUNS.c.status,
+        *(RUNS.c[name] for name in TIMES),
+        *([DIGEST] if DIGEST is not None else []),
+    ]
+
+
+def _read(engine: Any) -> Any:
+    """A connection for reads. On PostgreSQL without a transaction: BEGIN and ROLLBACK
+    were two of a run detail's four round trips. (Each statement then sees its own
+    snapshot; a page copes with a run deleted between its statements.)"""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,7 +114,7 @@ def count_runs(project: ServedProject, where: str | None = None) -> int:
         return 0
     engine = get_engine(project.index_url)
     conditions, expr = _search(project, where)
-    with engine.connect() as conn:
+    with _read(engine) as conn:
         return int(conn.execute(count_statement(expr, conditions, engine.dialect.name)).scalar() or 0)
 
 
@@ -104,8 +126,8 @@ def list_runs(
     offset: int,
     after: str | None = None,
     with_count: bool = True,
-) -> tuple[list[dict[str, Any]], int | None, str | None]:
-    """One page of runs (as RUN objects), the number of all matching runs (None unless
+) -> tuple[list[str], int | None, str | None]:
+    """One page of runs (RUN objects as JSON text, see ``page_json``), the number of all matching runs (None unless
     ``with_count``), and the cursor of the next page (None after the last).
 
     The search is the catalog's own (``catalog.query.plan``: config filters and orders
@@ -120,7 +142,7 @@ def list_runs(
     dialect = engine.dialect.name
     conditions, expr = _search(project, where)
     specs = _order_specs(order_by)
-    with engine.connect() as conn:
+    with _read(engine) as conn:
         dense = dense_probe(conn)
         # An ascending order by a config path starts with the runs holding a number
         # there: walk those along the leaves index first, and plan (and sort) the whole
@@ -144,11 +166,10 @@ def list_runs(
                 total = len(rows)
             else:
                 total = int(conn.execute(count_statement(expr, conditions, dialect)).scalar() or 0)
-        copies = _copies(conn, [row["uuid"] for row, _ in rows])
     cursor = None
     if rows and len(rows) == limit:
         cursor = _encode_cursor(where, order_by, rows[-1][1])
-    return [_run(row, copies.get(row["uuid"], [])) for row, _ in rows], total, cursor
+    return [_run(row, _copies(row)) for row, _ in rows], total, cursor
 
 
 def _page_rows(
@@ -158,22 +179,25 @@ def _page_rows(
     where = list(compiled.where)
     if values is not None:
         where.append(_beyond(keys, values, dialect))
-    # Two steps, as Index.search takes them: the page's uuids and sort keys (read off
-    # indexes where the database can, however many rows tie on the first key), then
-    # the rows of that page alone.
-    statement = (
-        select(RUNS.c.uuid, *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
+    # The page's uuids and sort keys first, in a subquery (the database reads them off
+    # indexes where it can, however many rows tie on the first key, and stops at the
+    # limit), then the rows and copies of that page alone, in the same statement.
+    page = (
+        select(RUNS.c.uuid.label("page_uuid"), *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
         .select_from(compiled.source)
         .where(*where)
         .order_by(*compiled.order)
         .limit(limit)
         .offset(offset)
+        .subquery("page")
     )
-    page = [(uuid, list(values)) for uuid, *values in conn.execute(statement)]
-    if not page:
-        return []
-    found = {row["uuid"]: row for row in conn.execute(_ROWS, {"uuids": [uuid for uuid, _ in page]}).mappings()}
-    return [[found[uuid], values] for uuid, values in page if uuid in found]
+    sort = [page.c[f"_k{i}"] for i in range(len(keys))]
+    statement = (
+        select(*_columns(dialect), *_copy_columns(dialect), *sort)
+        .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
+        .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
+    )
+    return [[row, [row[f"_k{i}"] for i in range(len(keys))]] for row in conn.execute(statement).mappings()]
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
@@ -242,79 +266,74 @@ def _decode_cursor(cursor: str, where: str | None, order_by: str | None, size: i
     return decoded
 
 
-_ROWS = select(*COLUMNS).where(RUNS.c.uuid.in_(bindparam("uuids", expanding=True)))
-# One run and its copies: built once (building a statement costs more than running it).
-_RUN = select(*COLUMNS).where(RUNS.c.uuid == bindparam("uuid"))
-_SCOPED_RUN = _RUN.where(RUNS.c.project == bindparam("project"))
+def _copy_columns(dialect: str) -> list[Any]:
+    """Every copy of the run of the enclosing row, as two JSON arrays: its local
+    directories ``[id, directory]`` and its store copies ``[id, store, url, state, size,
+    checksum, verified_at]``, each in the order the index recorded them (``id``). Read
+    in the run's own statement, they cost no round trip of their own."""
 
+    def aggregate(*values: Any) -> Any:
+        if dialect == "postgresql":
+            return cast(func.json_agg(func.json_build_array(*values)), Text)
+        return type_coerce(func.json_group_array(func.json_array(*values)), Text)
 
-def _copies_of(local: Any, stored: Any) -> Any:
-    """Local directories (kind 0) and store copies (kind 1) of the runs the two conditions
-    pick, in one UNION (``position`` orders each kind as the index recorded it)."""
-    return (
+    local = select(aggregate(LOCATIONS.c.id, LOCATIONS.c.directory)).where(LOCATIONS.c.run_uuid == RUNS.c.uuid)
+    stored = (
         select(
-            LOCATIONS.c.run_uuid,
-            literal_column("'local'").label("store"),
-            LOCATIONS.c.directory.label("url"),
-            null().label("state"),
-            null().label("size"),
-            null().label("checksum"),
-            null().label("verified_at"),
-            literal_column("0").label("kind"),
-            LOCATIONS.c.id.label("position"),
-        )
-        .where(local)
-        .union_all(
-            select(
-                AVAILABILITY.c.run_uuid,
-                REMOTES.c.name,
-                REMOTES.c.url,
-                AVAILABILITY.c.state,
-                AVAILABILITY.c.size,
-                AVAILABILITY.c.checksum,
-                AVAILABILITY.c.verified_at,
-                literal_column("1"),
-                AVAILABILITY.c.id,
+            aggregate(
+                AVAILABILITY.c.id, REMOTES.c.name, REMOTES.c.url, AVAILABILITY.c.state,
+                AVAILABILITY.c.size, AVAILABILITY.c.checksum, AVAILABILITY.c.verified_at,
             )
-            .join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id)
-            .where(stored)
         )
+        .select_from(AVAILABILITY.join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id))
+        .where(AVAILABILITY.c.run_uuid == RUNS.c.uuid)
     )
+    return [local.scalar_subquery().label("local_copies"), stored.scalar_subquery().label("store_copies")]
 
 
-_COPIES = _copies_of(LOCATIONS.c.run_uuid == bindparam("uuid"), AVAILABILITY.c.run_uuid == bindparam("uuid"))
-_PAGE_COPIES = _copies_of(
-    LOCATIONS.c.run_uuid.in_(bindparam("uuids", expanding=True)),
-    AVAILABILITY.c.run_uuid.in_(bindparam("uuids", expanding=True)),
-)
+def _copies(row: Any) -> list[dict[str, Any]]:
+    """The copies ``_copy_columns`` read: local directories first, then store copies."""
+    local = sorted(json.loads(row["local_copies"] or "[]"))
+    stored = sorted(json.loads(row["store_copies"] or "[]"), key=lambda item: item[0])
+    return [_local_copy(directory) for _, directory in local] + [_copy(*item[1:]) for item in stored]
 
 
-def get_run(project: ServedProject, uuid: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class _Statements:
+    run: Any  # one run with its copies (uuid)
+    scoped_run: Any  # the same within one project (uuid, project)
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    """The server's fixed statements, built once per dialect (building a statement
+    costs more than running it)."""
+    run = select(*_columns(dialect), *_copy_columns(dialect)).where(RUNS.c.uuid == bindparam("uuid"))
+    return _Statements(run=run, scoped_run=run.where(RUNS.c.project == bindparam("project")))
+
+
+def get_run(project: ServedProject, uuid: str) -> str | None:
+    """One RUN object as JSON text, or None when the project has no such run."""
     if not has_index(project) or not _looks_like_uuid(uuid):
         return None
     engine = get_engine(project.index_url)
-    with engine.connect() as conn:
+    statements = _statements(engine.dialect.name)
+    with _read(engine) as conn:
         if project.scope is not None:
-            row = conn.execute(_SCOPED_RUN, {"uuid": uuid, "project": project.scope}).mappings().first()
+            row = conn.execute(statements.scoped_run, {"uuid": uuid, "project": project.scope}).mappings().first()
         else:
-            row = conn.execute(_RUN, {"uuid": uuid}).mappings().first()
-        if row is None:
-            return None
-        copies = [
-            _copy(store, url, state, size, checksum, verified, kind)
-            for _, store, url, state, size, checksum, verified, kind, _ in sorted(
-                conn.execute(_COPIES, {"uuid": uuid}), key=lambda r: (r[7], r[8])
-            )
-        ]
-    return _run(row, copies)
+            row = conn.execute(statements.run, {"uuid": uuid}).mappings().first()
+    return None if row is None else _run(row, _copies(row))
 
 
-def _copy(store: str, url: str, state: Any, size: Any, checksum: Any, verified: Any, kind: Any) -> dict[str, Any]:
-    if int(kind) == 0:
-        present = os.path.isfile(os.path.join(url, SENTINEL))
-        return {"store": "local", "url": url, "state": "present" if present else "evicted",
-                "size": None, "checksum": None, "verified_at": None}
-    if isinstance(verified, str):  # SQLite hands back text through a UNION
+def _local_copy(directory: str) -> dict[str, Any]:
+    present = os.path.isfile(os.path.join(directory, SENTINEL))
+    return {"store": "local", "url": directory, "state": "present" if present else "evicted",
+            "size": None, "checksum": None, "verified_at": None}
+
+
+def _copy(store: str, url: str, state: Any, size: Any, checksum: Any, verified: Any) -> dict[str, Any]:
+    if isinstance(verified, str):  # a time inside JSON
         verified = datetime.fromisoformat(verified)
     return {"store": store, "url": url, "state": state, "size": size, "checksum": checksum,
             "verified_at": _time(verified)}
@@ -332,7 +351,7 @@ def run_directory(project: ServedProject, uuid: str) -> str | None:
     )
     if project.scope is not None:
         statement = statement.where(RUNS.c.project == project.scope)
-    with get_engine(project.index_url).connect() as conn:
+    with _read(get_engine(project.index_url)) as conn:
         directories = conn.execute(statement).scalars().all()
     for directory in directories:
         if os.path.isfile(os.path.join(directory, SENTINEL)):
@@ -344,34 +363,31 @@ def _looks_like_uuid(text: str) -> bool:
     return 0 < len(text) <= 64 and text.isalnum()
 
 
-def _copies(conn: Any, uuids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Every copy of each of ``uuids`` (local directories first, then store copies), in
-    one statement."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    if not uuids:
-        return found
-    rows = conn.execute(_PAGE_COPIES, {"uuids": uuids}).all()
-    for run_uuid, store, url, state, size, checksum, verified, kind, _ in sorted(rows, key=lambda r: (r[7], r[8])):
-        found.setdefault(run_uuid, []).append(_copy(store, url, state, size, checksum, verified, kind))
-    return found
-
-
 def _time(value: datetime | None) -> str | None:
     value = aware(value)
     return value.isoformat() if value is not None else None
 
 
-def _run(row: Any, copies: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "uuid": row["uuid"],
-        "module": row["module"],
-        "config": row["config"],
-        "version": row["version"],
-        "predicate": row["predicate"],
+def _run(row: Any, copies: list[dict[str, Any]]) -> str:
+    """A RUN object as JSON text, its config, version and predicate spliced in as the
+    index stores them (``_columns``)."""
+    head = _ENCODE({"uuid": row["uuid"], "module": row["module"]})
+    raw = ", ".join(f'"{name}": {row[name] or "null"}' for name in JSON_FIELDS)
+    tail = _ENCODE({
         "status": row["status"],
         "created_at": _time(row["created_at"]),
         "started_at": _time(row["started_at"]),
         "finished_at": _time(row["finished_at"]),
         "digest": row["digest"] if DIGEST is not None else None,
         "copies": copies,
-    }
+    })
+    return f"{head[:-1]}, {raw}, {tail[1:]}"
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def page_json(runs: list[str], total: int | None, limit: int, offset: int, cursor: str | None) -> bytes:
+    """The answer of a runs request: the RUN objects of ``list_runs`` and the paging."""
+    rest = _ENCODE({"count": total, "limit": limit, "offset": offset, "next": cursor})
+    return f'{{"runs": [{", ".join(runs)}], {rest[1:]}'.encode()

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from machinable.server import files, queries
@@ -122,7 +122,7 @@ def router(config: ServerConfig) -> APIRouter:
             _bounded("after", after),
             with_count=count,
         )
-        return JSONResponse({"runs": page, "count": total, "limit": limit, "offset": offset, "next": cursor})
+        return Response(queries.page_json(page, total, limit, offset, cursor), media_type="application/json")
 
     @api.get("/projects/{project}/runs/{uuid}")
     async def run(request: Request, project: str, uuid: str) -> Any:
@@ -132,7 +132,7 @@ def router(config: ServerConfig) -> APIRouter:
         found = queries.get_run(served(request, project), uuid)
         if found is None:
             raise HTTPException(404, f"no run {uuid[:64]!r} in project {project!r}")
-        return JSONResponse(found)
+        return Response(found, media_type="application/json")
 
     def directory(request: Request, project: str, uuid: str) -> str:
         served_project = served(request, project)
