@@ -430,3 +430,43 @@ def test_readme_serving_section_runs_as_written(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("0.2 ") and lines[1].startswith("0.5 ") and lines[2] == "3"
     assert not (laptop / "storage").exists()
+
+
+def test_a_cursor_page_seeks_where_the_previous_page_ended(tmp_path: Path) -> None:
+    """A page after a cursor starts its index walk at the cursor's sort key (a range the
+    database seeks), not at the start of the order, so the last page of a long result
+    costs what the first does; its runs are the catalog's own at that offset."""
+    from sqlalchemy import event
+
+    from machinable.catalog.engine import to_url
+    from machinable.server import queries
+    from machinable.server.config import ServedProject
+
+    from test_search_indexes import bulk_rows
+
+    index = Index(tmp_path / "deep.sqlite")
+    index.add_rows(bulk_rows(3000, lambda k: {"i": k, "lr": (k % 10) / 10}))
+    served = ServedProject(name="deep", path=tmp_path, index_url=to_url(tmp_path / "deep.sqlite"), scope=None)
+    for where, order, seek, offset in (
+        (None, "config.i", "number>", 2800),
+        ("config.lr >= 0.5", "-config.lr", "number<", 1400),
+        (None, "-created_at", "created_at<", 2800),
+    ):
+        _, _, cursor = queries.list_runs(served, where, order, 1, offset - 1, with_count=False)
+        seen: list[tuple[str, object]] = []
+
+        def capture(conn, cursor_, statement, parameters, context, executemany, seen=seen):
+            seen.append((statement, parameters))
+
+        event.listen(index.engine, "before_cursor_execute", capture)
+        try:
+            page, _, _ = queries.list_runs(served, where, order, 100, 0, after=cursor, with_count=False)
+        finally:
+            event.remove(index.engine, "before_cursor_execute", capture)
+        expected = index.search(where, order_by=order, limit=100, offset=offset)
+        assert len(expected) == 100
+        assert [json.loads(run)["uuid"] for run in page] == [r.uuid for r in expected], (where, order)
+        statement, parameters = next((s, p) for s, p in seen if "_k0" in s)
+        with index.engine.connect() as conn:
+            steps = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+        assert any(seek in step for step in steps), (order, steps)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -716,6 +716,9 @@ class Plan:
     source: Any
     where: list[Any]
     order: list[Any]
+    # order expressions that are never NULL in this plan's rows beyond what the schema
+    # says (a pinned leaf's number or text): a keyset page can bound them as ranges
+    not_null: list[Any] = field(default_factory=list)
 
 
 _RANK = {NUMBER: 0, STRING: 1, FALSE: 2, TRUE: 3, ARRAY: 4, OBJECT: 5}
@@ -757,6 +760,7 @@ def plan(
     source: Any = RUNS
     order: list[Any] = []
     joined: set[str] = set()
+    not_null: list[Any] = []
     specs = _order_specs(spec)
     ties: list[Any] = [RUNS.c.uuid.asc()]
     for position, (field, descending) in enumerate(specs):
@@ -783,6 +787,8 @@ def plan(
             groups[name] = tests
         if pinned is not None:
             groups.pop(name)
+            if pinned in (NUMBER, STRING):
+                not_null.append(alias.c.number if pinned == NUMBER else alias.c.text)
             source = source.join(alias, and_(*on, *(t.test(alias) for t in tests)))
             # number, then text: one of them is NULL for every leaf of the pinned kind,
             # and naming both keeps the order the index's own
@@ -792,14 +798,14 @@ def plan(
                 # The index's own order, and a total one (no later keys to apply).
                 tie = (alias.c.scope, alias.c.run_uuid)
                 order += [key.desc() if descending else key.asc() for key in tie]
-                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, walk=True)
+                return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, not_null, walk=True)
             continue
         source = source.outerjoin(alias, and_(*on))
         rank = case(_RANK, value=alias.c.kind, else_=6)
         for key in (rank, alias.c.number, alias.c.text):
             order.append(key.desc() if descending else key.asc())
     order += ties
-    return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order)
+    return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, not_null)
 
 
 def _finish(
@@ -812,6 +818,7 @@ def _finish(
     joined: set[str],
     source: Any,
     order: list[Any],
+    not_null: list[Any],
     walk: bool = False,
 ) -> Plan:
     """``walk``: the order follows the leaves index of the first order path, so a page
@@ -827,7 +834,7 @@ def _finish(
         else:
             where.append(RUNS.c.uuid.in_(probe))
     where += [compile_expr(item, dialect, scope) for item in rest]
-    return Plan(source, where, order)
+    return Plan(source, where, order, not_null)
 
 
 def first_order_numbers(expr: Expr | None, spec: str | list[str] | None) -> bool:

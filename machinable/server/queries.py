@@ -53,8 +53,6 @@ LOCATIONS = Location.__table__
 AVAILABILITY = Availability.__table__
 REMOTES = Remote.__table__
 TIMES = ("created_at", "started_at", "finished_at")
-# The digest column arrives with the trust work (issue 10); until then it reads as null.
-DIGEST = RUNS.c.get("digest")
 JSON_FIELDS = ("config", "version", "predicate")
 
 
@@ -66,14 +64,12 @@ def _columns(dialect: str) -> list[Any]:
         (cast(RUNS.c[name], Text) if dialect == "postgresql" else type_coerce(RUNS.c[name], Text)).label(name)
         for name in JSON_FIELDS
     ]
-    return [
-        RUNS.c.uuid,
-        RUNS.c.module,
-        *raw,
-        RUNS.c.status,
-        *(RUNS.c[name] for name in TIMES),
-        *([DIGEST] if DIGEST is not None else []),
-    ]
+    return [RUNS.c.uuid, RUNS.c.module, *raw, RUNS.c.status, *(RUNS.c[name] for name in TIMES), RUNS.c.digest]
+
+
+# A row of ``_columns`` then ``_copy_columns`` (a page's sort keys follow).
+(_UUID, _MODULE, _CONFIG, _VERSION, _PREDICATE, _STATUS, _CREATED, _STARTED, _FINISHED, _DIGEST,
+ _LOCAL, _STORED) = range(12)
 
 
 def _read(engine: Any) -> Any:
@@ -169,7 +165,7 @@ def list_runs(
     cursor = None
     if rows and len(rows) == limit:
         cursor = _encode_cursor(where, order_by, rows[-1][1])
-    return [_run(row, _copies(row)) for row, _ in rows], total, cursor
+    return [_run(row) for row, _ in rows], total, cursor
 
 
 def _page_rows(
@@ -178,7 +174,15 @@ def _page_rows(
     """(row, sort-key values) of one page of ``compiled``, after ``values`` when given."""
     where = list(compiled.where)
     if values is not None:
-        where.append(_beyond(keys, values, dialect))
+        never_null = [_never_null(expr, compiled) for expr, _ in keys]
+        where.append(_beyond(keys, values, dialect, never_null))
+        first, descending = keys[0]
+        if values[0] is not None and (never_null[0] or (dialect == "sqlite") != descending):
+            # Implied by the condition above, but a range the database can seek: the
+            # page starts at the cursor instead of walking the order's index from its
+            # start (a page at the end of 100,000 runs took 40 ms, not 4).
+            bound = _bind(first, values[0], dialect)
+            where.append(first <= bound if descending else first >= bound)
     # The page's uuids and sort keys first, in a subquery (the database reads them off
     # indexes where it can, however many rows tie on the first key, and stops at the
     # limit), then the rows and copies of that page alone, in the same statement.
@@ -197,7 +201,7 @@ def _page_rows(
         .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
         .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
     )
-    return [[row, [row[f"_k{i}"] for i in range(len(keys))]] for row in conn.execute(statement).mappings()]
+    return [[row, list(row[_STORED + 1 :])] for row in conn.execute(statement).all()]
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
@@ -215,21 +219,26 @@ def _same(expr: Any, value: Any, dialect: str) -> Any:
     return expr.is_(None) if value is None else expr == _bind(expr, value, dialect)
 
 
-def _past(expr: Any, descending: bool, value: Any, dialect: str) -> Any:
+def _never_null(expr: Any, compiled: Plan) -> bool:
+    """Is this sort key never NULL: a NOT NULL column, or a leaf value the plan pins?"""
+    return getattr(expr, "nullable", True) is False or any(expr is known for known in compiled.not_null)
+
+
+def _past(expr: Any, descending: bool, value: Any, dialect: str, never_null: bool) -> Any:
     """Rows that sort after ``value`` on this key. NULLs sort first on SQLite and last on
     PostgreSQL (ascending), the other way round descending."""
     nulls_first = (dialect == "sqlite") != descending
     if value is None:
         return expr.is_not(None) if nulls_first else false()
     beyond = expr < _bind(expr, value, dialect) if descending else expr > _bind(expr, value, dialect)
-    return beyond if nulls_first else or_(beyond, expr.is_(None))
+    return beyond if nulls_first or never_null else or_(beyond, expr.is_(None))
 
 
-def _beyond(keys: list[tuple[Any, bool]], values: list[Any], dialect: str) -> Any:
+def _beyond(keys: list[tuple[Any, bool]], values: list[Any], dialect: str, never_null: list[bool]) -> Any:
     options = []
     for i, (expr, descending) in enumerate(keys):
         equal = [_same(keys[j][0], values[j], dialect) for j in range(i)]
-        options.append(and_(*equal, _past(expr, descending, values[i], dialect)))
+        options.append(and_(*equal, _past(expr, descending, values[i], dialect, never_null[i])))
     return or_(*options)
 
 
@@ -291,11 +300,12 @@ def _copy_columns(dialect: str) -> list[Any]:
     return [local.scalar_subquery().label("local_copies"), stored.scalar_subquery().label("store_copies")]
 
 
-def _copies(row: Any) -> list[dict[str, Any]]:
-    """The copies ``_copy_columns`` read: local directories first, then store copies."""
-    local = sorted(json.loads(row["local_copies"] or "[]"))
-    stored = sorted(json.loads(row["store_copies"] or "[]"), key=lambda item: item[0])
-    return [_local_copy(directory) for _, directory in local] + [_copy(*item[1:]) for item in stored]
+def _copies(local: str | None, stored: str | None) -> str:
+    """The copies ``_copy_columns`` read, as a JSON list: local directories first, then
+    store copies."""
+    found = [_local_copy(directory) for _, directory in sorted(json.loads(local or "[]"))]
+    found += [_copy(*item[1:]) for item in sorted(json.loads(stored or "[]"), key=lambda item: item[0])]
+    return _ENCODE(found) if found else "[]"
 
 
 @dataclass(frozen=True)
@@ -320,10 +330,10 @@ def get_run(project: ServedProject, uuid: str) -> str | None:
     statements = _statements(engine.dialect.name)
     with _read(engine) as conn:
         if project.scope is not None:
-            row = conn.execute(statements.scoped_run, {"uuid": uuid, "project": project.scope}).mappings().first()
+            row = conn.execute(statements.scoped_run, {"uuid": uuid, "project": project.scope}).first()
         else:
-            row = conn.execute(statements.run, {"uuid": uuid}).mappings().first()
-    return None if row is None else _run(row, _copies(row))
+            row = conn.execute(statements.run, {"uuid": uuid}).first()
+    return None if row is None else _run(row)
 
 
 def _local_copy(directory: str) -> dict[str, Any]:
@@ -368,22 +378,24 @@ def _time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _run(row: Any, copies: list[dict[str, Any]]) -> str:
-    """A RUN object as JSON text, its config, version and predicate spliced in as the
-    index stores them (``_columns``)."""
-    head = _ENCODE({"uuid": row["uuid"], "module": row["module"]})
-    raw = ", ".join(f'"{name}": {row[name] or "null"}' for name in JSON_FIELDS)
-    tail = _ENCODE({
-        "status": row["status"],
-        "created_at": _time(row["created_at"]),
-        "started_at": _time(row["started_at"]),
-        "finished_at": _time(row["finished_at"]),
-        "digest": row["digest"] if DIGEST is not None else None,
-        "copies": copies,
-    })
-    return f"{head[:-1]}, {raw}, {tail[1:]}"
+def _string(value: str | None) -> str:
+    return "null" if value is None else _QUOTE(value)
 
 
+def _run(row: Any) -> str:
+    """A RUN object as JSON text, from a row of ``_columns`` and ``_copy_columns``: the
+    config, version and predicate spliced in as the index stores them."""
+    created, started, finished = (_string(_time(row[i])) for i in (_CREATED, _STARTED, _FINISHED))
+    return (
+        f'{{"uuid": {_QUOTE(row[_UUID])}, "module": {_QUOTE(row[_MODULE])}, "config": {row[_CONFIG] or "null"}, '
+        f'"version": {row[_VERSION] or "null"}, "predicate": {row[_PREDICATE] or "null"}, '
+        f'"status": {_string(row[_STATUS])}, "created_at": {created}, "started_at": {started}, '
+        f'"finished_at": {finished}, "digest": {_string(row[_DIGEST])}, '
+        f'"copies": {_copies(row[_LOCAL], row[_STORED])}}}'
+    )
+
+
+_QUOTE = json.encoder.encode_basestring  # a JSON string, as JSONEncoder(ensure_ascii=False) writes it
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
 
 
