@@ -437,12 +437,11 @@ def test_a_cursor_page_seeks_where_the_previous_page_ended(tmp_path: Path) -> No
     database seeks), not at the start of the order, so the last page of a long result
     costs what the first does; its runs are the catalog's own at that offset."""
     from sqlalchemy import event
+    from test_search_indexes import bulk_rows
 
     from machinable.catalog.engine import to_url
     from machinable.server import queries
     from machinable.server.config import ServedProject
-
-    from test_search_indexes import bulk_rows
 
     index = Index(tmp_path / "deep.sqlite")
     index.add_rows(bulk_rows(3000, lambda k: {"i": k, "lr": (k % 10) / 10}))

@@ -13,10 +13,11 @@ value.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -718,7 +719,7 @@ class Plan:
     order: list[Any]
     # order expressions that are never NULL in this plan's rows beyond what the schema
     # says (a pinned leaf's number or text): a keyset page can bound them as ranges
-    not_null: list[Any] = field(default_factory=list)
+    not_null: list[Any] = dataclasses.field(default_factory=list)
 
 
 _RANK = {NUMBER: 0, STRING: 1, FALSE: 2, TRUE: 3, ARRAY: 4, OBJECT: 5}
