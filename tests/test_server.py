@@ -469,3 +469,39 @@ def test_a_cursor_page_seeks_where_the_previous_page_ended(tmp_path: Path) -> No
         with index.engine.connect() as conn:
             steps = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
         assert any(seek in step for step in steps), (order, steps)
+
+
+def test_a_repeated_page_reuses_its_statement_but_reads_fresh_rows(tmp_path: Path, monkeypatch) -> None:
+    """The same where/order_by (first page or a cursor page) reuses the statement built
+    for it, for as long as the plan's probes are trusted; the rows are read anew each
+    time, so a run added in between is listed. Another search builds its own."""
+    from machinable.catalog import query
+    from machinable.catalog.engine import to_url
+    from machinable.server import queries
+    from machinable.server.config import ServedProject
+
+    from test_search_indexes import bulk_rows
+
+    index = Index(tmp_path / "same.sqlite")
+    rows = bulk_rows(300, lambda k: {"i": k, "lr": (k % 10) / 10})
+    index.add_rows(rows[:200])
+    served = ServedProject(name="same", path=tmp_path, index_url=to_url(tmp_path / "same.sqlite"), scope=None)
+    where, order = "config.lr >= 0.5", "-config.i"
+    first, _, cursor = queries.list_runs(served, where, order, 50, 0, with_count=False)
+    queries.list_runs(served, where, order, 50, 0, after=cursor, with_count=False)
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(queries, "plan", no_planning)
+    index.add_rows(rows[200:])
+    again, _, later = queries.list_runs(served, where, order, 50, 0, with_count=False)
+    assert [json.loads(r)["config"]["i"] for r in again] == [r.config["i"] for r in index.search(where, order_by=order, limit=50)]
+    assert json.loads(again[0])["config"]["i"] == 299 and again != first
+    queries.list_runs(served, where, order, 50, 0, after=later, with_count=False)
+    with pytest.raises(AssertionError, match="planned again"):
+        queries.list_runs(served, "config.lr < 0.5", order, 50, 0, with_count=False)
+    monkeypatch.setattr(query, "DENSE_TTL", 0.0)
+    monkeypatch.setattr(queries, "DENSE_TTL", 0.0)
+    with pytest.raises(AssertionError, match="planned again"):
+        queries.list_runs(served, where, order, 50, 0, with_count=False)

@@ -11,19 +11,21 @@ import binascii
 import functools
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
     Text,
     and_,
     bindparam,
     cast,
     false,
     func,
-    literal,
     or_,
     select,
     type_coerce,
@@ -35,6 +37,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from machinable.catalog.engine import get_engine, sqlite_path
 from machinable.catalog.models import Availability, Location, Remote, Run
 from machinable.catalog.query import (
+    DENSE_TTL,
     Expr,
     Plan,
     as_expr,
@@ -136,31 +139,31 @@ def list_runs(
         return [], 0 if with_count else None, None
     engine = get_engine(project.index_url)
     dialect = engine.dialect.name
-    conditions, expr = _search(project, where)
-    specs = _order_specs(order_by)
+    search = (project.index_url, project.scope, where, order_by)
     with _read(engine) as conn:
         dense = dense_probe(conn)
         # An ascending order by a config path starts with the runs holding a number
         # there: walk those along the leaves index first, and plan (and sort) the whole
         # order only when they do not fill the page (as Index.search does). The walk's
         # keys are the whole order's without the kind's rank (0: a number).
-        numbers = plan(expr, conditions, specs, dialect, dense, numbers_only=True) if first_order_numbers(expr, specs) else None
-        full = None if numbers is not None else plan(expr, conditions, specs, dialect, dense)
+        numbers = _cached((*search, "numbers"), lambda: _plan(project, where, order_by, dialect, dense, numbers=True))
+        full = None if numbers is not None else _cached((*search, "full"), lambda: _plan(project, where, order_by, dialect, dense))
         size = len(numbers.order) + 1 if numbers is not None else len(full.order)  # type: ignore[union-attr]
         values = _decode_cursor(after, where, order_by, size) if after is not None else None
         rows: list[Any] = []
         if numbers is not None and (values is None or values[0] == 0):
             start = None if values is None else values[1:]
-            rows = _page_rows(conn, numbers, _keys(numbers.order), start, limit, offset, dialect)
+            rows = _page_rows(conn, (*search, "numbers"), numbers, start, limit, offset, dialect)
             rows = [[row, [0, *key]] for row, key in rows]
         if len(rows) < limit:
-            full = full or plan(expr, conditions, specs, dialect, dense)
-            rows = _page_rows(conn, full, _keys(full.order), values, limit, offset, dialect)
+            full = full or _cached((*search, "full"), lambda: _plan(project, where, order_by, dialect, dense))
+            rows = _page_rows(conn, (*search, "full"), full, values, limit, offset, dialect)
         total: int | None = None
         if with_count:
             if after is None and offset == 0 and len(rows) < limit:
                 total = len(rows)
             else:
+                conditions, expr = _search(project, where)
                 total = int(conn.execute(count_statement(expr, conditions, dialect)).scalar() or 0)
     cursor = None
     if rows and len(rows) == limit:
@@ -168,20 +171,64 @@ def list_runs(
     return [_run(row) for row, _ in rows], total, cursor
 
 
+# Plans and page statements, by index, project, where, order_by (and cursor shape), for
+# as long as the dense probes they were built on: building a page's statement cost
+# about as much as running it (2 ms), and a client paging through a result, or several
+# looking at the same view, asks for the same one again and again.
+_BUILT: dict[Any, tuple[float, Any]] = {}
+
+
+def _cached(key: Any, build: Callable[[], Any]) -> Any:
+    now = time.monotonic()
+    hit = _BUILT.get(key)
+    if hit is not None and now - hit[0] < DENSE_TTL:
+        return hit[1]
+    value = build()
+    if len(_BUILT) >= 512:
+        _BUILT.clear()
+    _BUILT[key] = (now, value)
+    return value
+
+
+def _plan(
+    project: ServedProject, where: str | None, order_by: str | None, dialect: str, dense: Any, numbers: bool = False
+) -> Plan | None:
+    """The catalog's plan of this search; with ``numbers``, of its start along the first
+    order path's numbers (None when the order does not start that way)."""
+    conditions, expr = _search(project, where)
+    specs = _order_specs(order_by)
+    if numbers and not first_order_numbers(expr, specs):
+        return None
+    return plan(expr, conditions, specs, dialect, dense, numbers_only=numbers)
+
+
 def _page_rows(
-    conn: Any, compiled: Plan, keys: list[tuple[Any, bool]], values: list[Any] | None, limit: int, offset: int, dialect: str
+    conn: Any, key: Any, compiled: Plan, values: list[Any] | None, limit: int, offset: int, dialect: str
 ) -> list[Any]:
     """(row, sort-key values) of one page of ``compiled``, after ``values`` when given."""
+    shape = None if values is None else tuple(value is None for value in values)
+    statement = _cached((*key, shape), lambda: _page_statement(compiled, shape, dialect))
+    params: dict[str, Any] = {"page_limit": limit, "page_offset": offset}
+    for i, value in enumerate(values or ()):
+        if value is not None:
+            params[f"after_{i}"] = value
+    return [[row, list(row[_STORED + 1 :])] for row in conn.execute(statement, params).all()]
+
+
+def _page_statement(compiled: Plan, shape: tuple[bool, ...] | None, dialect: str) -> Any:
+    """A page of ``compiled`` with bound limit, offset and, for a cursor whose values
+    are NULL where ``shape`` says, the cursor's values (``after_<i>``)."""
+    keys = _keys(compiled.order)
     where = list(compiled.where)
-    if values is not None:
+    if shape is not None:
         never_null = [_never_null(expr, compiled) for expr, _ in keys]
-        where.append(_beyond(keys, values, dialect, never_null))
+        where.append(_beyond(keys, shape, dialect, never_null))
         first, descending = keys[0]
-        if values[0] is not None and (never_null[0] or (dialect == "sqlite") != descending):
+        if not shape[0] and (never_null[0] or (dialect == "sqlite") != descending):
             # Implied by the condition above, but a range the database can seek: the
             # page starts at the cursor instead of walking the order's index from its
             # start (a page at the end of 100,000 runs took 40 ms, not 4).
-            bound = _bind(first, values[0], dialect)
+            bound = _param(first, 0, dialect)
             where.append(first <= bound if descending else first >= bound)
     # The page's uuids and sort keys first, in a subquery (the database reads them off
     # indexes where it can, however many rows tie on the first key, and stops at the
@@ -191,17 +238,16 @@ def _page_rows(
         .select_from(compiled.source)
         .where(*where)
         .order_by(*compiled.order)
-        .limit(limit)
-        .offset(offset)
+        .limit(bindparam("page_limit", type_=Integer))
+        .offset(bindparam("page_offset", type_=Integer))
         .subquery("page")
     )
     sort = [page.c[f"_k{i}"] for i in range(len(keys))]
-    statement = (
+    return (
         select(*_columns(dialect), *_copy_columns(dialect), *sort)
         .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
         .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
     )
-    return [[row, list(row[_STORED + 1 :])] for row in conn.execute(statement).all()]
 
 
 def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
@@ -209,14 +255,11 @@ def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
     return [(clause.element, clause.modifier is operators.desc_op) for clause in clauses]
 
 
-def _bind(expr: Any, value: Any, dialect: str) -> Any:
+def _param(expr: Any, i: int, dialect: str) -> Any:
+    """The cursor's value of sort key ``i``, bound as the key's type."""
     if dialect == "postgresql" and isinstance(expr, FunctionElement) and expr.name.startswith("jsonb_"):
-        return literal(value, JSONB)  # a path the leaves do not hold: compared as jsonb
-    return value
-
-
-def _same(expr: Any, value: Any, dialect: str) -> Any:
-    return expr.is_(None) if value is None else expr == _bind(expr, value, dialect)
+        return bindparam(f"after_{i}", type_=JSONB)  # a path the leaves do not hold: compared as jsonb
+    return bindparam(f"after_{i}", type_=expr.type)
 
 
 def _never_null(expr: Any, compiled: Plan) -> bool:
@@ -224,21 +267,22 @@ def _never_null(expr: Any, compiled: Plan) -> bool:
     return getattr(expr, "nullable", True) is False or any(expr is known for known in compiled.not_null)
 
 
-def _past(expr: Any, descending: bool, value: Any, dialect: str, never_null: bool) -> Any:
-    """Rows that sort after ``value`` on this key. NULLs sort first on SQLite and last on
-    PostgreSQL (ascending), the other way round descending."""
+def _past(expr: Any, descending: bool, i: int, null: bool, dialect: str, never_null: bool) -> Any:
+    """Rows that sort after the cursor's value of key ``i`` (``null``: it is NULL). NULLs
+    sort first on SQLite and last on PostgreSQL (ascending), the other way descending."""
     nulls_first = (dialect == "sqlite") != descending
-    if value is None:
+    if null:
         return expr.is_not(None) if nulls_first else false()
-    beyond = expr < _bind(expr, value, dialect) if descending else expr > _bind(expr, value, dialect)
+    value = _param(expr, i, dialect)
+    beyond = expr < value if descending else expr > value
     return beyond if nulls_first or never_null else or_(beyond, expr.is_(None))
 
 
-def _beyond(keys: list[tuple[Any, bool]], values: list[Any], dialect: str, never_null: list[bool]) -> Any:
+def _beyond(keys: list[tuple[Any, bool]], shape: tuple[bool, ...], dialect: str, never_null: list[bool]) -> Any:
     options = []
     for i, (expr, descending) in enumerate(keys):
-        equal = [_same(keys[j][0], values[j], dialect) for j in range(i)]
-        options.append(and_(*equal, _past(expr, descending, values[i], dialect, never_null[i])))
+        equal = [keys[j][0].is_(None) if shape[j] else keys[j][0] == _param(keys[j][0], j, dialect) for j in range(i)]
+        options.append(and_(*equal, _past(expr, descending, i, shape[i], dialect, never_null[i])))
     return or_(*options)
 
 
