@@ -475,12 +475,12 @@ def test_a_repeated_page_reuses_its_statement_but_reads_fresh_rows(tmp_path: Pat
     """The same where/order_by (first page or a cursor page) reuses the statement built
     for it, for as long as the plan's probes are trusted; the rows are read anew each
     time, so a run added in between is listed. Another search builds its own."""
+    from test_search_indexes import bulk_rows
+
     from machinable.catalog import query
     from machinable.catalog.engine import to_url
     from machinable.server import queries
     from machinable.server.config import ServedProject
-
-    from test_search_indexes import bulk_rows
 
     index = Index(tmp_path / "same.sqlite")
     rows = bulk_rows(300, lambda k: {"i": k, "lr": (k % 10) / 10})
