@@ -16,9 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, false, func, literal_column, select, text, update
+from sqlalchemy import (
+    Engine,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    false,
+    func,
+    literal_column,
+    select,
+    text,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import operators
 
 from machinable.catalog.engine import RawWrite, get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.leaves import LEAF_COLUMNS, leaf_sql, leaf_tuples, scope_key
@@ -28,6 +43,7 @@ from machinable.catalog.query import (
     And,
     Expr,
     Field,
+    Plan,
     as_expr,
     check_field,
     compile_expr,
@@ -107,6 +123,26 @@ def set_defaults(defaults: Defaults) -> None:
     """Install how the default index file and storage directory are found."""
     global _defaults
     _defaults = defaults
+
+
+def _directories_column(dialect: str) -> Any:
+    """The directories of the run of the enclosing row, as a JSON array of ``[id,
+    directory]`` (read with the run, no round trip of their own; see ``_directories``)."""
+    pair = func.json_build_array if dialect == "postgresql" else func.json_array
+    group = func.json_agg if dialect == "postgresql" else func.json_group_array
+    found = select(group(pair(LOCATIONS.c.id, LOCATIONS.c.directory))).where(LOCATIONS.c.run_uuid == RUNS.c.uuid)
+    as_text = cast if dialect == "postgresql" else type_coerce  # PostgreSQL's json would arrive decoded
+    return as_text(found.scalar_subquery(), Text).label("run_directories")
+
+
+def _directories(row: Any) -> tuple[str, ...]:
+    """The directories ``_directories_column`` read, in the order they were recorded."""
+    return tuple(directory for _, directory in sorted(json.loads(row["run_directories"] or "[]")))
+
+
+@functools.cache
+def _find_statement(dialect: str) -> Any:
+    return select(RUNS, _directories_column(dialect)).where(RUNS.c.uuid == bindparam("uuid"))
 
 
 class Index(Context):
@@ -275,14 +311,10 @@ class Index(Context):
 
     def find(self, uuid: str) -> RunRecord | None:
         """The indexed run with this uuid, or None."""
+        statement = _find_statement(self.dialect)
         with self.engine.connect() as conn:
-            row = conn.execute(select(RUNS).where(RUNS.c.uuid == uuid)).mappings().first()
-            if row is None:
-                return None
-            dirs = conn.execute(
-                select(LOCATIONS.c.directory).where(LOCATIONS.c.run_uuid == uuid).order_by(LOCATIONS.c.id)
-            ).scalars()
-            return self._run_record(row, tuple(dirs))
+            row = conn.execute(statement, {"uuid": uuid}).mappings().first()
+        return None if row is None else self._run_record(row, _directories(row))
 
     def local_directory(self, uuid: str) -> Path | None:
         """The run's directory on this machine if it is present, else None."""
@@ -403,45 +435,43 @@ class Index(Context):
         with self.engine.connect() as conn:
             dense = dense_probe(conn) if limit is not None else None
             scope = _scope(project, module)
-            # Two steps: the page's uuids first (a narrow sort, index only where the
-            # database can), then the rows of that page alone.
-            uuids: list[str] = []
             by_leaves = leaf_uuid_page(expr, conditions, order_by, scope) if limit is not None else None
             if by_leaves is not None:
                 if not dense_probe(conn, SORT_PASSING + 1)(by_leaves[0]):
                     # few pass: sort their uuids off the leaves rather than probe run by run
-                    page = by_leaves[1].limit(limit).offset(offset)
-                    return self._with_directories(conn, self._rows(conn, list(conn.execute(page).scalars())))
+                    return self._page(conn, by_leaves[1], limit, offset, uuid=LEAVES.c.run_uuid)
                 # more than SORT_PASSING pass the one filter: the plan need not count again
                 dense = lambda probe: True  # noqa: E731
+            records: list[RunRecord] = []
             if limit is not None and first_order_numbers(expr, order_by):
                 numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
-                uuids = self._page(conn, numbers, limit, offset)
-            if limit is None or len(uuids) < limit:
-                uuids = self._page(conn, plan(expr, conditions, order_by, self.dialect, dense, scope), limit, offset)
-            return self._with_directories(conn, self._rows(conn, uuids))
+                records = self._page(conn, numbers, limit, offset)
+            if limit is None or len(records) < limit:
+                records = self._page(conn, plan(expr, conditions, order_by, self.dialect, dense, scope), limit, offset)
+            return records
 
-    @staticmethod
-    def _page(conn: Any, compiled: Any, limit: int | None, offset: int) -> list[str]:
-        statement = (
-            select(RUNS.c.uuid)
+    def _page(self, conn: Any, compiled: Plan, limit: int | None, offset: int, uuid: Any = RUNS.c.uuid) -> list[RunRecord]:
+        """The runs of one page of ``compiled``, in its order, with their directories, in
+        one statement: the page's uuids and sort keys in a subquery (read off indexes
+        where the database can, stopping at the limit), then its rows alone."""
+        keys = [(clause.element, clause.modifier is operators.desc_op) for clause in compiled.order]
+        page = (
+            select(uuid.label("page_uuid"), *(key.label(f"_k{i}") for i, (key, _) in enumerate(keys)))
             .select_from(compiled.source)
             .where(*compiled.where)
             .order_by(*compiled.order)
             .offset(offset)
         )
         if limit is not None:
-            statement = statement.limit(limit)
-        return list(conn.execute(statement).scalars().all())
-
-    def _rows(self, conn: Any, uuids: list[str]) -> list[Any]:
-        """The ``runs`` rows of ``uuids``, in that order."""
-        found: dict[str, Any] = {}
-        for start in range(0, len(uuids), 900):
-            chunk = uuids[start : start + 900]
-            for row in conn.execute(select(RUNS).where(RUNS.c.uuid.in_(chunk))).mappings():
-                found[row["uuid"]] = row
-        return [found[uuid] for uuid in uuids if uuid in found]
+            page = page.limit(limit)
+        page = page.subquery("page")
+        sort = [page.c[f"_k{i}"] for i in range(len(keys))]
+        statement = (
+            select(RUNS, _directories_column(self.dialect))
+            .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
+            .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
+        )
+        return [self._run_record(row, _directories(row)) for row in conn.execute(statement).mappings()]
 
     def count(
         self,

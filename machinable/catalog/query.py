@@ -664,10 +664,10 @@ def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
 SORT_PASSING = 10_000
 
 
-def leaf_uuid_page(expr: Expr | None, conditions: list[Any], spec: Any, scope: int | None) -> tuple[Any, Any] | None:
+def leaf_uuid_page(expr: Expr | None, conditions: list[Any], spec: Any, scope: int | None) -> tuple[Any, Plan] | None:
     """For a search in uuid order whose filter is tests on one config path alone (within
-    one module, or with no column conditions): the leaves that pass (to count) and their
-    uuids in order (to page). None when the search is not of that shape."""
+    one module, or with no column conditions): the leaves that pass (to count) and the
+    plan of their uuids in order (to page). None when the search is not of that shape."""
     if expr is None or (conditions and scope is None):
         return None
     specs = _order_specs(spec)
@@ -678,7 +678,7 @@ def leaf_uuid_page(expr: Expr | None, conditions: list[Any], spec: Any, scope: i
         return None
     ((path, tests),) = groups.items()
     passing = _leaf_subquery(path, tests, scope)
-    return passing, passing.order_by(LEAVES.c.run_uuid)
+    return passing, Plan(LEAVES, [passing.whereclause], [LEAVES.c.run_uuid.asc()])
 
 
 def count_statement(expr: Expr | None, conditions: list[Any], dialect: str, scope: int | None = None) -> Any:
