@@ -764,3 +764,38 @@ def test_cli_exit_codes(project: Path) -> None:
     assert invoke("gc").exit_code == 0
     help_text = invoke("gc", "--help").stdout
     assert "--yes" in help_text and "--stores" in help_text and "--failed" in help_text
+
+
+def test_a_reindex_killed_between_batches_is_reported_and_completed(project: Path) -> None:
+    """A reindex into an empty index loads the leaves without their search index (and,
+    on PostgreSQL, the foreign keys unchecked) and finishes both after its last batch.
+    Killed between two batches, verify says so, and --repair finishes the job."""
+    for lr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+        launch(lr)
+    index = Index.get()
+    with index.engine.begin() as conn:
+        for table in ("locations", "leaves", "runs"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+    killed = run_python(
+        """
+        import machinable.catalog.index as catalog_index
+        from machinable import Index
+        catalog_index.WRITE_BATCH = 3
+        Index.get().reindex()
+        """,
+        project,
+        env={"MACHINABLE_TEST_KILL_AT": "reindex-batch:1"},
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    undone = index.unfinished_bulk_load()
+    assert any("ix_leaves_path_kind_number_text is missing" in item for item in undone), undone
+    report = verify(index)
+    unfinished = [f for f in report.findings if f.kind == "unfinished reindex"]
+    assert unfinished and not report.ok and not any(f.repaired for f in unfinished)
+    assert "unfinished reindex" in invoke("verify", code=1).stdout
+    repaired = verify(index, repair=True)
+    assert all(f.repaired for f in repaired.findings if f.kind == "unfinished reindex")
+    assert index.unfinished_bulk_load() == []
+    assert verify(index).ok
+    assert [r.config["lr"] for r in index.search("config.lr > 0.25", order_by="config.lr")] == [0.3, 0.4, 0.5, 0.6, 0.7]

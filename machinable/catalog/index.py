@@ -69,7 +69,7 @@ from machinable.errors import IdentityCollision, IndexError_, QueryError, Reinde
 from machinable.progress import track
 from machinable.record import SENTINEL, is_uuid, read_record
 from machinable.redact import redact
-from machinable.settings import index_setting
+from machinable.settings import index_setting, kill_point
 
 RUNS = Run.__table__
 LOCATIONS = Location.__table__
@@ -828,6 +828,7 @@ class Index(Context):
         batch_locations: list[dict[str, Any]] = []
         streamed = 0  # runs of the prepared batch being written
         stream: list[Any] = []  # [connection, transaction] of the prepared batch being written
+        committed = 0  # batches committed before the last
 
         def stream_part(rows: list[Any], locations: list[dict[str, Any]]) -> None:
             if not stream:
@@ -867,12 +868,16 @@ class Index(Context):
                     if streamed >= WRITE_BATCH:
                         end_stream(False)
                         streamed = 0
+                        committed += 1
+                        kill_point("reindex-batch", committed)  # tests: die between two batches
                     continue
                 batch.extend(part_rows)
                 batch_locations.extend(part_locations)
                 if len(batch) >= WRITE_BATCH:
                     retry_busy(functools.partial(write_batch, batch, batch_locations, False))
                     batch, batch_locations = [], []
+                    committed += 1
+                    kill_point("reindex-batch", committed)
             known = {}
             found = keep or batch or unchanged or any(is_uuid(os.path.basename(path)) for path, _ in report.skipped)
             if known_count and not found and not allow_empty:
@@ -973,6 +978,37 @@ class Index(Context):
         report.added += added
         report.updated += len(good) - added
         keep.update(fresh)
+
+    def unfinished_bulk_load(self) -> list[str]:
+        """What a reindex stopped between two bulk batches left undone: the leaves
+        index it builds after the last batch (searches are then slow, not wrong) and, on
+        PostgreSQL, the check of the foreign keys it put back NOT VALID."""
+        from sqlalchemy import inspect
+
+        with self.engine.connect() as conn:
+            present = {index["name"] for index in inspect(conn).get_indexes("leaves")}
+            undone = [
+                f"the search index {index.name} is missing"
+                for index in sorted(LEAVES.indexes, key=lambda index: index.name)
+                if index.name not in present
+            ]
+            if self.dialect == "postgresql":
+                for table, name in _BULK_FOREIGN_KEYS:
+                    valid = conn.exec_driver_sql(
+                        "SELECT convalidated FROM pg_constraint WHERE conname = %(name)s AND conrelid = %(table)s::regclass",
+                        {"name": name, "table": table},
+                    ).scalar()
+                    if not valid:
+                        undone.append(f"the foreign key {name} is {'missing' if valid is None else 'not validated'}")
+        return undone
+
+    def finish_bulk_load(self) -> None:
+        """Do what ``unfinished_bulk_load`` lists (what the next reindex would do)."""
+        with self.engine.execution_options(machinable_write=True).begin() as conn:
+            for index in sorted(LEAVES.indexes, key=lambda index: index.name):
+                index.create(conn, checkfirst=True)
+            if self.dialect == "postgresql":
+                self._restore_foreign_keys(conn, validate=True)
 
     @staticmethod
     def _restore_foreign_keys(conn: Any, validate: bool) -> None:

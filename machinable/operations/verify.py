@@ -224,6 +224,13 @@ def verify(
                 f"indexed at {directory}, which is gone",
                 lambda d=directory, u=run_uuid: _drop_missing(index, u, d),
             )
+    for undone in index.unfinished_bulk_load():
+        note(
+            "index",
+            "unfinished reindex",
+            f"{undone} (a reindex was stopped between two batches); --repair or a reindex completes it",
+            index.finish_bulk_load,
+        )
     if checkpoint.exists():
         checkpoint.unlink()
     return report
