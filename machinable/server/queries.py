@@ -78,7 +78,8 @@ def _columns(dialect: str) -> list[Any]:
 def _read(engine: Any) -> Any:
     """A connection for reads. On PostgreSQL without a transaction: BEGIN and ROLLBACK
     were two of a run detail's four round trips. (Each statement then sees its own
-    snapshot; a page copes with a run deleted between its statements.)"""
+    snapshot: a page and its total, two statements, can differ by a run launched
+    between them, as two requests can.)"""
     conn = engine.connect()
     if engine.dialect.name == "postgresql":
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
