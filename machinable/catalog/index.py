@@ -18,22 +18,18 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
-    Text,
     and_,
     bindparam,
-    cast,
     delete,
     false,
     func,
     literal_column,
     select,
     text,
-    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql import operators
 
 from machinable.catalog.engine import RawWrite, get_engine, retry_busy, sqlite_path, to_url
 from machinable.catalog.leaves import LEAF_COLUMNS, leaf_sql, leaf_tuples, scope_key
@@ -49,9 +45,11 @@ from machinable.catalog.query import (
     compile_expr,
     count_statement,
     dense_probe,
+    directories_column,
     first_order_numbers,
     json_value,
     leaf_uuid_page,
+    page_select,
     plan,
 )
 from machinable.catalog.rows import (
@@ -125,16 +123,6 @@ def set_defaults(defaults: Defaults) -> None:
     _defaults = defaults
 
 
-def _directories_column(dialect: str) -> Any:
-    """The directories of the run of the enclosing row, as a JSON array of ``[id,
-    directory]`` (read with the run, no round trip of their own; see ``_directories``)."""
-    pair = func.json_build_array if dialect == "postgresql" else func.json_array
-    group = func.json_agg if dialect == "postgresql" else func.json_group_array
-    found = select(group(pair(LOCATIONS.c.id, LOCATIONS.c.directory))).where(LOCATIONS.c.run_uuid == RUNS.c.uuid)
-    as_text = cast if dialect == "postgresql" else type_coerce  # PostgreSQL's json would arrive decoded
-    return as_text(found.scalar_subquery(), Text).label("run_directories")
-
-
 def _directories(row: Any) -> tuple[str, ...]:
     """The directories ``_directories_column`` read, in the order they were recorded."""
     return tuple(directory for _, directory in sorted(json.loads(row["run_directories"] or "[]")))
@@ -142,7 +130,7 @@ def _directories(row: Any) -> tuple[str, ...]:
 
 @functools.cache
 def _find_statement(dialect: str) -> Any:
-    return select(RUNS, _directories_column(dialect)).where(RUNS.c.uuid == bindparam("uuid"))
+    return select(RUNS, directories_column(dialect)).where(RUNS.c.uuid == bindparam("uuid"))
 
 
 class Index(Context):
@@ -451,26 +439,9 @@ class Index(Context):
             return records
 
     def _page(self, conn: Any, compiled: Plan, limit: int | None, offset: int, uuid: Any = RUNS.c.uuid) -> list[RunRecord]:
-        """The runs of one page of ``compiled``, in its order, with their directories, in
-        one statement: the page's uuids and sort keys in a subquery (read off indexes
-        where the database can, stopping at the limit), then its rows alone."""
-        keys = [(clause.element, clause.modifier is operators.desc_op) for clause in compiled.order]
-        page = (
-            select(uuid.label("page_uuid"), *(key.label(f"_k{i}") for i, (key, _) in enumerate(keys)))
-            .select_from(compiled.source)
-            .where(*compiled.where)
-            .order_by(*compiled.order)
-            .offset(offset)
-        )
-        if limit is not None:
-            page = page.limit(limit)
-        page = page.subquery("page")
-        sort = [page.c[f"_k{i}"] for i in range(len(keys))]
-        statement = (
-            select(RUNS, _directories_column(self.dialect))
-            .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
-            .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
-        )
+        """The runs of one page of ``compiled``, in its order, with their directories:
+        one statement (``page_select``)."""
+        statement = page_select(compiled, [RUNS, directories_column(self.dialect)], limit, offset, uuid=uuid)
         return [self._run_record(row, _directories(row)) for row in conn.execute(statement).mappings()]
 
     def count(

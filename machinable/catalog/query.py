@@ -21,8 +21,23 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import and_, case, exists, false, func, literal, literal_column, not_, or_, select
+from sqlalchemy import (
+    Text,
+    and_,
+    case,
+    cast,
+    exists,
+    false,
+    func,
+    literal,
+    literal_column,
+    not_,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import ColumnElement
 
 from machinable.catalog.engine import json_serializer
@@ -38,11 +53,12 @@ from machinable.catalog.leaves import (
     TRUE,
     leaf_path,
 )
-from machinable.catalog.models import Leaf, Run
+from machinable.catalog.models import Leaf, Location, Run
 from machinable.errors import QueryError
 
 RUNS = Run.__table__
 LEAVES = Leaf.__table__
+LOCATIONS = Location.__table__
 TEXT_COLUMNS = ("uuid", "project", "module", "status", "config_key", "predicate_key")
 TIME_COLUMNS = ("created_at", "started_at", "finished_at", "failed_at", "updated_at")
 JSON_COLUMNS = ("config", "predicate")
@@ -720,6 +736,55 @@ class Plan:
     # order expressions that are never NULL in this plan's rows beyond what the schema
     # says (a pinned leaf's number or text): a keyset page can bound them as ranges
     not_null: list[Any] = dataclasses.field(default_factory=list)
+
+
+def json_rows(dialect: str, *values: Any) -> Any:
+    """An aggregate of ``values`` over a subquery's rows, as the text of a JSON array of
+    arrays (read with the enclosing row: no round trip of its own; parse with
+    ``json.loads``). NULL for no rows on PostgreSQL, ``[]`` on SQLite."""
+    if dialect == "postgresql":  # json would arrive decoded: ask for its text
+        return cast(func.json_agg(func.json_build_array(*values)), Text)
+    return type_coerce(func.json_group_array(func.json_array(*values)), Text)
+
+
+def directories_column(dialect: str) -> Any:
+    """The directories of the run of the enclosing row, ``[[id, directory], ...]`` as
+    JSON text (``id`` orders them as the index recorded them)."""
+    found = select(json_rows(dialect, LOCATIONS.c.id, LOCATIONS.c.directory)).where(LOCATIONS.c.run_uuid == RUNS.c.uuid)
+    return found.scalar_subquery().label("run_directories")
+
+
+def order_keys(compiled: Plan) -> list[tuple[Any, bool]]:
+    """(expression, descending) of each of the plan's ORDER BY clauses."""
+    return [(clause.element, clause.modifier is operators.desc_op) for clause in compiled.order]
+
+
+def page_select(
+    compiled: Plan, columns: list[Any], limit: Any, offset: Any, where: list[Any] = (), uuid: Any = RUNS.c.uuid  # type: ignore[assignment]
+) -> Any:
+    """``columns`` (of ``runs``) of one page of ``compiled``, in its order, followed by the
+    page's sort keys: one statement. A subquery picks the page's uuids and sort keys (off
+    the indexes where the database can, stopping at the limit, however many rows tie);
+    the outer query reads the rows of that page alone and sorts its few rows by the
+    keys. ``where``: further conditions on the page (a cursor's); ``uuid``: the run's
+    uuid in the plan's FROM (the leaves' ``run_uuid`` when the plan reads leaves only)."""
+    keys = order_keys(compiled)
+    page = (
+        select(uuid.label("page_uuid"), *(key.label(f"_k{i}") for i, (key, _) in enumerate(keys)))
+        .select_from(compiled.source)
+        .where(*compiled.where, *where)
+        .order_by(*compiled.order)
+        .offset(offset)
+    )
+    if limit is not None:
+        page = page.limit(limit)
+    page = page.subquery("page")
+    sort = [page.c[f"_k{i}"] for i in range(len(keys))]
+    return (
+        select(*columns, *sort)
+        .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
+        .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
+    )
 
 
 _RANK = {NUMBER: 0, STRING: 1, FALSE: 2, TRUE: 3, ARRAY: 4, OBJECT: 5}

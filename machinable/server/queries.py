@@ -25,13 +25,11 @@ from sqlalchemy import (
     bindparam,
     cast,
     false,
-    func,
     or_,
     select,
     type_coerce,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.sql import operators
 from sqlalchemy.sql.functions import FunctionElement
 
 from machinable.catalog.engine import get_engine, sqlite_path
@@ -43,7 +41,11 @@ from machinable.catalog.query import (
     as_expr,
     count_statement,
     dense_probe,
+    directories_column,
     first_order_numbers,
+    json_rows,
+    order_keys,
+    page_select,
     plan,
 )
 from machinable.catalog.rows import aware
@@ -217,10 +219,11 @@ def _page_rows(
 
 
 def _page_statement(compiled: Plan, shape: tuple[bool, ...] | None, dialect: str) -> Any:
-    """A page of ``compiled`` with bound limit, offset and, for a cursor whose values
-    are NULL where ``shape`` says, the cursor's values (``after_<i>``)."""
-    keys = _keys(compiled.order)
-    where = list(compiled.where)
+    """A page of ``compiled`` (RUN columns and copies, then the sort keys) with bound
+    limit, offset and, for a cursor whose values are NULL where ``shape`` says, the
+    cursor's values (``after_<i>``)."""
+    keys = order_keys(compiled)
+    where = []
     if shape is not None:
         never_null = [_never_null(expr, compiled) for expr, _ in keys]
         where.append(_beyond(keys, shape, dialect, never_null))
@@ -231,29 +234,8 @@ def _page_statement(compiled: Plan, shape: tuple[bool, ...] | None, dialect: str
             # start (a page at the end of 100,000 runs took 40 ms, not 4).
             bound = _param(first, 0, dialect)
             where.append(first <= bound if descending else first >= bound)
-    # The page's uuids and sort keys first, in a subquery (the database reads them off
-    # indexes where it can, however many rows tie on the first key, and stops at the
-    # limit), then the rows and copies of that page alone, in the same statement.
-    page = (
-        select(RUNS.c.uuid.label("page_uuid"), *(expr.label(f"_k{i}") for i, (expr, _) in enumerate(keys)))
-        .select_from(compiled.source)
-        .where(*where)
-        .order_by(*compiled.order)
-        .limit(bindparam("page_limit", type_=Integer))
-        .offset(bindparam("page_offset", type_=Integer))
-        .subquery("page")
-    )
-    sort = [page.c[f"_k{i}"] for i in range(len(keys))]
-    return (
-        select(*_columns(dialect), *_copy_columns(dialect), *sort)
-        .select_from(page.join(RUNS, RUNS.c.uuid == page.c.page_uuid))
-        .order_by(*(key.desc() if descending else key.asc() for key, (_, descending) in zip(sort, keys, strict=True)))
-    )
-
-
-def _keys(clauses: list[Any]) -> list[tuple[Any, bool]]:
-    """(expression, descending) of each ORDER BY clause."""
-    return [(clause.element, clause.modifier is operators.desc_op) for clause in clauses]
+    limit, offset = bindparam("page_limit", type_=Integer), bindparam("page_offset", type_=Integer)
+    return page_select(compiled, [*_columns(dialect), *_copy_columns(dialect)], limit, offset, where)
 
 
 def _param(expr: Any, i: int, dialect: str) -> Any:
@@ -325,24 +307,17 @@ def _copy_columns(dialect: str) -> list[Any]:
     directories ``[id, directory]`` and its store copies ``[id, store, url, state, size,
     checksum, verified_at]``, each in the order the index recorded them (``id``). Read
     in the run's own statement, they cost no round trip of their own."""
-
-    def aggregate(*values: Any) -> Any:
-        if dialect == "postgresql":
-            return cast(func.json_agg(func.json_build_array(*values)), Text)
-        return type_coerce(func.json_group_array(func.json_array(*values)), Text)
-
-    local = select(aggregate(LOCATIONS.c.id, LOCATIONS.c.directory)).where(LOCATIONS.c.run_uuid == RUNS.c.uuid)
     stored = (
         select(
-            aggregate(
-                AVAILABILITY.c.id, REMOTES.c.name, REMOTES.c.url, AVAILABILITY.c.state,
+            json_rows(
+                dialect, AVAILABILITY.c.id, REMOTES.c.name, REMOTES.c.url, AVAILABILITY.c.state,
                 AVAILABILITY.c.size, AVAILABILITY.c.checksum, AVAILABILITY.c.verified_at,
             )
         )
         .select_from(AVAILABILITY.join(REMOTES, REMOTES.c.id == AVAILABILITY.c.remote_id))
         .where(AVAILABILITY.c.run_uuid == RUNS.c.uuid)
     )
-    return [local.scalar_subquery().label("local_copies"), stored.scalar_subquery().label("store_copies")]
+    return [directories_column(dialect), stored.scalar_subquery().label("store_copies")]
 
 
 def _copies(local: str | None, stored: str | None) -> str:
