@@ -25,24 +25,27 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import json
 import os
 import platform
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid as uuidlib
 from datetime import datetime, timezone
 from pathlib import Path
+
+# bench_server's helpers (it imports machinable only inside its main(), so this venv,
+# which has MLflow and not machinable, can import them)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import Client as ServerClient  # noqa: E402
+from bench_server import free_port, summary, throughput, timed  # noqa: E402
 
 # bench_server.py's PAGES, each with MLflow's nearest filter and order_by, and which k of
 # make_rows it must return (to check the first page). lr_metric = lr, so the metric range
@@ -81,21 +84,6 @@ def expected_page(n: int, predicate, order_by: str, size: int = 100) -> list[int
     ks = sorted((k for k in range(n) if predicate(k)), reverse=True)  # the start_time DESC tie-break
     ks.sort(key=ORDER_KEYS[key], reverse=direction == "DESC")  # stable: ties keep start_time DESC
     return ks[:size]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-def summary(samples: list[float]) -> str:
-    return f"p50 {statistics.median(samples) * 1000:7.2f} ms  p99 {percentile(samples, 0.99):7.2f} ms"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_rows(n: int) -> list[dict]:
@@ -173,28 +161,11 @@ def check_load(client, experiment_id: str, rows: list[dict]) -> None:
         assert run.info.run_name == "train"
 
 
-class Client:
-    """One keep-alive HTTP connection."""
+class Client(ServerClient):
+    """One keep-alive HTTP connection to MLflow's server."""
 
     def __init__(self, port: int):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-
-    def request(self, method: str, path: str, body: bytes | None = None, ok: bool = True) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        try:
-            self.conn.request(method, path, body=body, headers=headers)
-            response = self.conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self.conn.close()  # the server closed an idle keep-alive connection
-            self.conn.request(method, path, body=body, headers=headers)
-            response = self.conn.getresponse()
-        data = response.read()
-        if ok and response.status != 200:
-            raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
-        return response.status, data
-
-    def get(self, path: str) -> bytes:
-        return self.request("GET", path)[1]
+        super().__init__(port, timeout=600)
 
     def search(self, experiment_id: str, filter: str = "", order_by: str | None = None,
                max_results: int = 100, page_token: str | None = None) -> dict:
@@ -204,15 +175,6 @@ class Client:
         if page_token:
             body["page_token"] = page_token
         return json.loads(self.request("POST", "/api/2.0/mlflow/runs/search", json.dumps(body).encode())[1])
-
-
-def timed(action, count: int) -> list[float]:
-    samples = []
-    for i in range(count):
-        start = time.perf_counter()
-        action(i)
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 SLOW_SAMPLES = 3  # samples of a query slower than SLOW (--slow-samples)
@@ -356,24 +318,7 @@ def main() -> None:
                   f"   | its total: MLflow's search has no count")
 
         # Throughput: 8 clients, each on its own keep-alive connection, for a fixed time.
-        done = [0] * 8
-        stop = time.monotonic() + args.seconds
-
-        def worker(slot: int) -> None:
-            mine = Client(port)
-            local_rng = random.Random(slot)
-            while time.monotonic() < stop:
-                mine.get(detail.format(local_rng.choice(uuids)))
-                done[slot] += 1
-
-        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(8)]
-        began = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.monotonic() - began
-        print(f"run detail, 8 concurrent clients: {sum(done) / elapsed:.0f} requests/s ({sum(done)} in {elapsed:.1f} s)")
+        print(throughput(lambda: Client(port), [detail.format(uuid) for uuid in uuids], args.seconds))
 
         # Deep pages of 100: MLflow's page token is an offset, so a page deep in is the
         # token of that offset (made as MLflow makes it); there is no keyset cursor.

@@ -93,21 +93,48 @@ def fill(index_url: str, runs: list[dict], locations: list[dict]) -> None:
 class Client:
     """One keep-alive HTTP connection."""
 
-    def __init__(self, port: int):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    def __init__(self, port: int, timeout: float = 30):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
-    def get(self, path: str) -> bytes:
+    def request(self, method: str, path: str, body: bytes | None = None, ok: bool = True) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
-            self.conn.request("GET", path)
+            self.conn.request(method, path, body=body, headers=headers)
             response = self.conn.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             self.conn.close()  # the server closed an idle keep-alive connection
-            self.conn.request("GET", path)
+            self.conn.request(method, path, body=body, headers=headers)
             response = self.conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path}: {response.status} {body[:200]!r}")
-        return body
+        data = response.read()
+        if ok and response.status != 200:
+            raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
+        return response.status, data
+
+    def get(self, path: str) -> bytes:
+        return self.request("GET", path)[1]
+
+
+def throughput(connect, paths: list[str], seconds: float, clients: int = 8) -> str:
+    """``clients`` threads, each on its own keep-alive connection (``connect()``), GET a
+    random one of ``paths`` for ``seconds``: the line that says how many a second."""
+    done = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def worker(slot: int) -> None:
+        mine = connect()
+        local_rng = random.Random(slot)
+        while time.monotonic() < stop:
+            mine.get(local_rng.choice(paths))
+            done[slot] += 1
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(clients)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    return f"run detail, {clients} concurrent clients: {sum(done) / elapsed:.0f} requests/s ({sum(done)} in {elapsed:.1f} s)"
 
 
 def timed(action, count: int) -> list[float]:
@@ -227,24 +254,7 @@ def main() -> None:
                   f"   | its total (limit=0) HTTP p50 {percentile(counted, 0.5):.2f} ms")
 
         # Throughput: 8 clients, each on its own keep-alive connection, for a fixed time.
-        done = [0] * 8
-        stop = time.monotonic() + args.seconds
-
-        def worker(slot: int) -> None:
-            mine = Client(port)
-            local_rng = random.Random(slot)
-            while time.monotonic() < stop:
-                mine.get(detail.format(local_rng.choice(uuids)))
-                done[slot] += 1
-
-        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(8)]
-        began = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.monotonic() - began
-        print(f"run detail, 8 concurrent clients: {sum(done) / elapsed:.0f} requests/s ({sum(done)} in {elapsed:.1f} s)")
+        print(throughput(lambda: Client(port), [detail.format(uuid) for uuid in uuids], args.seconds))
 
         if args.detail_only:
             return
