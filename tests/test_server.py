@@ -505,3 +505,32 @@ def test_a_repeated_page_reuses_its_statement_but_reads_fresh_rows(tmp_path: Pat
     monkeypatch.setattr(queries, "DENSE_TTL", 0.0)
     with pytest.raises(AssertionError, match="planned again"):
         queries.list_runs(served, where, order, 50, 0, with_count=False)
+
+
+def test_a_json_column_that_is_not_json_cannot_reshape_the_answer(tmp_path: Path) -> None:
+    """An index file from elsewhere may hold anything in a JSON column. The server passes
+    stored JSON through as text, so text that would close the run's object and add keys
+    of its own is sent as a string: the answer stays one run with its own uuid."""
+    import sqlite3
+
+    from machinable.catalog.engine import dispose_all, to_url
+    from machinable.server import queries
+    from machinable.server.config import ServedProject
+
+    from test_search_indexes import bulk_rows
+
+    path = tmp_path / "odd.sqlite"
+    index = Index(path)
+    index.add_rows(bulk_rows(2, lambda k: {"i": k}))
+    uuid = f"{1:032x}"
+    hostile = '{"i": 1}, "uuid": "forged", "copies": [{"store": "evil"}]'
+    dispose_all()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE runs SET config = ?, predicate = ? WHERE uuid = ?", (hostile, "not json", uuid))
+    served = ServedProject(name="odd", path=tmp_path, index_url=to_url(path), scope=None)
+    run = json.loads(queries.get_run(served, uuid))
+    assert run["uuid"] == uuid and run["config"] == hostile and run["predicate"] == "not json"
+    assert run["copies"] == []
+    listed = [json.loads(text) for text in queries.list_runs(served, None, None, 10, 0)[0]]
+    assert [r["uuid"] for r in listed] == [f"{0:032x}", uuid] and listed[0]["config"] == {"i": 0}
+    assert listed[1]["config"] == hostile

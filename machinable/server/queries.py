@@ -23,8 +23,10 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     false,
+    func,
     or_,
     select,
     type_coerce,
@@ -65,11 +67,19 @@ def _columns(dialect: str) -> list[Any]:
     """The columns of a RUN object. The JSON columns are read as their stored text and
     passed through to the answer undecoded (decoding and encoding them again was most of
     a page's time on PostgreSQL)."""
-    raw = [
-        (cast(RUNS.c[name], Text) if dialect == "postgresql" else type_coerce(RUNS.c[name], Text)).label(name)
-        for name in JSON_FIELDS
-    ]
+    raw = [_json_text(RUNS.c[name], dialect).label(name) for name in JSON_FIELDS]
     return [RUNS.c.uuid, RUNS.c.module, *raw, RUNS.c.status, *(RUNS.c[name] for name in TIMES), RUNS.c.digest]
+
+
+def _json_text(column: Any, dialect: str) -> Any:
+    """A JSON column's text, safe to splice into an answer: PostgreSQL writes jsonb's text
+    itself; a SQLite file may come from elsewhere and hold anything in a JSON column, so
+    text that is not one valid JSON value is sent as a JSON string instead (it could
+    otherwise close the object it stands in and add keys of its own)."""
+    if dialect == "postgresql":
+        return cast(column, Text)
+    text = type_coerce(column, Text)
+    return type_coerce(case((func.json_valid(text) == 1, text), else_=func.json_quote(text)), Text)
 
 
 # A row of ``_columns`` then ``_copy_columns`` (a page's sort keys follow).
