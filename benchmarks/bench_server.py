@@ -86,8 +86,11 @@ def fill(index_url: str, runs: list[dict], locations: list[dict]) -> None:
     with index.engine.begin() as conn:
         for start in range(0, len(locations), 5000):
             conn.execute(Location.__table__.insert(), locations[start : start + 5000])
-        if index.dialect == "postgresql":
-            conn.exec_driver_sql("ANALYZE")
+    if index.dialect == "postgresql":
+        # as a reindex leaves its tables (Index._analyze): statistics, hint bits and the
+        # visibility map of the locations written here too
+        with index.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM (ANALYZE) runs, leaves, locations")
 
 
 class Client:

@@ -208,7 +208,9 @@ def _make_engine(url: str, mounts: str | None) -> Engine:
         event.listen(engine, "connect", _sqlite_connect_for(journal_mode_for(path, mounts)))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, json_serializer=json_serializer)
+    # LIFO: the connection used last is used next, so a busy process (a server, a sweep)
+    # keeps reusing the few connections psycopg has already prepared its statements on.
+    return create_engine(url, pool_pre_ping=True, pool_use_lifo=True, json_serializer=json_serializer)
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
