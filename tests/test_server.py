@@ -513,11 +513,11 @@ def test_a_json_column_that_is_not_json_cannot_reshape_the_answer(tmp_path: Path
     of its own is sent as a string: the answer stays one run with its own uuid."""
     import sqlite3
 
+    from test_search_indexes import bulk_rows
+
     from machinable.catalog.engine import dispose_all, to_url
     from machinable.server import queries
     from machinable.server.config import ServedProject
-
-    from test_search_indexes import bulk_rows
 
     path = tmp_path / "odd.sqlite"
     index = Index(path)
