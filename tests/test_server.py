@@ -502,7 +502,6 @@ def test_a_repeated_page_reuses_its_statement_but_reads_fresh_rows(tmp_path: Pat
     with pytest.raises(AssertionError, match="planned again"):
         queries.list_runs(served, "config.lr < 0.5", order, 50, 0, with_count=False)
     monkeypatch.setattr(query, "DENSE_TTL", 0.0)
-    monkeypatch.setattr(queries, "DENSE_TTL", 0.0)
     with pytest.raises(AssertionError, match="planned again"):
         queries.list_runs(served, where, order, 50, 0, with_count=False)
 

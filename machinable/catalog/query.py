@@ -645,7 +645,22 @@ DENSE = 2000
 # between two plans that return the same rows, so a stale answer costs time, never
 # correctness; reusing it saves a query on every page a server or a notebook reads.
 DENSE_TTL = 30.0
-_DENSE_SEEN: dict[Any, tuple[float, bool]] = {}
+_DENSE_SEEN: dict[Any, tuple[float, Any]] = {}
+
+
+def remembered(store: dict[Any, tuple[float, Any]], key: Any, make: Callable[[], Any], most: int) -> Any:
+    """``make()``, kept in ``store`` under ``key`` for ``DENSE_TTL`` seconds (for what is
+    built on dense probes' answers: it lives as long as they do). At most ``most``
+    entries: a full store is emptied."""
+    now = time.monotonic()
+    hit = store.get(key)
+    if hit is not None and now - hit[0] < DENSE_TTL:
+        return hit[1]
+    value = make()
+    if len(store) >= most:
+        store.clear()
+    store[key] = (now, value)
+    return value
 
 
 def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
@@ -653,23 +668,16 @@ def dense_probe(conn: Any, at_least: int = DENSE) -> Callable[[Any], bool]:
     Reads at most that many index entries, once per ``DENSE_TTL`` for the same test on
     the same database."""
 
+    def count(probe: Any) -> bool:
+        capped = probe.limit(at_least).subquery()
+        return int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
+
     def dense(probe: Any) -> bool:
         key = probe._generate_cache_key()  # structure and bound values, without compiling
-        seen = (
-            str(conn.engine.url), at_least, key.key, tuple(repr(b.effective_value) for b in key.bindparams)
-        ) if key is not None else None
-        now = time.monotonic()
-        if seen is not None:
-            hit = _DENSE_SEEN.get(seen)
-            if hit is not None and now - hit[0] < DENSE_TTL:
-                return hit[1]
-        capped = probe.limit(at_least).subquery()
-        answer = int(conn.execute(select(func.count()).select_from(capped)).scalar() or 0) >= at_least
-        if seen is not None:
-            if len(_DENSE_SEEN) >= 1024:
-                _DENSE_SEEN.clear()
-            _DENSE_SEEN[seen] = (now, answer)
-        return answer
+        if key is None:
+            return count(probe)
+        seen = (str(conn.engine.url), at_least, key.key, tuple(repr(b.effective_value) for b in key.bindparams))
+        return bool(remembered(_DENSE_SEEN, seen, lambda: count(probe), 1024))
 
     return dense
 

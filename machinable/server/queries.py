@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import json
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +36,6 @@ from sqlalchemy.sql.functions import FunctionElement
 from machinable.catalog.engine import get_engine, sqlite_path
 from machinable.catalog.models import Availability, Location, Remote, Run
 from machinable.catalog.query import (
-    DENSE_TTL,
     Expr,
     Plan,
     as_expr,
@@ -49,6 +47,7 @@ from machinable.catalog.query import (
     order_keys,
     page_select,
     plan,
+    remembered,
 )
 from machinable.catalog.rows import aware
 from machinable.errors import QueryError
@@ -155,22 +154,27 @@ def list_runs(
     search = (project.index_url, project.scope, where, order_by)
     with _read(engine) as conn:
         dense = dense_probe(conn)
+
+        def built(numbers: bool) -> _Built:
+            make = lambda: _Built(_plan(project, where, order_by, dialect, dense, numbers))  # noqa: E731
+            return remembered(_BUILT, (*search, numbers), make, 512)
+
         # An ascending order by a config path starts with the runs holding a number
         # there: walk those along the leaves index first, and plan (and sort) the whole
         # order only when they do not fill the page (as Index.search does). The walk's
         # keys are the whole order's without the kind's rank (0: a number).
-        numbers = _cached((*search, "numbers"), lambda: _plan(project, where, order_by, dialect, dense, numbers=True))
-        full = None if numbers is not None else _cached((*search, "full"), lambda: _plan(project, where, order_by, dialect, dense))
-        size = len(numbers.order) + 1 if numbers is not None else len(full.order)  # type: ignore[union-attr]
+        numbers = built(numbers=True)
+        if numbers.plan is not None:  # the walk's keys lack the whole order's first (the rank)
+            size = len(numbers.plan.order) + 1
+        else:
+            size = len(built(numbers=False).plan.order)  # type: ignore[union-attr]
         values = _decode_cursor(after, where, order_by, size) if after is not None else None
         rows: list[Any] = []
-        if numbers is not None and (values is None or values[0] == 0):
+        if numbers.plan is not None and (values is None or values[0] == 0):
             start = None if values is None else values[1:]
-            rows = _page_rows(conn, (*search, "numbers"), numbers, start, limit, offset, dialect)
-            rows = [[row, [0, *key]] for row, key in rows]
+            rows = [[row, [0, *key]] for row, key in _page_rows(conn, numbers, start, limit, offset, dialect)]
         if len(rows) < limit:
-            full = full or _cached((*search, "full"), lambda: _plan(project, where, order_by, dialect, dense))
-            rows = _page_rows(conn, (*search, "full"), full, values, limit, offset, dialect)
+            rows = _page_rows(conn, built(numbers=False), values, limit, offset, dialect)
         total: int | None = None
         if with_count:
             if after is None and offset == 0 and len(rows) < limit:
@@ -184,23 +188,17 @@ def list_runs(
     return [_run(row) for row, _ in rows], total, cursor
 
 
-# Plans and page statements, by index, project, where, order_by (and cursor shape), for
-# as long as the dense probes they were built on: building a page's statement cost
-# about as much as running it (2 ms), and a client paging through a result, or several
-# looking at the same view, asks for the same one again and again.
+# Plans and their page statements, by index, project, where and order_by (statements
+# also by cursor shape), kept as long as the dense probes they were built on: building
+# a page's statement cost about as much as running it (2 ms), and a client paging
+# through a result, or several looking at the same view, asks for the same one again.
 _BUILT: dict[Any, tuple[float, Any]] = {}
 
 
-def _cached(key: Any, build: Callable[[], Any]) -> Any:
-    now = time.monotonic()
-    hit = _BUILT.get(key)
-    if hit is not None and now - hit[0] < DENSE_TTL:
-        return hit[1]
-    value = build()
-    if len(_BUILT) >= 512:
-        _BUILT.clear()
-    _BUILT[key] = (now, value)
-    return value
+@dataclass
+class _Built:
+    plan: Plan | None
+    statements: dict[Any, Any] = dataclasses.field(default_factory=dict)  # by cursor shape
 
 
 def _plan(
@@ -216,11 +214,13 @@ def _plan(
 
 
 def _page_rows(
-    conn: Any, key: Any, compiled: Plan, values: list[Any] | None, limit: int, offset: int, dialect: str
+    conn: Any, built: _Built, values: list[Any] | None, limit: int, offset: int, dialect: str
 ) -> list[Any]:
-    """(row, sort-key values) of one page of ``compiled``, after ``values`` when given."""
+    """(row, sort-key values) of one page of ``built.plan``, after ``values`` when given."""
     shape = None if values is None else tuple(value is None for value in values)
-    statement = _cached((*key, shape), lambda: _page_statement(compiled, shape, dialect))
+    statement = built.statements.get(shape)
+    if statement is None:
+        statement = built.statements[shape] = _page_statement(built.plan, shape, dialect)  # type: ignore[arg-type]
     params: dict[str, Any] = {"page_limit": limit, "page_offset": offset}
     for i, value in enumerate(values or ()):
         if value is not None:
