@@ -127,6 +127,20 @@ def set_defaults(defaults: Defaults) -> None:
     _defaults = defaults
 
 
+def _create_leaf_indexes(conn: Any) -> None:
+    """Build the leaves' indexes that are missing (a bulk load drops them)."""
+    for index in sorted(LEAVES.indexes, key=lambda index: index.name):
+        index.create(conn, checkfirst=True)
+
+
+def _foreign_key_valid(conn: Any, table: str, name: str) -> bool | None:
+    """PostgreSQL: is this foreign key validated (None: it is not there)?"""
+    return conn.execute(
+        text("SELECT convalidated FROM pg_constraint WHERE conname = :name AND conrelid = CAST(:table AS regclass)"),
+        {"name": name, "table": table},
+    ).scalar()
+
+
 @functools.cache
 def _record_columns(dialect: str) -> list[Any]:
     """What a ``RunRecord`` is read from (see ``_record``): the ``runs`` columns in their
@@ -789,8 +803,7 @@ class Index(Context):
                 report.removed = self._drop_stale(conn, root, keep | unchanged | present)
                 # The leaves index is built once, after the last bulk batch; a reindex
                 # stopped between two batches leaves it to the next one (checkfirst).
-                for index in sorted(LEAVES.indexes, key=lambda index: index.name):
-                    index.create(conn, checkfirst=True)
+                _create_leaf_indexes(conn)
 
         def write_batch(rows: list[Any], locations: list[dict[str, Any]], last: bool) -> None:
             with self.engine.execution_options(machinable_write=True).begin() as conn:
@@ -967,10 +980,7 @@ class Index(Context):
             ]
             if self.dialect == "postgresql":
                 for table, name in _BULK_FOREIGN_KEYS:
-                    valid = conn.exec_driver_sql(
-                        "SELECT convalidated FROM pg_constraint WHERE conname = %(name)s AND conrelid = %(table)s::regclass",
-                        {"name": name, "table": table},
-                    ).scalar()
+                    valid = _foreign_key_valid(conn, table, name)
                     if not valid:
                         undone.append(f"the foreign key {name} is {'missing' if valid is None else 'not validated'}")
         return undone
@@ -978,8 +988,7 @@ class Index(Context):
     def finish_bulk_load(self) -> None:
         """Do what ``unfinished_bulk_load`` lists (what the next reindex would do)."""
         with self.engine.execution_options(machinable_write=True).begin() as conn:
-            for index in sorted(LEAVES.indexes, key=lambda index: index.name):
-                index.create(conn, checkfirst=True)
+            _create_leaf_indexes(conn)
             if self.dialect == "postgresql":
                 self._restore_foreign_keys(conn, validate=True)
 
@@ -990,10 +999,7 @@ class Index(Context):
         ``validate`` checked over every row (once, after the last batch; also completes
         a reindex stopped between two batches)."""
         for table, name in _BULK_FOREIGN_KEYS:
-            valid = conn.exec_driver_sql(
-                "SELECT convalidated FROM pg_constraint WHERE conname = %(name)s AND conrelid = %(table)s::regclass",
-                {"name": name, "table": table},
-            ).scalar()
+            valid = _foreign_key_valid(conn, table, name)
             if valid is None:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {table} ADD CONSTRAINT {name} FOREIGN KEY (run_uuid) "
