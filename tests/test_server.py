@@ -71,6 +71,7 @@ def test_api_serves_projects_runs_files(project: Path, tmp_path: Path) -> None:
         listed = {run["uuid"]: run for run in requests.get(server.url("/api/v1/projects/study/runs"), timeout=10).json()["runs"]}
         assert listed[uuids[0]]["copies"] == detail["copies"]
         assert len(listed[uuids[1]]["copies"]) == 1
+        assert set(local) == set(stored) == {"store", "url", "state", "size", "checksum", "verified_at"}
 
         files = requests.get(server.url(f"/api/v1/projects/study/runs/{uuids[0]}/files"), timeout=10).json()
         paths = {item["path"]: item["size"] for item in files["files"]}
@@ -88,6 +89,15 @@ def test_api_serves_projects_runs_files(project: Path, tmp_path: Path) -> None:
         )
         assert part.status_code == 206 and part.content == b"0.1"
         assert part.headers["content-range"] == "bytes 3-5/6"
+
+        get("track", {"lr": 0.1}).evict()  # the server sees the local copy go (the store keeps one)
+        again = requests.get(server.url(f"/api/v1/projects/study/runs/{uuids[0]}"), timeout=10).json()
+        assert [(copy["store"], copy["state"]) for copy in again["copies"]] == [(stored["store"], "present")]
+        # A directory the index still lists but whose sentinel is gone (an eviction cut
+        # short) is listed as an evicted local copy.
+        (get("track", {"lr": 0.2}).local_directory() / ".machinable").unlink()
+        second = requests.get(server.url(f"/api/v1/projects/study/runs/{uuids[1]}"), timeout=10).json()
+        assert [(copy["store"], copy["state"]) for copy in second["copies"]] == [("local", "evicted")]
 
 
 def test_api_errors_are_one_line_json(project: Path) -> None:
