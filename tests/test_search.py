@@ -120,6 +120,19 @@ def test_order_limit_offset_and_all(runs):
     assert all(isinstance(run.config.lr, float) for run in get("train").all())
 
 
+def test_a_page_of_records_is_what_find_reads(runs):
+    """A page (read as one JSON array on PostgreSQL) holds each run's full record: every
+    column, the times as aware datetimes, the directories, exactly as ``find`` gives them."""
+    index = Index.get()
+    for where, order in [(None, "-config.lr"), ("config.lr >= 0.05", "created_at"), ("config.layers < 8", None)]:
+        page = index.search(where, order_by=order, limit=4)
+        assert page and all(record == index.find(record.uuid) for record in page)
+    records = index.search(order_by="config.lr", limit=10)
+    assert [record.status for record in records] == ["finished", "failed", "finished", "finished", "finished", "finished"]
+    assert all(record.created_at.tzinfo is not None and record.directories for record in records)
+    assert all(record.finished_at is None for record in records if record.status == "failed")
+
+
 def test_created_time_filters(runs):
     index = Index.get()
     records = index.search(order_by="created_at")

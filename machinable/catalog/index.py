@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Engine,
     Text,
     and_,
     bindparam,
+    cast,
     delete,
     false,
     func,
@@ -53,6 +55,7 @@ from machinable.catalog.query import (
     first_order_numbers,
     json_value,
     leaf_uuid_page,
+    order_keys,
     page_select,
     plan,
 )
@@ -161,6 +164,31 @@ def _record(row: Any) -> RunRecord:
         value = values[key]
         values[key] = aware(datetime.fromisoformat(value) if isinstance(value, str) else value)
     located = json.loads(row[len(RUN_COLUMNS)] or "[]")
+    return RunRecord(**values, directories=tuple(directory for _, directory in sorted(located)))
+
+
+def _as_one_json(statement: Any, compiled: Plan) -> Any:
+    """The rows of a PostgreSQL page (``page_select`` of ``_record_columns``) as the text of
+    one JSON array, in the page's order. Decoding five JSON values and 17 columns per row
+    through the driver was most of a page's time; one ``json.loads`` of the page is not."""
+    rows = statement.subquery("rows")
+    values = [rows.c[column.name] for column in RUNS.c]
+    values.append(cast(rows.c.run_directories, JSON))
+    order = [
+        rows.c[f"_k{i}"].desc() if descending else rows.c[f"_k{i}"].asc()
+        for i, (_, descending) in enumerate(order_keys(compiled))
+    ]
+    built = func.json_build_array(*values)
+    return select(cast(func.json_agg(postgresql.aggregate_order_by(built, *order) if order else built), Text))
+
+
+def _json_record(item: list[Any]) -> RunRecord:
+    """The ``RunRecord`` of one element of ``_as_one_json``'s array."""
+    values = dict(zip(RUN_COLUMNS, item, strict=False))
+    for key in TIME_COLUMNS:
+        value = values[key]
+        values[key] = aware(datetime.fromisoformat(value)) if value is not None else None
+    located = item[len(RUN_COLUMNS)] or []
     return RunRecord(**values, directories=tuple(directory for _, directory in sorted(located)))
 
 
@@ -465,6 +493,9 @@ class Index(Context):
         """The runs of one page of ``compiled``, in its order, with their directories:
         one statement (``page_select``)."""
         statement = page_select(compiled, _record_columns(self.dialect), limit, offset, uuid=uuid)
+        if self.dialect == "postgresql":
+            text_ = conn.execute(_as_one_json(statement, compiled)).scalar()
+            return [_json_record(item) for item in json.loads(text_ or "[]")]
         return [_record(row) for row in conn.execute(statement).all()]
 
     def count(
