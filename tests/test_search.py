@@ -236,8 +236,9 @@ def row_of(record) -> dict:
 
 
 def test_ordering_by_a_path_of_mixed_kinds_is_the_same_on_both_backends(project, index_backend):
-    """Numbers, then strings, false, true, lists, objects, then null or missing; the
-    first page of an ascending order comes off the index when numbers fill it."""
+    """Numbers, then strings, false, true, lists, objects (descending: the reverse),
+    then null or missing in either direction; a page comes off the index when numbers
+    fill it."""
     write_module(project, "mixed", MIXED)
     values = [3, "b", None, True, -1.5, "a", False, [1], {"k": 1}, 10]
     for value in values:
@@ -245,12 +246,44 @@ def test_ordering_by_a_path_of_mixed_kinds_is_the_same_on_both_backends(project,
     index = Index.get()
     ordered = [r.config["v"] for r in index.search(order_by="config.v")]
     assert ordered == [-1.5, 3, 10, "a", "b", False, True, [1], {"k": 1}, None]
-    assert [r.config["v"] for r in index.search(order_by="config.v desc")] == list(reversed(ordered))
+    descending = [r.config["v"] for r in index.search(order_by="config.v desc")]
+    assert descending == list(reversed(ordered[:-1])) + [None]  # null or missing: last either way
     for limit, offset in ((2, 0), (2, 1), (3, 2), (5, 4), (4, 8)):
         page = index.search(order_by="config.v", limit=limit, offset=offset)
         assert [r.config["v"] for r in page] == ordered[offset : offset + limit]
+        page = index.search(order_by="-config.v", limit=limit, offset=offset)
+        assert [r.config["v"] for r in page] == descending[offset : offset + limit]
     assert [r.config["v"] for r in index.search("config.v >= 0", order_by="-config.v")] == [10, 3]
     assert [r.config.v for r in get("mixed").all("config.v < 'b'", order_by="config.v")] == ["a"]
+
+
+def test_a_descending_page_walks_the_numbers_unless_a_value_sorts_before_them(project, index_backend):
+    """Descending by a path the filter does not pin, a page is read off the leaves index
+    (no sort of every run: no rank CASE in any statement) when no run of the search has a
+    string, boolean, list or object there; when one has, it comes first."""
+    write_module(project, "mixed", MIXED)
+    for value in [3, None, -1.5, 10, 7]:
+        get("mixed", {"v": value, "big": 1}).launch()
+    get("mixed", {"v": "s", "big": 2}).launch()
+    index = Index.get()
+    statements: list[str] = []
+
+    def capture(conn, cursor, statement, *args):
+        statements.append(statement.lower())
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        page = index.search("config.big = 1", order_by="-config.v", limit=3)
+        assert [r.config["v"] for r in page] == [10, 7, 3]
+        assert not any("case" in statement for statement in statements)
+        page = index.search("config.big = 1", order_by="-config.v", limit=3, offset=3)
+        assert [r.config["v"] for r in page] == [-1.5, None]  # the numbers run out: the whole order
+        statements.clear()
+        page = index.search(order_by="-config.v", limit=3)
+        assert [r.config["v"] for r in page] == ["s", 10, 7]
+        assert any("case" in statement for statement in statements)
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
 
 
 def test_a_second_order_key_breaks_ties_when_the_filter_pins_the_first(runs):

@@ -158,6 +158,8 @@ def test_paging_covers_every_run_once(project: Path, index_backend: str) -> None
     with running_server("--project", str(project)) as server:
         cases = [(None, order) for order in (None, "-config.lr", "config.lr", "status desc", "-created_at")]
         cases += [("config.lr >= 0.1", "config.lr"), ("status = 'finished'", "config.lr, -config.steps")]
+        # descending by a path that holds only numbers: walked along the leaves index
+        cases += [(None, "-config.steps"), ("status = 'finished'", "-config.steps, config.lr")]
         for where, order in cases:
             params = {"order_by": order} if order else {}
             if where:

@@ -58,6 +58,7 @@ from machinable.catalog.query import (
     order_keys,
     page_select,
     plan,
+    values_before_numbers,
 )
 from machinable.catalog.rows import (
     IDENTITY_KEYS,
@@ -483,8 +484,10 @@ class Index(Context):
                 dense = lambda probe: True  # noqa: E731
             records: list[RunRecord] = []
             if limit is not None and first_order_numbers(expr, order_by):
-                numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
-                records = self._page(conn, numbers, limit, offset)
+                before = values_before_numbers(expr, conditions, order_by, self.dialect, scope)
+                if before is None or conn.execute(before).first() is None:
+                    numbers = plan(expr, conditions, order_by, self.dialect, dense, scope, numbers_only=True)
+                    records = self._page(conn, numbers, limit, offset)
             if limit is None or len(records) < limit:
                 records = self._page(conn, plan(expr, conditions, order_by, self.dialect, dense, scope), limit, offset)
             return records

@@ -817,10 +817,10 @@ def plan(
     Ordering by a path joins its leaf row. When the filter pins that path to numbers or
     strings (``config.lr > 0.1``), the join is inner and carries the filter, so the
     database walks the (path, kind, number) index in order and stops at the limit.
-    Otherwise values sort numbers first, then strings, false, true, lists, objects, and
-    runs where the path is missing or null last (first when descending).
-    ``numbers_only``: keep only runs with a number at the first (ascending) order path:
-    the start of that order, walked along the index (see ``first_order_numbers``).
+    Otherwise values sort numbers first, then strings, false, true, lists, objects
+    (descending: the reverse), and runs where the path is missing or null come last in
+    either direction. ``numbers_only``: keep only runs with a number at the first order
+    path, walked along the index (see ``first_order_numbers``).
 
     Ties: when the first order key is a config or predicate path, runs that tie on every
     key are put in the order of their leaf's index entry, in the first key's direction:
@@ -875,7 +875,8 @@ def plan(
                 return _finish(conditions, groups, rest, dialect, dense, scope, joined, source, order, not_null, walk=True)
             continue
         source = source.outerjoin(alias, and_(*on))
-        rank = case(_RANK, value=alias.c.kind, else_=6)
+        # null or missing: after every value, whichever the direction
+        rank = case(_RANK, value=alias.c.kind, else_=-1 if descending else 6)
         for key in (rank, alias.c.number, alias.c.text):
             order.append(key.desc() if descending else key.asc())
     order += ties
@@ -912,13 +913,15 @@ def _finish(
 
 
 def first_order_numbers(expr: Expr | None, spec: str | list[str] | None) -> bool:
-    """Does the order start with an ascending leaf path the filter does not pin?
+    """Does the order start with a leaf path the filter does not pin?
 
-    Numbers sort first there, so a page that numbers fill is the same page as
-    ``plan(..., numbers_only=True)`` gives, which the database reads off the index.
+    Ascending, numbers sort first there, so a page that numbers fill is the same page
+    as ``plan(..., numbers_only=True)`` gives, which the database reads off the index.
+    Descending, the same holds when no run of the search has a string, boolean, list or
+    object there (``values_before_numbers`` finds one if there is).
     """
     specs = _order_specs(spec)
-    if not specs or specs[0][1]:
+    if not specs:
         return False
     column, path = check_field(specs[0][0])
     name = leaf_path(column, path) if path else None
@@ -926,6 +929,33 @@ def first_order_numbers(expr: Expr | None, spec: str | list[str] | None) -> bool
         return False
     groups, _ = _split(_conjuncts(expr)) if expr is not None else ({}, [])
     return not any(t.kind is not None for t in groups.get(name, []))
+
+
+def values_before_numbers(
+    expr: Expr | None, conditions: list[Any], spec: str | list[str] | None, dialect: str, scope: int | None = None
+) -> Any | None:
+    """For an order that ``first_order_numbers`` starts with numbers (None for any other),
+    None when it is ascending (nothing sorts before numbers); descending, a statement that returns a row
+    when a run of the search holds a string, boolean, list or object at the order path
+    (those sort before numbers then). It starts from those values in the leaves index:
+    a path that holds only numbers answers at once."""
+    if not first_order_numbers(expr, spec):
+        return None
+    specs = _order_specs(spec)
+    if not specs[0][1]:
+        return None
+    column, path = check_field(specs[0][0])
+    name = leaf_path(column, path)
+    others = LEAVES.alias("others")
+    kinds = [STRING, FALSE, TRUE, ARRAY, OBJECT]
+    # the other tests as probes of each such run (EXISTS), never as the list to start from
+    compiled = plan(expr, conditions, None, dialect, lambda probe: True, scope)
+    return (
+        select(literal_column("1"))
+        .select_from(others.join(compiled.source, RUNS.c.uuid == others.c.run_uuid))
+        .where(*_leaf_where(others, name, [], scope), others.c.kind.in_(kinds), *compiled.where)  # type: ignore[arg-type]
+        .limit(1)
+    )
 
 
 def _order_specs(spec: str | list[str] | None) -> list[tuple[str, bool]]:

@@ -48,6 +48,7 @@ from machinable.catalog.query import (
     page_select,
     plan,
     remembered,
+    values_before_numbers,
 )
 from machinable.catalog.rows import aware
 from machinable.errors import QueryError
@@ -156,11 +157,18 @@ def list_runs(
         dense = dense_probe(conn)
 
         def built(numbers: bool) -> _Built:
-            make = lambda: _Built(_plan(project, where, order_by, dialect, dense, numbers))  # noqa: E731
+            def make() -> _Built:
+                compiled = _plan(project, where, order_by, dialect, dense, numbers)
+                if compiled is None or not numbers:
+                    return _Built(compiled)
+                conditions, expr = _search(project, where)
+                return _Built(compiled, before=values_before_numbers(expr, conditions, _order_specs(order_by), dialect))
+
             return remembered(_BUILT, (*search, numbers), make, 512)
 
-        # An ascending order by a config path starts with the runs holding a number
-        # there: walk those along the leaves index first, and plan (and sort) the whole
+        # An order by a config path starts with the runs holding a number there (when
+        # descending, unless a run of the search holds a string, boolean, list or object
+        # there): walk those along the leaves index first, and plan (and sort) the whole
         # order only when they do not fill the page (as Index.search does). The walk's
         # keys are the whole order's without the kind's rank (0: a number).
         numbers = built(numbers=True)
@@ -170,6 +178,9 @@ def list_runs(
             size = len(built(numbers=False).plan.order)  # type: ignore[union-attr]
         values = _decode_cursor(after, where, order_by, size) if after is not None else None
         rows: list[Any] = []
+        if numbers.plan is not None and (values is None or values[0] == 0):
+            if values is None and numbers.before is not None and conn.execute(numbers.before).first() is not None:
+                numbers = _Built(None)  # the page starts before the numbers
         if numbers.plan is not None and (values is None or values[0] == 0):
             start = None if values is None else values[1:]
             rows = [[row, [0, *key]] for row, key in _page_rows(conn, numbers, start, limit, offset, dialect)]
@@ -199,6 +210,8 @@ _BUILT: dict[Any, tuple[float, Any]] = {}
 class _Built:
     plan: Plan | None
     statements: dict[Any, Any] = dataclasses.field(default_factory=dict)  # by cursor shape
+    # of a numbers walk in descending order: finds a value that sorts before the numbers
+    before: Any = None
 
 
 def _plan(
