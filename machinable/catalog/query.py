@@ -950,10 +950,15 @@ def values_before_numbers(
     kinds = [STRING, FALSE, TRUE, ARRAY, OBJECT]
     # the other tests as probes of each such run (EXISTS), never as the list to start from
     compiled = plan(expr, conditions, None, dialect, lambda probe: True, scope)
+    # The run's conditions as a probe of each such leaf's run: a join let SQLite start
+    # from the runs of a column condition (all 100,000 for status = 'finished').
+    passes = exists(
+        select(literal_column("1")).select_from(compiled.source).where(RUNS.c.uuid == others.c.run_uuid, *compiled.where)
+    )
     return (
         select(literal_column("1"))
-        .select_from(others.join(compiled.source, RUNS.c.uuid == others.c.run_uuid))
-        .where(*_leaf_where(others, name, [], scope), others.c.kind.in_(kinds), *compiled.where)  # type: ignore[arg-type]
+        .select_from(others)
+        .where(*_leaf_where(others, name, [], scope), others.c.kind.in_(kinds), passes)  # type: ignore[arg-type]
         .limit(1)
     )
 
