@@ -26,6 +26,7 @@ from sqlalchemy import (
     cast,
     false,
     func,
+    literal_column,
     or_,
     select,
     type_coerce,
@@ -64,9 +65,14 @@ JSON_FIELDS = ("config", "version", "predicate")
 
 
 def _columns(dialect: str) -> list[Any]:
-    """The columns of a RUN object. The JSON columns are read as their stored text and
-    passed through to the answer undecoded (decoding and encoding them again was most of
-    a page's time on PostgreSQL)."""
+    """The columns of a RUN object but its copies. The JSON columns are read as their
+    stored text and passed through to the answer undecoded (decoding and encoding them
+    again was most of a page's time on PostgreSQL). PostgreSQL writes the whole object
+    itself, as one text (``_HEAD``): one column per run through the driver, not ten."""
+    if dialect == "postgresql":
+        fields = ["uuid", "module", *JSON_FIELDS, "status", *TIMES, "digest"]
+        pairs = [part for name in fields for part in (literal_column(f"'{name}'"), RUNS.c[name])]
+        return [cast(func.json_build_object(*pairs), Text).label("run_head")]
     raw = [_json_text(RUNS.c[name], dialect).label(name) for name in JSON_FIELDS]
     return [RUNS.c.uuid, RUNS.c.module, *raw, RUNS.c.status, *(RUNS.c[name] for name in TIMES), RUNS.c.digest]
 
@@ -82,9 +88,21 @@ def _json_text(column: Any, dialect: str) -> Any:
     return type_coerce(case((func.json_valid(text) == 1, text), else_=func.json_quote(text)), Text)
 
 
-# A row of ``_columns`` then ``_copy_columns`` (a page's sort keys follow).
+# A row of ``_columns`` then ``_copy_columns`` (a page's sort keys follow): on SQLite,
 (_UUID, _MODULE, _CONFIG, _VERSION, _PREDICATE, _STATUS, _CREATED, _STARTED, _FINISHED, _DIGEST,
  _LOCAL, _STORED) = range(12)
+# on PostgreSQL
+_HEAD, _PG_LOCAL, _PG_STORED = range(3)
+
+
+def _keys_at(dialect: str) -> int:
+    """Where a row's sort keys start."""
+    return _PG_STORED + 1 if dialect == "postgresql" else _STORED + 1
+
+
+def _render(dialect: str) -> Any:
+    """The function that writes a RUN object from a row of this dialect."""
+    return _run_head if dialect == "postgresql" else _run
 
 
 def _read(engine: Any) -> Any:
@@ -196,7 +214,8 @@ def list_runs(
     cursor = None
     if rows and len(rows) == limit:
         cursor = _encode_cursor(where, order_by, rows[-1][1])
-    return [_run(row) for row, _ in rows], total, cursor
+    render = _render(dialect)
+    return [render(row) for row, _ in rows], total, cursor
 
 
 # Plans and their page statements, by index, project, where and order_by (statements
@@ -238,7 +257,8 @@ def _page_rows(
     for i, value in enumerate(values or ()):
         if value is not None:
             params[f"after_{i}"] = value
-    return [[row, list(row[_STORED + 1 :])] for row in conn.execute(statement, params).all()]
+    keys = _keys_at(dialect)
+    return [[row, list(row[keys:])] for row in conn.execute(statement, params).all()]
 
 
 def _page_statement(compiled: Plan, shape: tuple[bool, ...] | None, dialect: str) -> Any:
@@ -385,7 +405,7 @@ def get_run(project: ServedProject, uuid: str) -> str | None:
             row = conn.execute(statements.scoped_run, {"uuid": uuid, "project": project.scope}).first()
         else:
             row = conn.execute(statements.run, {"uuid": uuid}).first()
-    return None if row is None else _run(row)
+    return None if row is None else _render(engine.dialect.name)(row)
 
 
 def _local_copy(directory: str) -> str:
@@ -445,6 +465,13 @@ def _run(row: Any) -> str:
         f'"finished_at": {finished}, "digest": {_string(row[_DIGEST])}, '
         f'"copies": {_copies(row[_LOCAL], row[_STORED])}}}'
     )
+
+
+def _run_head(row: Any) -> str:
+    """A RUN object as JSON text, from a PostgreSQL row: the object PostgreSQL wrote
+    (``_columns``), with the copies added."""
+    head = row[_HEAD]
+    return f'{head[:-1]}, "copies": {_copies(row[_PG_LOCAL], row[_PG_STORED])}}}'
 
 
 _QUOTE = json.encoder.encode_basestring  # a JSON string, as JSONEncoder(ensure_ascii=False) writes it
