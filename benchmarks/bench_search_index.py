@@ -57,6 +57,9 @@ def query_set(index, low: int, width: int, uuids: list[str]) -> dict:
         "page of 100, config.name = 'n005'": lambda: index.search(
             "config.name = 'n005'", limit=100
         ),
+        "page of 100, config.name = 'n005', by -config.i": lambda: index.search(
+            "config.name = 'n005'", order_by="-config.i", limit=100
+        ),
         "page of 100, config.i >= N and status": lambda: index.search(
             f"config.i >= {low} and status = 'finished'", limit=100
         ),
