@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -533,13 +533,30 @@ class RunList(Sequence):  # type: ignore[type-arg]
 
     def _fetch(self, start: int, count: int) -> list[Any]:
         """Runs ``start`` .. ``start + count`` of this list (positions within it)."""
-        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
+        make = self._lazy[-1]  # type: ignore[index]
+        return [make(record) for record in self._fetch_records(start, count)]
+
+    def _fetch_records(self, start: int, count: int) -> list[RunRecord]:
+        index, where, query, order_by, limit, offset, _ = self._lazy  # type: ignore[misc]
         if limit is not None:
             count = max(0, min(count, limit - start))
         if count <= 0:
             return []
-        records = index.search(where, **query, order_by=order_by, limit=count, offset=offset + start)
-        return [make(record) for record in records]
+        return index.search(where, **query, order_by=order_by, limit=count, offset=offset + start)  # type: ignore[no-any-return]
+
+    def _records(self) -> Iterator[RunRecord]:
+        """The index's records of a lazy list, page by page, as ``__iter__`` reads them."""
+        index, where, query, order_by, limit, offset, _ = self._lazy  # type: ignore[misc]
+        if order_by is None and limit is None and not offset:
+            yield from index.runs(where, **query, page_size=self.PAGE)
+            return
+        start = 0
+        while True:
+            page = self._fetch_records(start, self.PAGE)
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            start += len(page)
 
     def __len__(self) -> int:
         if self._items is not None:
@@ -576,19 +593,10 @@ class RunList(Sequence):  # type: ignore[type-arg]
         if self._items is not None:
             yield from self._items
             return
-        index, where, query, order_by, limit, offset, make = self._lazy  # type: ignore[misc]
-        if order_by is None and limit is None and not offset:
-            # uuid order: page by key, each page one indexed range (no growing offset)
-            for record in index.runs(where, **query, page_size=self.PAGE):
-                yield make(record)
-            return
-        start = 0
-        while True:
-            page = self._fetch(start, self.PAGE)
-            yield from page
-            if len(page) < self.PAGE:
-                return
-            start += len(page)
+        # in uuid order, pages by key (each page one indexed range, no growing offset)
+        make = self._lazy[-1]  # type: ignore[index]
+        for record in self._records():
+            yield make(record)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (list, RunList)):
@@ -604,7 +612,11 @@ class RunList(Sequence):  # type: ignore[type-arg]
         return f"RunList({list(self)!r})" if self._items is not None or len(self) <= 20 else f"<RunList of {len(self)} runs>"
 
     def as_dataframe(self) -> Any:
-        """A pandas DataFrame: uuid, module, status, created_at, and one column per config key."""
+        """A pandas DataFrame: uuid, module, status, created_at, and one column per config key.
+        A list from ``all()`` reads its records a page at a time (not one run at a time:
+        against a catalog server, that was one request per run)."""
+        if self._items is None:
+            return records_dataframe(list(self._records()))
         return records_dataframe([run.record() or run for run in self])
 
 

@@ -33,6 +33,14 @@ out = {
     "find": Index.get().find(run.uuid).status,
     "relaunch": run.launch().uuid == run.uuid,
 }
+import requests
+sent = []
+send = requests.Session.send
+requests.Session.send = lambda self, request, **kw: sent.append(request.url) or send(self, request, **kw)
+frame = get("track").all().as_dataframe()
+out["frame"] = sorted(frame["config.lr"])
+out["frame_status"] = sorted(set(frame["status"]))
+out["frame_requests"] = len(sent)
 try:
     get("track", {"lr": 0.9}).launch()
 except ReadOnlyCatalog as exc:
@@ -63,6 +71,9 @@ def test_analysis_code_reads_a_served_catalog(project: Path, tmp_path: Path) -> 
     assert out["log"] == 20 and out["missing"] == "fallback"
     assert out["all"] == [0.1, 0.2, 0.3] and out["top"] == [0.3, 0.2] and out["where"] == [0.2, 0.3]
     assert out["count"] == 3 and out["find"] == "finished" and out["relaunch"] is True
+    # a data frame of every run reads pages of runs, not one request per run
+    assert out["frame"] == [0.1, 0.2, 0.3] and out["frame_status"] == ["finished"]
+    assert out["frame_requests"] == 1
     assert "read-only remote catalog" in out["launch"] and "cannot be launched" in out["launch"]
     assert not (laptop / "storage").exists() and not (laptop / ".machinable.sqlite").exists()
     assert {p.name for p in cache.rglob("*") if p.is_file()} == {"result.json", "log.jsonl"}
