@@ -286,6 +286,42 @@ def test_a_descending_page_walks_the_numbers_unless_a_value_sorts_before_them(pr
         event.remove(index.engine, "before_cursor_execute", capture)
 
 
+PLAIN = """
+from pydantic import BaseModel
+from machinable import Interface
+
+
+class Plain(Interface):
+    class Config(BaseModel):
+        w: int = 0
+"""
+
+
+def test_null_and_missing_values_sort_alike_on_both_backends(project, index_backend):
+    """Runs holding null at a path come before runs without the path (ascending), and
+    after them descending, on both backends (a missing leaf has no module hash to tie on)."""
+    write_module(project, "mixed", MIXED)
+    write_module(project, "plain", PLAIN)
+    for value, big in ((None, 0), (2, 1), (None, 5)):
+        get("mixed", {"v": value, "big": big}).launch()
+    for w in (1, 2):
+        get("plain", {"w": w}).launch()
+    index = Index.get()
+
+    def kinds(records):
+        return [r.config.get("v", "missing") for r in records]
+
+    ascending = index.search(order_by="config.v")
+    assert kinds(ascending) == [2, None, None, "missing", "missing"]
+    descending = index.search(order_by="-config.v")
+    assert kinds(descending) == [2, "missing", "missing", None, None]
+    assert [r.uuid for r in descending[1:]] == [r.uuid for r in reversed(ascending[1:])]
+    for offset in range(5):
+        assert [r.uuid for r in index.search(order_by="config.v", limit=2, offset=offset)] == [
+            r.uuid for r in ascending[offset : offset + 2]
+        ]
+
+
 def test_a_second_order_key_breaks_ties_when_the_filter_pins_the_first(runs):
     """Filtering on the first order path lets the database walk its index; the later
     keys still decide between runs that tie on it."""

@@ -796,6 +796,8 @@ def page_select(
 
 
 _RANK = {NUMBER: 0, STRING: 1, FALSE: 2, TRUE: 3, ARRAY: 4, OBJECT: 5}
+# the module hash a run without a leaf at an order path ties with: after every real one
+NO_SCOPE = 2**63 - 1
 
 
 def plan(
@@ -852,7 +854,10 @@ def plan(
         alias = LEAVES.alias(f"order_{position}")
         on = [alias.c.run_uuid == RUNS.c.uuid, *_leaf_where(alias, name, [], scope)]
         if position == 0:  # ties follow this leaf's index entries (see above)
-            ties = [alias.c.scope.desc(), RUNS.c.uuid.desc()] if descending else [alias.c.scope.asc(), RUNS.c.uuid.asc()]
+            # a run without the path has no leaf, so no module hash: it ties after every
+            # run that has one (the backends place NULLs differently)
+            scope_tie = func.coalesce(alias.c.scope, NO_SCOPE)
+            ties = [scope_tie.desc(), RUNS.c.uuid.desc()] if descending else [scope_tie.asc(), RUNS.c.uuid.asc()]
         tests = groups.get(name, [])
         pinned = next((t.kind for t in tests if t.kind is not None), None)
         if numbers_only and position == 0 and pinned is None:
