@@ -953,8 +953,14 @@ def values_before_numbers(
     name = leaf_path(column, path)
     others = LEAVES.alias("others")
     kinds = [STRING, FALSE, TRUE, ARRAY, OBJECT]
-    # the other tests as probes of each such run (EXISTS), never as the list to start from
-    compiled = plan(expr, conditions, None, dialect, lambda probe: True, scope)
+    # The search's column conditions and its tests of single paths, as probes of each such
+    # run (EXISTS), never as the list to start from. Other parts of the filter are left
+    # out: a run that passes these may not pass the whole filter, which only sends the
+    # page to the whole order (correct, slower); and they can be nested as deep as
+    # SQLite allows already (one EXISTS more is too deep).
+    kept = [item for item in _conjuncts(expr) if not _split([item])[1]] if expr is not None else []
+    simple = (kept[0] if len(kept) == 1 else And(tuple(kept))) if kept else None
+    compiled = plan(simple, conditions, None, dialect, lambda probe: True, scope)
     # The run's conditions as a probe of each such leaf's run: a join let SQLite start
     # from the runs of a column condition (all 100,000 for status = 'finished').
     passes = exists(
