@@ -286,6 +286,35 @@ def test_a_descending_page_walks_the_numbers_unless_a_value_sorts_before_them(pr
         event.remove(index.engine, "before_cursor_execute", capture)
 
 
+def test_a_repeated_search_reuses_its_statements_but_reads_fresh_rows(project, index_backend, monkeypatch):
+    """The same search (any form of where) is planned once while the plan's probes are
+    trusted; its rows are read anew each time. Searches that differ only in a value
+    Python calls equal (True and 1) are not mistaken for each other."""
+    from machinable.catalog import index as index_module
+    from machinable.catalog import query
+
+    write_module(project, "mixed", MIXED)
+    for value in (1, True, 2):
+        get("mixed", {"v": value}).launch()
+    index = Index.get()
+    searches = [("config.v >= 1", "-config.v"), ({"config.v": 1}, None), (Field("config.v") == True, "config.v")]  # noqa: E712
+    first = [[r.uuid for r in index.search(where, order_by=order, limit=10)] for where, order in searches]
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(index_module, "plan", no_planning)
+    get("mixed", {"v": 3}).launch()
+    again = [[r.config["v"] for r in index.search(where, order_by=order, limit=10)] for where, order in searches]
+    assert again == [[3, 2, 1], [1], [True]]
+    assert [len(uuids) for uuids in first] == [2, 1, 1]
+    with pytest.raises(AssertionError, match="planned again"):
+        index.search(Field("config.v") == 1, order_by="config.v", limit=10)
+    monkeypatch.setattr(query, "DENSE_TTL", 0.0)
+    with pytest.raises(AssertionError, match="planned again"):
+        index.search("config.v >= 1", order_by="-config.v", limit=10)
+
+
 PLAIN = """
 from pydantic import BaseModel
 from machinable import Interface
