@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import event
@@ -11,6 +14,22 @@ from machinable.cli import cli
 from machinable.errors import QueryError
 
 from conftest import write_module
+
+
+@contextlib.contextmanager
+def executed(index: Index) -> Iterator[list[str]]:
+    """The SQL statements ``index`` runs inside the block, lower case, one space apart."""
+    statements: list[str] = []
+
+    def capture(conn, cursor, statement, *args):
+        statements.append(" ".join(statement.lower().split()))
+
+    event.listen(index.engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        event.remove(index.engine, "before_cursor_execute", capture)
+
 
 TRAIN = """
 from pydantic import BaseModel
@@ -156,16 +175,8 @@ def test_predicate_filters_and_scopes(project, index_backend):
 
 def test_count_reads_no_run_payloads(runs):
     index = Index.get()
-    statements: list[str] = []
-
-    def capture(conn, cursor, statement, *args):
-        statements.append(statement.lower())
-
-    event.listen(index.engine, "before_cursor_execute", capture)
-    try:
+    with executed(index) as statements:
         assert index.count("config.lr > 0.1") == 3
-    finally:
-        event.remove(index.engine, "before_cursor_execute", capture)
     (query,) = [s for s in statements if s.startswith("select count(")]
     assert "runs.version" not in query and "runs.canonical" not in query and "runs.config" not in query
 
@@ -266,13 +277,7 @@ def test_a_descending_page_walks_the_numbers_unless_a_value_sorts_before_them(pr
         get("mixed", {"v": value, "big": 1}).launch()
     get("mixed", {"v": "s", "big": 2}).launch()
     index = Index.get()
-    statements: list[str] = []
-
-    def capture(conn, cursor, statement, *args):
-        statements.append(statement.lower())
-
-    event.listen(index.engine, "before_cursor_execute", capture)
-    try:
+    with executed(index) as statements:
         page = index.search("config.big = 1", order_by="-config.v", limit=3)
         assert [r.config["v"] for r in page] == [10, 7, 3]
         assert not any("case" in statement for statement in statements)
@@ -282,8 +287,6 @@ def test_a_descending_page_walks_the_numbers_unless_a_value_sorts_before_them(pr
         page = index.search(order_by="-config.v", limit=3)
         assert [r.config["v"] for r in page] == ["s", 10, 7]
         assert any("case" in statement for statement in statements)
-    finally:
-        event.remove(index.engine, "before_cursor_execute", capture)
 
 
 def test_a_repeated_search_reuses_its_statements_but_reads_fresh_rows(project, index_backend, monkeypatch):
@@ -456,13 +459,7 @@ def test_all_is_a_lazy_list(project, index_backend):
     made = sorted((get("mixed", {"big": i}).launch() for i in range(25)), key=lambda run: run.uuid)
     uuids = [run.uuid for run in made]
     index = Index.get()
-    statements: list[str] = []
-
-    def capture(conn, cursor, statement, *args):
-        statements.append(" ".join(statement.lower().split()))
-
-    event.listen(index.engine, "before_cursor_execute", capture)
-    try:
+    with executed(index) as statements:
         runs = get("mixed").all()
         assert statements == []  # nothing read yet
         assert len(runs) == 25 and bool(runs)
@@ -479,12 +476,12 @@ def test_all_is_a_lazy_list(project, index_backend):
             runs[25]
         statements.clear()
         RunList.PAGE = 10
-        assert [run.uuid for run in runs] == uuids
+        try:
+            assert [run.uuid for run in runs] == uuids
+        finally:
+            RunList.PAGE = 1000
         pages = [s for s in statements if s.startswith("select runs.uuid, runs.project")]
         assert len(pages) == 3  # 10 + 10 + 5: never more than a page held
-    finally:
-        RunList.PAGE = 1000
-        event.remove(index.engine, "before_cursor_execute", capture)
     assert runs == made and runs != made[:-1]
     ordered = get("mixed").all(order_by="-config.big", limit=5, offset=2)
     assert len(ordered) == 5 and [run.config.big for run in ordered] == [22, 21, 20, 19, 18]
