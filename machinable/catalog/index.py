@@ -161,11 +161,16 @@ def _record_columns(dialect: str) -> list[Any]:
 
 def _record(row: Any) -> RunRecord:
     """The ``RunRecord`` of a row of ``_record_columns`` (sort keys may follow)."""
-    values = dict(zip(RUN_COLUMNS, row[: len(RUN_COLUMNS)], strict=True))
+    return _run_record(row[: len(RUN_COLUMNS)], json.loads(row[len(RUN_COLUMNS)] or "[]"))
+
+
+def _run_record(columns: Any, located: list[Any]) -> RunRecord:
+    """A ``RunRecord`` from the ``runs`` columns in their order (times as datetimes or
+    ISO text) and the run's ``[id, directory]`` pairs."""
+    values = dict(zip(RUN_COLUMNS, columns, strict=True))
     for key in TIME_COLUMNS:
         value = values[key]
         values[key] = aware(datetime.fromisoformat(value) if isinstance(value, str) else value)
-    located = json.loads(row[len(RUN_COLUMNS)] or "[]")
     return RunRecord(**values, directories=tuple(directory for _, directory in sorted(located)))
 
 
@@ -186,12 +191,7 @@ def _as_one_json(statement: Any, compiled: Plan) -> Any:
 
 def _json_record(item: list[Any]) -> RunRecord:
     """The ``RunRecord`` of one element of ``_as_one_json``'s array."""
-    values = dict(zip(RUN_COLUMNS, item, strict=False))
-    for key in TIME_COLUMNS:
-        value = values[key]
-        values[key] = aware(datetime.fromisoformat(value)) if value is not None else None
-    located = item[len(RUN_COLUMNS)] or []
-    return RunRecord(**values, directories=tuple(directory for _, directory in sorted(located)))
+    return _run_record(item[: len(RUN_COLUMNS)], item[len(RUN_COLUMNS)] or [])
 
 
 @dataclass
@@ -211,18 +211,18 @@ _RECIPES: dict[Any, tuple[float, Any]] = {}
 
 def _search_key(url: str, where: Any, project: Any, module: Any, predicate: Any, order_by: Any, limit: Any, offset: int) -> Any:
     """A key for a search's ``_Recipe``, or None when its arguments cannot be one."""
-    if isinstance(where, dict) or isinstance(predicate, dict) and predicate:
-        try:
-            where = ("dict", json.dumps(where, sort_keys=True)) if isinstance(where, dict) else where
-            predicate = json.dumps(predicate, sort_keys=True) if predicate else None
-        except (TypeError, ValueError):
-            return None
+    try:
+        if isinstance(where, dict):
+            where = ("dict", json.dumps(where, sort_keys=True))
+        predicate = json.dumps(predicate, sort_keys=True) if predicate else None
+    except (TypeError, ValueError):
+        return None
     if isinstance(order_by, list):
         order_by = ("list", *order_by)
     if isinstance(where, Expr):
         # by its repr, not by equality: True == 1 in Python, not in a search
         where = ("expr", repr(where))
-    key = (url, where, project, module, predicate or None, order_by, limit, offset)
+    key = (url, where, project, module, predicate, order_by, limit, offset)
     try:
         hash(key)
     except TypeError:  # an expression holding a list

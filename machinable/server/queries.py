@@ -196,10 +196,10 @@ def list_runs(
             size = len(built(numbers=False).plan.order)  # type: ignore[union-attr]
         values = _decode_cursor(after, where, order_by, size) if after is not None else None
         rows: list[Any] = []
-        if numbers.plan is not None and (values is None or values[0] == 0):
-            if values is None and numbers.before is not None and conn.execute(numbers.before).first() is not None:
-                numbers = _Built(None)  # the page starts before the numbers
-        if numbers.plan is not None and (values is None or values[0] == 0):
+        walk = numbers.plan is not None and (values is None or values[0] == 0)
+        if walk and values is None and numbers.before is not None:
+            walk = conn.execute(numbers.before).first() is None  # else the page starts before the numbers
+        if walk:
             start = None if values is None else values[1:]
             rows = [[row, [0, *key]] for row, key in _page_rows(conn, numbers, start, limit, offset, dialect)]
         if len(rows) < limit:
